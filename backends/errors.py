@@ -1,0 +1,75 @@
+"""One exception tree for everything a backend can fail with.
+
+    BackendError                    base; `retryable` says if the same call may succeed later
+    ├── BackendRequestRejected      the backend refused this request (400/404/422): not retried
+    │   └── ContentRefused          the prompt or output broke the provider's content policy
+    ├── BackendAuthError            401/402/403: key, account or credits; opens the breaker
+    ├── BackendRateLimited          429; carries retry_after_s when the provider said
+    ├── BackendTransientError       5xx, connect/read errors, malformed or truncated replies
+    │   └── BackendTimeout          the deadline passed before the backend answered
+    └── BackendUnavailable          not ready, unconfigured or shutting down
+
+Vendor payloads and errors are translated into these only inside each backend module;
+the gateway maps them to HTTP in one place (gateway/errors.py).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendAuthError",
+    "BackendError",
+    "BackendRateLimited",
+    "BackendRequestRejected",
+    "BackendTimeout",
+    "BackendTransientError",
+    "BackendUnavailable",
+    "ContentRefused",
+]
+
+
+class BackendError(Exception):
+    """A backend could not produce the images; `kind` is the stable class name for audit."""
+
+    retryable: bool = False
+
+    def __init__(self, message: str, *, status: int | None = None, provider_code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.provider_code = provider_code
+
+    @property
+    def kind(self) -> str:
+        return type(self).__name__
+
+
+class BackendRequestRejected(BackendError):
+    """The backend says the request itself is wrong for it."""
+
+
+class ContentRefused(BackendRequestRejected):
+    """The provider's content policy refused the prompt or its output."""
+
+
+class BackendAuthError(BackendError):
+    """Credentials, account or credits: nothing will work until ops act."""
+
+
+class BackendRateLimited(BackendError):
+    retryable = True
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None, **kw):
+        super().__init__(message, **kw)
+        self.retry_after_s = retry_after_s
+
+
+class BackendTransientError(BackendError):
+    retryable = True
+
+
+class BackendTimeout(BackendTransientError):
+    """No answer before the deadline."""
+
+
+class BackendUnavailable(BackendError):
+    """The backend cannot take work now (warming, unconfigured, closed)."""

@@ -1,0 +1,100 @@
+"""The one small protocol every backend implements, and the values that cross it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from policies.types import BackendKind, Health, SizeSupport
+
+__all__ = [
+    "Backend",
+    "GeneratedImage",
+    "GenerationJob",
+    "GenerationResult",
+    "LoadReport",
+    "Offer",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Offer:
+    """What a backend can do: static for its lifetime."""
+
+    name: str
+    kind: BackendKind
+    models: tuple[str, ...]
+    sizes: SizeSupport
+    max_n: int
+    default_steps: int = 30
+    sandbox: bool = False
+    gpu_hour_usd: float | None = None  # local pools: what an hour of their device costs
+
+
+@dataclass(frozen=True, slots=True)
+class LoadReport:
+    """How a backend is doing right now; cheap to read, never does I/O."""
+
+    health: Health
+    detail: str = ""
+    ms_per_unit: float | None = None  # measured ms per (step x megapixel x image)
+    queue_ms: float = 0.0  # work queued ahead of a new job
+    gpu_seconds_per_unit: float | None = None
+    has_headroom: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationJob:
+    """One request's work, in our own terms; each backend maps it to its wire format."""
+
+    id: str
+    prompt: str
+    width: int
+    height: int
+    n: int = 1
+    model: str | None = None
+    steps: int | None = None
+    seed: int | None = None
+    negative_prompt: str | None = None
+    guidance_scale: float | None = None
+    quality: str | None = None
+    output_format: str = "png"
+
+
+@dataclass(frozen=True, slots=True)
+class GeneratedImage:
+    """Image bytes, or a URL where the provider keeps them (the gateway fetches or stores)."""
+
+    data: bytes | None = None
+    url: str | None = None
+    media_type: str = "image/png"
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationResult:
+    images: tuple[GeneratedImage, ...]
+    model: str
+    width: int
+    height: int
+    gpu_seconds: float | None = None  # local pool: device time this job used
+    provider_request_id: str | None = None
+    billed_units: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A place images are made. Knows nothing of policy."""
+
+    @property
+    def offer(self) -> Offer: ...
+
+    def load(self) -> LoadReport: ...
+
+    async def start(self) -> None: ...
+
+    async def generate(self, job: GenerationJob, deadline: float) -> GenerationResult:
+        """Make `job.n` images before `deadline` (a time.monotonic() value) or raise BackendError."""
+        ...
+
+    async def aclose(self) -> None: ...

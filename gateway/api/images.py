@@ -1,0 +1,32 @@
+"""POST /v1/images/generations and the stored-image files behind url responses."""
+
+from __future__ import annotations
+
+from litestar import Request, Response, get, post
+from litestar.response import File
+
+from ..errors import NotFound
+from ..image_store import ImageStore
+from ..schemas import parse_generation_request
+from ..service import GenerationService, RequestContext
+
+__all__ = ["create_image", "get_image_file"]
+
+
+@post("/v1/images/generations", status_code=200, summary="Create images (OpenAI-compatible)")
+async def create_image(request: Request, service: GenerationService) -> Response:
+    body = await request.body()
+    req = parse_generation_request(body)
+    ctx = RequestContext(base_url=str(request.base_url))
+    served = await service.generate(req, ctx)
+    return Response(served.body, headers=served.headers)
+
+
+@get("/v1/images/files/{name:str}", summary="Fetch an image returned as a url")
+async def get_image_file(name: str, image_store: ImageStore) -> File:
+    found = image_store.locate(name)
+    if found is None:
+        raise NotFound("image not found or expired", param="name")
+    path, media_type = found
+    return File(path=path, media_type=media_type, content_disposition_type="inline",
+                headers={"cache-control": "private, max-age=3600"})

@@ -1,0 +1,72 @@
+"""Models, backends, health and readiness."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from litestar import Response, get
+
+from backends.protocol import Backend
+from policies.costs import predicted_cost_usd
+from policies.types import Health, RouteRequest
+
+from ..audit import AuditLog
+from ..service import PolicyHolder
+from ..snapshot import SnapshotSource
+
+__all__ = ["healthz", "list_backends", "list_models", "readyz"]
+
+_REFERENCE = RouteRequest(width=1024, height=1024)  # what /v1/backends quotes prices and latency for
+
+
+@get("/v1/models", summary="Models a request may name (OpenAI list shape)")
+async def list_models(backends: Mapping[str, Backend]) -> dict:
+    ids = ["auto"]
+    for name, backend in backends.items():
+        ids.append(name)
+        ids.extend(f"{name}/{m}" for m in backend.offer.models)
+    return {"object": "list",
+            "data": [{"id": i, "object": "model", "created": 0, "owned_by": "imagegw"} for i in ids]}
+
+
+@get("/v1/backends", summary="Each backend's status, predicted latency and live cost per image")
+async def list_backends(backends: Mapping[str, Backend], policy: PolicyHolder) -> dict:
+    current = policy.current
+    snapshot = SnapshotSource(backends).current(current)
+    out = []
+    for view in snapshot.backends:
+        backend, bp = backends[view.name], current.backends.get(view.name)
+        load = backend.load()
+        steps = view.default_steps
+        out.append({
+            "name": view.name, "kind": view.kind.value, "health": view.health.value,
+            "detail": load.detail, "models": list(view.models), "max_n": view.max_n,
+            "sandbox": backend.offer.sandbox, "enabled": bool(bp and bp.enabled),
+            "quality": bp.quality if bp else None,
+            "reference_request": "1024x1024, n=1, default steps",
+            "predicted_latency_ms": {
+                q: round(view.latency.predict(_REFERENCE, steps, q), 1) for q in ("p50", "p95")
+            },
+            "queue_ms": round(load.queue_ms, 1),
+            "cost_per_image_usd": (
+                predicted_cost_usd(view, bp, _REFERENCE, steps, current.cost_accounting) if bp else None
+            ),
+        })
+    return {"object": "list", "policy_version": current.fingerprint, "data": out}
+
+
+@get("/healthz", summary="Liveness")
+async def healthz() -> dict:
+    return {"status": "ok"}
+
+
+@get("/readyz", summary="Readiness: at least one backend can serve and the audit log is writing")
+async def readyz(backends: Mapping[str, Backend], audit: AuditLog) -> Response:
+    states = {name: {"health": b.load().health.value, "detail": b.load().detail}
+              for name, b in backends.items()}
+    serving = [n for n, s in states.items() if s["health"] == Health.OK.value]
+    warming = [n for n, s in states.items() if s["health"] == Health.WARMING.value]
+    ready = bool(serving)
+    body = {"status": "ready" if ready else "not_ready", "serving": serving, "warming": warming,
+            "backends": states, "audit_backlog": audit.backlog}
+    return Response(body, status_code=200 if ready else 503)

@@ -1,0 +1,100 @@
+"""`create_app(settings, ...)`: the Litestar app, assembled from data, with no globals."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Mapping
+
+from litestar import Litestar, MediaType, Request, Response, get
+from litestar.di import Provide
+from litestar.exceptions import HTTPException
+from litestar.openapi import OpenAPIConfig
+
+from backends.protocol import Backend
+from policies.schema import Policy
+
+from .api.images import create_image, get_image_file
+from .api.meta import healthz, list_backends, list_models, readyz
+from .audit import AuditLog
+from .errors import GatewayError, error_body
+from .image_store import ImageStore
+from .registry import build_backends
+from .schemas import GenerationRequest
+from .service import GenerationService, PolicyHolder
+from .settings import Settings
+
+__all__ = ["create_app"]
+
+log = logging.getLogger(__name__)
+
+
+def _gateway_error(_: Request, exc: GatewayError) -> Response:
+    return Response(exc.body(), status_code=exc.status, media_type=MediaType.JSON)
+
+
+def _http_error(_: Request, exc: HTTPException) -> Response:
+    type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    return Response(error_body(exc.detail, type_, None, f"http_{exc.status_code}"),
+                    status_code=exc.status_code, media_type=MediaType.JSON, headers=exc.headers)
+
+
+def _unexpected(_: Request, exc: Exception) -> Response:
+    log.error("unhandled error: %s", type(exc).__name__, exc_info=exc)
+    return Response(error_body("internal error", "server_error", None, "internal_error"),
+                    status_code=500, media_type=MediaType.JSON)
+
+
+def create_app(settings: Settings, policy: Policy, backends: Mapping[str, Backend] | None = None) -> Litestar:
+    """Everything the gateway serves; resources open and close in the lifespan."""
+    backends = dict(backends) if backends is not None else build_backends(settings)
+    policy_holder = PolicyHolder(policy)
+    audit = AuditLog(settings.resolve(settings.audit.path), batch_size=settings.audit.batch_size,
+                     flush_interval_s=settings.audit.flush_interval_s)
+    images = ImageStore(settings.resolve(settings.images.dir), settings.images.url_ttl_s)
+    service = GenerationService(backends=backends, policy=policy_holder, audit=audit, images=images,
+                                limits=settings.limits, public_url=settings.server.public_url)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Litestar) -> AsyncIterator[None]:
+        await audit.start()
+        await images.start()
+        for backend in backends.values():
+            await backend.start()
+        try:
+            yield
+        finally:
+            for backend in backends.values():
+                with contextlib.suppress(Exception):
+                    await backend.aclose()
+            await images.close()
+            await audit.close()
+            log.info("shut down; audit records written: %d", audit.written)
+
+    @get("/openapi.json", include_in_schema=False, sync_to_thread=False)
+    def openapi_json(request: Request) -> dict:
+        # Litestar's schema plus the generation body, which the handler parses itself
+        # (to answer OpenAI-shaped errors).
+        schema = request.app.openapi_schema.to_schema()
+        op = schema["paths"]["/v1/images/generations"]["post"]
+        op["requestBody"] = {"required": True, "content": {"application/json": {
+            "schema": GenerationRequest.model_json_schema()}}}
+        return schema
+
+    def _const(value):
+        return Provide(lambda: value, sync_to_thread=False)
+
+    return Litestar(
+        route_handlers=[create_image, get_image_file, list_models, list_backends, healthz, readyz,
+                        openapi_json],
+        dependencies={
+            "service": _const(service), "image_store": _const(images), "backends": _const(backends),
+            "policy": _const(policy_holder), "audit": _const(audit),
+        },
+        exception_handlers={GatewayError: _gateway_error, HTTPException: _http_error,
+                            Exception: _unexpected},
+        lifespan=[lifespan],
+        openapi_config=OpenAPIConfig(title="imagegw", version="0.1.0", path="/schema"),
+        request_max_body_size=settings.server.max_body_bytes,
+        debug=False,
+    )

@@ -1,0 +1,151 @@
+"""The audit log: one record per request, written off the request path in batches.
+
+SQLite in WAL mode is the embedded default. `submit()` never blocks and never
+drops: a background task drains the queue in batches, and `close()` flushes
+everything still queued before the process exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+__all__ = ["AuditLog", "AuditReader"]
+
+log = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS audit (
+    id TEXT PRIMARY KEY,
+    ts REAL NOT NULL,
+    tenant TEXT,
+    backend TEXT,
+    outcome TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    policy_version TEXT,
+    sla_met INTEGER,
+    latency_ms REAL,
+    cost_usd REAL,
+    record TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_ts ON audit (ts);
+CREATE INDEX IF NOT EXISTS audit_tenant_ts ON audit (tenant, ts);
+CREATE INDEX IF NOT EXISTS audit_backend_ts ON audit (backend, ts);
+"""
+
+_COLUMNS = ("id", "ts", "tenant", "backend", "outcome", "status", "policy_version", "sla_met",
+            "latency_ms", "cost_usd")
+_INSERT = (
+    f"INSERT OR REPLACE INTO audit ({', '.join(_COLUMNS)}, record) "
+    f"VALUES ({', '.join('?' * (len(_COLUMNS) + 1))})"
+)
+
+
+def _rows(records: list[dict[str, Any]]) -> list[tuple]:
+    return [(*(r.get(c) for c in _COLUMNS), msgspec.json.encode(r).decode()) for r in records]
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.executescript(_SCHEMA)
+    return conn
+
+
+class AuditLog:
+    """Batched, background SQLite writer for audit records (plain dicts)."""
+
+    def __init__(self, path: Path, *, batch_size: int = 256, flush_interval_s: float = 0.2):
+        self.path = path
+        self._batch_size = batch_size
+        self._flush_interval_s = flush_interval_s
+        self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._conn: sqlite3.Connection | None = None
+        self._task: asyncio.Task | None = None
+        self.written = 0
+
+    async def start(self) -> None:
+        self._conn = await asyncio.to_thread(_connect, self.path)
+        self._task = asyncio.create_task(self._run(), name="audit-writer")
+
+    def submit(self, record: dict[str, Any]) -> None:
+        """Queue one record; returns at once."""
+        self._queue.put_nowait(record)
+
+    @property
+    def backlog(self) -> int:
+        return self._queue.qsize()
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._flush_interval_s):
+                    while len(batch) < self._batch_size:
+                        batch.append(await self._queue.get())
+            await self._write(batch)
+
+    async def _write(self, batch: list[dict[str, Any]]) -> None:
+        rows = _rows(batch)
+        try:
+            await asyncio.to_thread(self._conn.executemany, _INSERT, rows)
+            self.written += len(rows)
+        except sqlite3.Error:
+            # Keep the records: put them back and let the next round retry.
+            log.exception("audit write failed; %d records re-queued", len(rows))
+            for r in batch:
+                self._queue.put_nowait(r)
+            await asyncio.sleep(1.0)
+
+    async def close(self) -> None:
+        """Stop the writer and flush every queued record."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        remaining = []
+        while not self._queue.empty():
+            remaining.append(self._queue.get_nowait())
+        if remaining and self._conn is not None:
+            rows = _rows(remaining)
+            self._conn.executemany(_INSERT, rows)
+            self.written += len(rows)
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+class AuditReader:
+    """Read-only queries over an audit file (CLI and admin API)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def _rows(self, sql: str, params: tuple = ()) -> list[tuple]:
+        if not self.path.exists():
+            return []
+        conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+        try:
+            return conn.execute(sql, params).fetchall()
+        finally:
+            conn.close()
+
+    def recent(self, limit: int = 20) -> list[dict[str, Any]]:
+        rows = self._rows("SELECT record FROM audit ORDER BY ts DESC LIMIT ?", (limit,))
+        return [msgspec.json.decode(r[0]) for r in reversed(rows)]
+
+    def get(self, record_id: str) -> dict[str, Any] | None:
+        rows = self._rows("SELECT record FROM audit WHERE id = ?", (record_id,))
+        return msgspec.json.decode(rows[0][0]) if rows else None
+
+    def count(self) -> int:
+        rows = self._rows("SELECT COUNT(*) FROM audit")
+        return rows[0][0] if rows else 0

@@ -1,0 +1,137 @@
+"""`imagegw`: serve the gateway, inspect the policy, read the audit log."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from .config import ConfigError, load_policy, load_settings
+from .settings import Settings
+
+__all__ = ["main"]
+
+
+def _load(args) -> tuple[Settings, object]:
+    settings = load_settings(Path(args.config) if args.config else None)
+    return settings, load_policy(settings)
+
+
+def _banner(settings: Settings) -> str:
+    base = f"http://{settings.server.host}:{settings.server.port}"
+    return f"""
+imagegw listening on {base}
+  config:  {settings.config_dir or '(built-in defaults)'}   data: {settings.data_dir.resolve()}
+  local pool: {'preset ' + settings.local.preset if settings.local.enabled else 'disabled'}
+  docs:    {base}/schema        backends: {base}/v1/backends
+
+Try it:
+  curl -s {base}/v1/images/generations -H 'content-type: application/json' \\
+    -d '{{"prompt": "a red fox in snow", "size": "256x256"}}' -D - -o /tmp/imagegw.json
+"""
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from .app import create_app
+
+    settings, policy = _load(args)
+    if args.host:
+        settings.server.host = args.host
+    if args.port is not None:
+        settings.server.port = args.port
+    logging.basicConfig(level=settings.server.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings, policy)
+    print(_banner(settings), flush=True)
+    uvicorn.run(app, host=settings.server.host, port=settings.server.port,
+                log_level=settings.server.log_level, access_log=False, timeout_graceful_shutdown=30)
+    return 0
+
+
+def cmd_policy_schema(args) -> int:
+    from policies.schema import Policy
+
+    print(json.dumps(Policy.model_json_schema(), indent=2))
+    return 0
+
+
+def cmd_policy_validate(args) -> int:
+    from .config import parse_policy
+
+    path = Path(args.file)
+    policy = parse_policy(path.read_text(), str(path))
+    print(f"{path}: valid (version {policy.fingerprint}, {len(policy.rules)} rules, "
+          f"{len(policy.backends)} backends, {len(policy.tiers)} tiers)")
+    return 0
+
+
+def _summary(record: dict) -> str:
+    when = time.strftime("%H:%M:%S", time.localtime(record["ts"]))
+    d = record.get("decision") or {}
+    err = (record.get("error") or {}).get("code", "")
+    return (f"{when} {record['id'][:12]} {record['status']} {record.get('backend') or '-':<9} "
+            f"{record['latency_ms']:>8.0f}ms ${record.get('cost_usd', 0):.6f} tier={d.get('tier', '-')} "
+            f"sla_met={record.get('sla_met')} {err} | {d.get('reason', '')}")
+
+
+def cmd_audit_tail(args) -> int:
+    from .audit import AuditReader
+
+    settings, _ = _load(args)
+    reader = AuditReader(settings.resolve(settings.audit.path))
+    seen: set[str] = set()
+    while True:
+        for record in reader.recent(args.n):
+            if record["id"] in seen:
+                continue
+            seen.add(record["id"])
+            print(json.dumps(record) if args.json else _summary(record), flush=True)
+        if not args.follow:
+            return 0
+        time.sleep(1.0)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="imagegw", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", help="folder with gateway.yaml and policy.yaml (default: ./config)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.set_defaults(func=cmd_serve)
+
+    policy = sub.add_parser("policy", help="policy tools").add_subparsers(dest="policy_cmd", required=True)
+    policy.add_parser("schema", help="print the policy's JSON Schema").set_defaults(func=cmd_policy_schema)
+    validate = policy.add_parser("validate", help="check a policy file")
+    validate.add_argument("file")
+    validate.set_defaults(func=cmd_policy_validate)
+
+    audit = sub.add_parser("audit", help="audit log tools").add_subparsers(dest="audit_cmd", required=True)
+    tail = audit.add_parser("tail", help="print recent audit records")
+    tail.add_argument("--config")
+    tail.add_argument("-n", type=int, default=20)
+    tail.add_argument("-f", "--follow", action="store_true")
+    tail.add_argument("--json", action="store_true", help="whole records as JSON lines")
+    tail.set_defaults(func=cmd_audit_tail)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(exc.render(), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

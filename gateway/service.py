@@ -1,0 +1,252 @@
+"""One image request end to end: validate, decide, dispatch, deliver, audit.
+
+The handler stays thin; this is the only place that knows the whole flow.
+Every request leaves exactly one audit record, whatever happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import logging
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from backends.protocol import Backend, GeneratedImage, GenerationJob
+from policies.costs import settled_cost_usd
+from policies.decide import decide
+from policies.schema import Policy
+from policies.types import Decision, RouteRequest
+
+from .audit import AuditLog
+from .dispatch import Attempt, Dispatcher, DispatchOutcome
+from .errors import GatewayError, InvalidRequest, NoBackendAvailable
+from .image_store import ImageStore
+from .schemas import GenerationRequest
+from .settings import LimitSettings
+from .snapshot import SnapshotSource
+
+__all__ = ["GenerationService", "PolicyHolder", "RequestContext", "ServedImages"]
+
+log = logging.getLogger(__name__)
+
+
+class PolicyHolder:
+    """The policy in force; requests read it once and keep that version to the end."""
+
+    def __init__(self, policy: Policy):
+        self.current = policy
+
+
+@dataclass(slots=True)
+class RequestContext:
+    tenant: str = "anonymous"
+    base_url: str = ""
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    received_wall: float = field(default_factory=time.time)
+    received_mono: float = field(default_factory=time.monotonic)
+
+
+@dataclass(slots=True)
+class ServedImages:
+    body: dict
+    headers: dict[str, str]
+
+
+def _model_target(model: str, backends: Mapping[str, Backend]) -> tuple[str | None, str | None]:
+    """'auto' | 'backend' | 'backend/model' | a model id one backend offers -> (backend, model)."""
+    if model == "auto":
+        return None, None
+    name, _, sub = model.partition("/")
+    if name in backends:
+        offered = backends[name].offer.models
+        if sub and sub not in offered:
+            raise InvalidRequest(f"model: backend {name!r} offers {list(offered)}, not {sub!r}",
+                                 param="model", code="model_not_found")
+        return name, sub or None
+    for backend in backends.values():
+        if model in backend.offer.models:
+            return backend.offer.name, model
+    raise InvalidRequest(
+        f"model: unknown model {model!r}; use 'auto' or one of GET /v1/models",
+        param="model", code="model_not_found",
+    )
+
+
+class GenerationService:
+    def __init__(self, *, backends: Mapping[str, Backend], policy: PolicyHolder, audit: AuditLog,
+                 images: ImageStore, limits: LimitSettings, public_url: str | None = None):
+        self._backends = backends
+        self._policy = policy
+        self._audit = audit
+        self._images = images
+        self._limits = limits
+        self._public_url = public_url.rstrip("/") if public_url else None
+        self._snapshots = SnapshotSource(backends)
+        self._dispatcher = Dispatcher(backends)
+
+    def _route_request(self, req: GenerationRequest, policy: Policy, ctx: RequestContext) -> RouteRequest:
+        if len(req.prompt) > self._limits.prompt_max_chars:
+            raise InvalidRequest(
+                f"prompt: {len(req.prompt)} characters, at most {self._limits.prompt_max_chars} allowed",
+                param="prompt", code="string_above_max_length")
+        if req.n > self._limits.max_n:
+            raise InvalidRequest(f"n: at most {self._limits.max_n}", param="n")
+        width, height = req.width_height
+        if not (min(width, height) >= 64 and max(width, height) <= self._limits.max_side):
+            raise InvalidRequest(f"size: each side must be 64..{self._limits.max_side}", param="size")
+        if req.steps is not None and req.steps > self._limits.max_steps:
+            raise InvalidRequest(f"steps: at most {self._limits.max_steps}", param="steps")
+        if req.tier is not None and req.tier not in policy.tiers:
+            raise InvalidRequest(f"tier: unknown tier {req.tier!r}; known: {sorted(policy.tiers)}",
+                                 param="tier", code="unknown_tier")
+        backend, model = _model_target(req.model, self._backends)
+        return RouteRequest(
+            width=width, height=height, n=req.n, steps=req.steps, tenant=ctx.tenant, tier=req.tier,
+            sla_ms=req.sla_ms, max_cost_usd=req.max_cost_usd, backend=backend, model=model,
+            tags=frozenset(req.tags or ()),
+        )
+
+    async def generate(self, req: GenerationRequest, ctx: RequestContext) -> ServedImages:
+        policy = self._policy.current
+        record = _AuditDraft(ctx, req, policy)
+        try:
+            route = self._route_request(req, policy, ctx)
+            snapshot = self._snapshots.current(policy)
+            decision = decide(route, policy, snapshot)
+            record.decision = decision
+            if not decision.candidates:
+                raise _no_candidate(decision)
+            deadline = ctx.received_mono + decision.sla_ms / 1000
+            job = GenerationJob(
+                id=ctx.id, prompt=req.prompt, width=route.width, height=route.height, n=req.n,
+                seed=req.seed, negative_prompt=req.negative_prompt, quality=req.quality,
+                output_format=req.output_format,
+            )
+            outcome = await self._dispatcher.run(decision, job, deadline, record.attempts)
+            view = snapshot.get(outcome.candidate.backend)
+            cost = settled_cost_usd(
+                view, policy.backends[view.name], policy.cost_accounting,
+                len(outcome.result.images), outcome.result.gpu_seconds,
+                outcome.candidate.predicted_cost_usd,
+            )
+            data = await self._deliver(outcome.result.images, req.response_format, ctx)
+            record.succeed(outcome, cost)
+            return ServedImages(
+                body={"created": int(ctx.received_wall), "data": data,
+                      "size": f"{outcome.result.width}x{outcome.result.height}",
+                      "output_format": req.output_format},
+                headers=_headers(ctx, decision, outcome.candidate.backend, cost),
+            )
+        except GatewayError as exc:
+            record.fail(exc)
+            raise
+        except asyncio.CancelledError:
+            record.fail_with("client_disconnected", 499, "the client went away")
+            raise
+        except Exception as exc:
+            log.exception("request %s failed unexpectedly", ctx.id)
+            record.fail_with("internal_error", 500, type(exc).__name__)
+            raise
+        finally:
+            self._audit.submit(record.finish())
+
+    async def _deliver(self, images: tuple[GeneratedImage, ...], response_format: str,
+                       ctx: RequestContext) -> list[dict]:
+        out = []
+        for image in images:
+            if image.data is None:
+                raise GatewayError("backend returned an image without bytes")
+            if response_format == "b64_json":
+                out.append({"b64_json": base64.b64encode(image.data).decode("ascii")})
+            else:
+                name = await self._images.put(image.data, image.media_type)
+                out.append({"url": f"{self._public_url or ctx.base_url.rstrip('/')}/v1/images/files/{name}"})
+        return out
+
+
+def _no_candidate(decision: Decision) -> NoBackendAvailable:
+    reasons = sorted({r.reason.value for r in decision.rejected})
+    return NoBackendAvailable(
+        f"no backend can serve this request within tier {decision.tier!r}, SLA {decision.sla_ms} ms"
+        + (f" and max cost ${decision.max_cost_usd}" if decision.max_cost_usd is not None else "")
+        + f"; reasons: {', '.join(reasons) or 'no backends configured'}",
+        extra={"rejected": [{"backend": r.backend, "reason": r.reason.value, "detail": r.detail}
+                            for r in decision.rejected]},
+    )
+
+
+def _headers(ctx: RequestContext, decision: Decision, backend: str, cost: float) -> dict[str, str]:
+    return {
+        "x-gateway-backend": backend,
+        "x-gateway-cost-usd": f"{cost:.6f}",
+        "x-gateway-decision-id": ctx.id,
+        "x-gateway-policy-version": decision.policy_version,
+    }
+
+
+class _AuditDraft:
+    """Collects one request's audit record as it goes; `finish()` returns the final dict."""
+
+    def __init__(self, ctx: RequestContext, req: GenerationRequest, policy: Policy):
+        self.ctx = ctx
+        self.policy_version = policy.fingerprint
+        self.decision: Decision | None = None
+        self.attempts: list[Attempt] = []
+        self.request = {
+            "prompt_sha256": hashlib.sha256(req.prompt.encode()).hexdigest(),
+            "prompt_chars": len(req.prompt),
+            **({"prompt": req.prompt} if policy.record_prompt_text else {}),
+            "n": req.n, "size": req.size, "quality": req.quality, "model": req.model,
+            "response_format": req.response_format, "tier": req.tier, "sla_ms": req.sla_ms,
+            "max_cost_usd": req.max_cost_usd, "steps": req.steps, "seed": req.seed,
+            "tags": req.tags, "user": req.user,
+        }
+        self.result: dict = {"outcome": "error", "status": 500, "backend": None, "cost_usd": 0.0}
+
+    def succeed(self, outcome: DispatchOutcome, cost: float) -> None:
+        self.result = {
+            "outcome": "ok", "status": 200, "backend": outcome.candidate.backend,
+            "model": outcome.result.model, "cost_usd": cost, "images": len(outcome.result.images),
+            "provider_request_id": outcome.result.provider_request_id,
+            "gpu_seconds": outcome.result.gpu_seconds,
+        }
+
+    def fail(self, exc: GatewayError) -> None:
+        self.fail_with(exc.code or exc.type, exc.status, exc.message)
+
+    def fail_with(self, code: str, status: int, message: str) -> None:
+        self.result = {"outcome": "error", "status": status, "backend": None, "cost_usd": 0.0,
+                       "error": {"code": code, "message": message}}
+
+    def finish(self) -> dict:
+        latency_ms = (time.monotonic() - self.ctx.received_mono) * 1000
+        d = self.decision
+        sla_ms = d.sla_ms if d else None
+        return {
+            "id": self.ctx.id, "ts": self.ctx.received_wall, "tenant": self.ctx.tenant,
+            "policy_version": self.policy_version, "request": self.request,
+            "decision": _decision_record(d) if d else None,
+            "attempts": [a.as_record() for a in self.attempts],
+            "latency_ms": round(latency_ms, 2),
+            "sla_met": (self.result["outcome"] == "ok" and latency_ms <= sla_ms) if sla_ms else None,
+            **self.result,
+        }
+
+
+def _decision_record(d: Decision) -> dict:
+    return {
+        "tier": d.tier, "sla_ms": d.sla_ms, "max_cost_usd": d.max_cost_usd,
+        "objective": d.objective, "rule": d.rule, "reason": d.reason,
+        "chosen": d.chosen.backend if d.chosen else None,
+        "candidates": [
+            {"backend": c.backend, "model": c.model, "predicted_latency_ms": round(c.predicted_latency_ms, 1),
+             "predicted_cost_usd": c.predicted_cost_usd, "quality": c.quality, "steps": c.steps}
+            for c in d.candidates
+        ],
+        "rejected": [{"backend": r.backend, "reason": r.reason.value, "detail": r.detail}
+                     for r in d.rejected],
+    }

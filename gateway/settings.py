@@ -1,0 +1,120 @@
+"""Gateway settings: one pydantic model per concern, composed into `Settings`.
+
+Sources, later wins: the defaults below, `gateway.yaml` in the config folder,
+then environment variables `IMAGEGW_<FIELD>` with `__` between nested keys,
+e.g. `IMAGEGW_SERVER__PORT=9000` or `IMAGEGW_BACKENDS__REVE__BASE_URL=...`.
+Secrets never live in these files: a backend names the environment variable
+that holds its key (`api_key_env`), read once at start-up into a SecretStr.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+__all__ = [
+    "AuditSettings",
+    "ImageSettings",
+    "LimitSettings",
+    "LocalPoolSettings",
+    "ProviderSettings",
+    "ServerSettings",
+    "Settings",
+]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServerSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    public_url: str | None = Field(
+        None, description="Base URL clients reach us at, for image links; default: the request's."
+    )
+    max_body_bytes: int = Field(1_048_576, gt=0)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class AuditSettings(_Section):
+    path: str = Field("audit.sqlite3", description="SQLite file, relative to data_dir.")
+    batch_size: int = Field(256, gt=0)
+    flush_interval_s: float = Field(0.2, gt=0)
+
+
+class ImageSettings(_Section):
+    dir: str = Field("images", description="Where url-format images are kept, under data_dir.")
+    url_ttl_s: int = Field(3600, gt=0, description="How long an image URL stays valid.")
+    max_download_bytes: int = Field(32 * 1024 * 1024, gt=0)
+
+
+class LimitSettings(_Section):
+    prompt_max_chars: int = Field(32_000, gt=0)
+    max_n: int = Field(10, ge=1, le=10)
+    max_side: int = Field(4096, ge=64)
+    max_steps: int = Field(150, ge=1)
+
+
+class LocalPoolSettings(_Section):
+    enabled: bool = True
+    preset: Literal["tiny", "sd15", "sdxl"] = "tiny"
+    weights_dir: Path | None = Field(None, description="Local diffusers folder; overrides preset.")
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    gpu_hour_usd: float = Field(2.0, ge=0)
+    max_n: int = Field(10, ge=1)
+    warmup: bool = True
+
+
+class ProviderSettings(_Section):
+    """Connection to one per-request API (its price and quality live in the policy)."""
+
+    kind: str = Field(description="Which backend module speaks to it: seedream, gemini, reve, bria, ...")
+    base_url: str
+    api_key_env: str | None = Field(None, description="Environment variable holding the key.")
+    model: str | None = None
+    timeout_s: float = Field(120.0, gt=0)
+    connect_timeout_s: float = Field(5.0, gt=0)
+    options: dict = Field(default_factory=dict)
+
+    def api_key(self) -> SecretStr | None:
+        value = os.environ.get(self.api_key_env) if self.api_key_env else None
+        return SecretStr(value) if value else None
+
+
+class Settings(BaseSettings):
+    """Everything the gateway process needs to start."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="IMAGEGW_", env_nested_delimiter="__", extra="forbid", nested_model_default_partial_update=True
+    )
+
+    config_dir: Path | None = Field(None, description="Folder holding gateway.yaml and policy.yaml.")
+    data_dir: Path = Path("data")
+    policy_file: str = Field("policy.yaml", description="Relative to config_dir.")
+    server: ServerSettings = ServerSettings()
+    audit: AuditSettings = AuditSettings()
+    images: ImageSettings = ImageSettings()
+    limits: LimitSettings = LimitSettings()
+    local: LocalPoolSettings = LocalPoolSettings()
+    backends: dict[str, ProviderSettings] = Field(default_factory=dict)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment beats the file (init carries the parsed gateway.yaml).
+        return env_settings, init_settings
+
+    def resolve(self, relative: str) -> Path:
+        return self.data_dir / relative

@@ -1,0 +1,52 @@
+"""Builds the immutable Snapshot that `decide()` reads, from backends' offers and live load."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from backends.protocol import Backend
+from policies.schema import LatencyPrior, Policy
+from policies.types import BackendKind, BackendView, LatencyModel, LocalCostModel, Snapshot
+
+__all__ = ["SnapshotSource"]
+
+_UNKNOWN_PRIOR = LatencyPrior(p50_ms=5_000, p95_ms=30_000)
+
+
+class SnapshotSource:
+    """Reads every backend's offer and load report (in memory, no I/O) into one Snapshot."""
+
+    def __init__(self, backends: Mapping[str, Backend]):
+        self._backends = backends
+
+    def current(self, policy: Policy) -> Snapshot:
+        return Snapshot(tuple(self._view(b, policy) for b in self._backends.values()))
+
+    @staticmethod
+    def _view(backend: Backend, policy: Policy) -> BackendView:
+        offer, load = backend.offer, backend.load()
+        bp = policy.backends.get(offer.name)
+        prior = (bp.latency_prior if bp else None) or _UNKNOWN_PRIOR
+        local_cost = None
+        if offer.kind is BackendKind.LOCAL:
+            local_cost = LocalCostModel(
+                gpu_hour_usd=offer.gpu_hour_usd or 0.0,
+                gpu_seconds_per_unit=load.gpu_seconds_per_unit or 0.0,
+                has_headroom=load.has_headroom,
+            )
+        return BackendView(
+            name=offer.name,
+            kind=offer.kind,
+            health=load.health,
+            models=offer.models,
+            sizes=offer.sizes,
+            max_n=offer.max_n,
+            default_steps=offer.default_steps,
+            latency=LatencyModel(
+                p50_ms=prior.p50_ms,
+                p95_ms=prior.p95_ms,
+                ms_per_unit=load.ms_per_unit or 0.0,
+                queue_ms=load.queue_ms,
+            ),
+            local_cost=local_cost,
+        )

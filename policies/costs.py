@@ -1,0 +1,48 @@
+"""Cost per request: API list prices and the local pool's GPU-time model (design.md, Cost accounting)."""
+
+from __future__ import annotations
+
+from .schema import BackendPolicy, CostAccounting
+from .types import BackendView, RouteRequest
+
+__all__ = ["local_cost_usd", "predicted_cost_usd", "settled_cost_usd"]
+
+
+def local_cost_usd(gpu_seconds: float, gpu_hour_usd: float) -> float:
+    """What GPU time costs at the given hourly price."""
+    return gpu_hour_usd / 3600.0 * gpu_seconds
+
+
+def predicted_cost_usd(
+    view: BackendView,
+    backend_policy: BackendPolicy,
+    request: RouteRequest,
+    steps: int,
+    accounting: CostAccounting,
+) -> float:
+    """The cost of serving this request on this backend, before it runs."""
+    if view.local_cost is None:
+        return (backend_policy.price_per_image_usd or 0.0) * request.n
+    model = view.local_cost
+    if accounting is CostAccounting.MARGINAL and model.has_headroom:
+        return 0.0
+    gpu_seconds = model.gpu_seconds_per_unit * steps * request.megapixels * request.n
+    return local_cost_usd(gpu_seconds, model.gpu_hour_usd)
+
+
+def settled_cost_usd(
+    view: BackendView,
+    backend_policy: BackendPolicy,
+    accounting: CostAccounting,
+    images: int,
+    gpu_seconds: float | None,
+    predicted: float,
+) -> float:
+    """What a finished request cost: list price per image, or the GPU time it used."""
+    if view.local_cost is None:
+        return (backend_policy.price_per_image_usd or 0.0) * images
+    if accounting is CostAccounting.MARGINAL and predicted == 0.0:
+        return 0.0
+    if gpu_seconds is None:
+        return predicted
+    return local_cost_usd(gpu_seconds, view.local_cost.gpu_hour_usd)

@@ -1,0 +1,133 @@
+"""The routing policy as data: what ops edit, validated with a path for every error."""
+
+from __future__ import annotations
+
+import hashlib
+from enum import StrEnum
+from functools import cached_property
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = [
+    "BackendPolicy",
+    "CostAccounting",
+    "Defaults",
+    "LatencyPrior",
+    "Match",
+    "Objective",
+    "Policy",
+    "Rule",
+    "Tier",
+]
+
+Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+
+
+class _Strict(BaseModel):
+    # Unknown keys are typos in ops' files: refuse them rather than ignore them.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Objective(StrEnum):
+    MIN_COST = "min_cost"  # cheapest that meets the SLA
+    MIN_LATENCY = "min_latency"  # fastest within the cost ceiling
+    MAX_QUALITY = "max_quality"  # best quality that meets SLA and ceiling
+
+
+class CostAccounting(StrEnum):
+    AMORTIZED = "amortized"  # GPU $/h x GPU-seconds per image at the occupancy we get
+    MARGINAL = "marginal"  # reserved GPUs cost ~0 per extra image while there is headroom
+
+
+class Tier(_Strict):
+    min_quality: float = Field(0.0, ge=0.0, le=1.0, description="Lowest backend quality score allowed.")
+    sla_ms: int | None = Field(None, gt=0, description="Default latency SLA for this tier.")
+    max_cost_usd: float | None = Field(None, ge=0.0, description="Default cost ceiling per request.")
+
+
+class LatencyPrior(_Strict):
+    p50_ms: float = Field(gt=0)
+    p95_ms: float = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LatencyPrior:
+        if self.p95_ms < self.p50_ms:
+            raise ValueError("p95_ms must be >= p50_ms")
+        return self
+
+
+class BackendPolicy(_Strict):
+    enabled: bool = True
+    quality: float = Field(ge=0.0, le=1.0, description="Quality score, compared with tiers' min_quality.")
+    price_per_image_usd: float | None = Field(
+        None, ge=0.0, description="API list price per image; null for the local pool (cost model)."
+    )
+    latency_prior: LatencyPrior | None = Field(
+        None, description="Latency assumed until enough outcomes are observed."
+    )
+
+
+class Defaults(_Strict):
+    tier: Name = "standard"
+    sla_ms: int = Field(60_000, gt=0)
+    max_cost_usd: float | None = Field(None, ge=0.0)
+
+
+class Match(_Strict):
+    """All given conditions must hold; an empty match matches every request."""
+
+    tenants: list[str] | None = None
+    tiers: list[str] | None = None
+    tags_any: list[str] | None = None
+    min_megapixels: float | None = Field(None, ge=0)
+    max_megapixels: float | None = Field(None, ge=0)
+
+
+class Rule(_Strict):
+    name: Name
+    match: Match = Match()
+    allow: list[str] | None = Field(None, description="Only these backends may serve.")
+    deny: list[str] | None = Field(None, description="These backends may not serve.")
+    objective: Objective | None = None
+    sla_ms: int | None = Field(None, gt=0)
+    max_cost_usd: float | None = Field(None, ge=0.0)
+    hedge: bool | None = None
+
+
+class Policy(_Strict):
+    """Tiers, defaults, objective and ordered rules (first match wins)."""
+
+    objective: Objective = Objective.MIN_COST
+    latency_quantile: str = Field("p95", pattern="^(p50|p95)$")
+    cost_accounting: CostAccounting = CostAccounting.AMORTIZED
+    record_prompt_text: bool = Field(False, description="Store prompt text in the audit log (else a hash).")
+    defaults: Defaults = Defaults()
+    tiers: dict[Name, Tier] = Field(default_factory=lambda: {"standard": Tier()})
+    backends: dict[Name, BackendPolicy] = Field(default_factory=dict)
+    rules: list[Rule] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _references_resolve(self) -> Policy:
+        errors: list[str] = []
+        if self.defaults.tier not in self.tiers:
+            errors.append(f"defaults.tier: unknown tier {self.defaults.tier!r}")
+        names = [rule.name for rule in self.rules]
+        for i, rule in enumerate(self.rules):
+            if names.count(rule.name) > 1:
+                errors.append(f"rules[{i}].name: duplicate rule name {rule.name!r}")
+            for field in ("allow", "deny"):
+                for backend in getattr(rule, field) or ():
+                    if backend not in self.backends:
+                        errors.append(f"rules[{i}].{field}: unknown backend {backend!r}")
+            for tier in rule.match.tiers or ():
+                if tier not in self.tiers:
+                    errors.append(f"rules[{i}].match.tiers: unknown tier {tier!r}")
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """A short content hash: the version label of this exact policy."""
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:12]

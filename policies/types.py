@@ -1,0 +1,191 @@
+"""The policy engine's vocabulary: plain, immutable data in and out of `decide()`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+__all__ = [
+    "BackendKind",
+    "BackendView",
+    "Candidate",
+    "Decision",
+    "Health",
+    "LatencyModel",
+    "LocalCostModel",
+    "RejectReason",
+    "Rejection",
+    "RouteRequest",
+    "SizeSupport",
+    "Snapshot",
+]
+
+
+class BackendKind(StrEnum):
+    LOCAL = "local"
+    API = "api"
+
+
+class Health(StrEnum):
+    """What the gateway knows of a backend's ability to take work right now."""
+
+    OK = "ok"
+    UNCONFIGURED = "unconfigured"  # no key, no weights: never chosen
+    WARMING = "warming"  # loading or compiling: not chosen yet
+    OPEN = "open"  # circuit breaker open after failures
+    HALF_OPEN = "half_open"  # one probe allowed
+
+
+class RejectReason(StrEnum):
+    """Machine-readable reasons a backend was not a candidate (stable: clients may match on them)."""
+
+    DISABLED = "disabled"
+    UNCONFIGURED = "unconfigured"
+    UNHEALTHY = "unhealthy"
+    NOT_READY = "not_ready"
+    NOT_REQUESTED = "not_requested_model"
+    MODEL_UNAVAILABLE = "model_unavailable"
+    QUALITY_BELOW_TIER = "quality_below_tier"
+    RULE_DENY = "rule_deny"
+    SIZE_UNSUPPORTED = "size_unsupported"
+    N_UNSUPPORTED = "n_unsupported"
+    SLA_MISS = "sla_miss"
+    COST_CEILING = "cost_ceiling"
+    NOT_IN_POLICY = "not_in_policy"
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRequest:
+    """What the engine needs to know of one image request (already validated)."""
+
+    width: int
+    height: int
+    n: int = 1
+    steps: int | None = None
+    tenant: str = "anonymous"
+    tier: str | None = None
+    sla_ms: int | None = None
+    max_cost_usd: float | None = None
+    backend: str | None = None  # a named backend ("model": "reve" or "reve/reve-create")
+    model: str | None = None
+    tags: frozenset[str] = frozenset()
+
+    @property
+    def megapixels(self) -> float:
+        return self.width * self.height / 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class SizeSupport:
+    """Which output sizes a backend can make: bounds, or an explicit list."""
+
+    min_side: int = 64
+    max_side: int = 4096
+    multiple_of: int = 1
+    max_pixels: int | None = None
+    exact: frozenset[tuple[int, int]] = frozenset()  # when set, only these
+
+    def allows(self, width: int, height: int) -> bool:
+        if self.exact:
+            return (width, height) in self.exact
+        return (
+            self.min_side <= min(width, height)
+            and max(width, height) <= self.max_side
+            and width % self.multiple_of == 0
+            and height % self.multiple_of == 0
+            and (self.max_pixels is None or width * height <= self.max_pixels)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyModel:
+    """Predicted completion time in ms: fixed part + work part + queue ahead.
+
+    Work is counted in units of steps x megapixels x images, which is what a
+    diffusion pass costs; an API's work part is zero (it runs n calls in parallel).
+    """
+
+    p50_ms: float
+    p95_ms: float
+    ms_per_unit: float = 0.0
+    queue_ms: float = 0.0
+
+    def predict(self, request: RouteRequest, steps: int, quantile: str) -> float:
+        fixed = self.p95_ms if quantile == "p95" else self.p50_ms
+        work = self.ms_per_unit * steps * request.megapixels * request.n
+        return fixed + work + self.queue_ms
+
+
+@dataclass(frozen=True, slots=True)
+class LocalCostModel:
+    """The local pool's cost: GPU $/h times GPU-seconds per image at the occupancy we get."""
+
+    gpu_hour_usd: float
+    gpu_seconds_per_unit: float  # per step x megapixel x image, at current batch occupancy
+    has_headroom: bool = True  # below saturation the marginal image costs ~0
+
+
+@dataclass(frozen=True, slots=True)
+class BackendView:
+    """One backend as the engine sees it at decision time."""
+
+    name: str
+    kind: BackendKind
+    health: Health
+    models: tuple[str, ...]
+    sizes: SizeSupport
+    max_n: int
+    default_steps: int
+    latency: LatencyModel
+    local_cost: LocalCostModel | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """An immutable view of the world at decision time."""
+
+    backends: tuple[BackendView, ...]
+
+    def get(self, name: str) -> BackendView | None:
+        for view in self.backends:
+            if view.name == name:
+                return view
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    backend: str
+    model: str
+    predicted_latency_ms: float
+    predicted_cost_usd: float
+    quality: float
+    steps: int
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    backend: str
+    reason: RejectReason
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Ranked candidates (best first) and every rejected backend with its reason."""
+
+    policy_version: str
+    tier: str
+    sla_ms: int
+    max_cost_usd: float | None
+    objective: str
+    rule: str | None
+    candidates: tuple[Candidate, ...]
+    rejected: tuple[Rejection, ...]
+    reason: str
+    hedge: bool = False
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def chosen(self) -> Candidate | None:
+        return self.candidates[0] if self.candidates else None
