@@ -97,4 +97,5 @@ def create_app(settings: Settings, policy: Policy, backends: Mapping[str, Backen
         openapi_config=OpenAPIConfig(title="imagegw", version="0.1.0", path="/schema"),
         request_max_body_size=settings.server.max_body_bytes,
         debug=False,
+        logging_config=None,  # the CLI configures logging once; the app must not touch root handlers
     )

@@ -25,7 +25,7 @@ from .audit import AuditLog
 from .dispatch import Attempt, Dispatcher, DispatchOutcome
 from .errors import GatewayError, InvalidRequest, NoBackendAvailable
 from .image_store import ImageStore
-from .schemas import GenerationRequest
+from .schemas import GenerationRequest, parse_generation_request
 from .settings import LimitSettings
 from .snapshot import SnapshotSource
 
@@ -110,10 +110,13 @@ class GenerationService:
             tags=frozenset(req.tags or ()),
         )
 
-    async def generate(self, req: GenerationRequest, ctx: RequestContext) -> ServedImages:
+    async def generate(self, body: bytes, ctx: RequestContext) -> ServedImages:
+        """Serve one raw request body; always leaves one audit record, success or not."""
         policy = self._policy.current
-        record = _AuditDraft(ctx, req, policy)
+        record = _AuditDraft(ctx, policy)
         try:
+            req = parse_generation_request(body)
+            record.describe(req, policy)
             route = self._route_request(req, policy, ctx)
             snapshot = self._snapshots.current(policy)
             decision = decide(route, policy, snapshot)
@@ -191,11 +194,15 @@ def _headers(ctx: RequestContext, decision: Decision, backend: str, cost: float)
 class _AuditDraft:
     """Collects one request's audit record as it goes; `finish()` returns the final dict."""
 
-    def __init__(self, ctx: RequestContext, req: GenerationRequest, policy: Policy):
+    def __init__(self, ctx: RequestContext, policy: Policy):
         self.ctx = ctx
         self.policy_version = policy.fingerprint
         self.decision: Decision | None = None
         self.attempts: list[Attempt] = []
+        self.request: dict | None = None  # stays None when the body did not parse
+        self.result: dict = {"outcome": "error", "status": 500, "backend": None, "cost_usd": 0.0}
+
+    def describe(self, req: GenerationRequest, policy: Policy) -> None:
         self.request = {
             "prompt_sha256": hashlib.sha256(req.prompt.encode()).hexdigest(),
             "prompt_chars": len(req.prompt),
@@ -205,7 +212,6 @@ class _AuditDraft:
             "max_cost_usd": req.max_cost_usd, "steps": req.steps, "seed": req.seed,
             "tags": req.tags, "user": req.user,
         }
-        self.result: dict = {"outcome": "error", "status": 500, "backend": None, "cost_usd": 0.0}
 
     def succeed(self, outcome: DispatchOutcome, cost: float) -> None:
         self.result = {

@@ -7,7 +7,6 @@ from litestar.response import File
 
 from ..errors import NotFound
 from ..image_store import ImageStore
-from ..schemas import parse_generation_request
 from ..service import GenerationService, RequestContext
 
 __all__ = ["create_image", "get_image_file"]
@@ -15,10 +14,8 @@ __all__ = ["create_image", "get_image_file"]
 
 @post("/v1/images/generations", status_code=200, summary="Create images (OpenAI-compatible)")
 async def create_image(request: Request, service: GenerationService) -> Response:
-    body = await request.body()
-    req = parse_generation_request(body)
     ctx = RequestContext(base_url=str(request.base_url))
-    served = await service.generate(req, ctx)
+    served = await service.generate(await request.body(), ctx)
     return Response(served.body, headers=served.headers)
 
 

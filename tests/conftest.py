@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+from gateway.app import create_app
+from gateway.config import load_policy, load_settings
+from gateway.settings import Settings
+from policies.schema import Policy
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def settings(tmp_path, monkeypatch) -> Settings:
+    for key in [k for k in __import__("os").environ if k.startswith("IMAGEGW_")]:
+        monkeypatch.delenv(key)
+    s = load_settings(ROOT / "config")
+    s.data_dir = tmp_path / "data"
+    s.audit.flush_interval_s = 0.02
+    return s
+
+
+@pytest.fixture
+def shipped_policy(settings) -> Policy:
+    return load_policy(settings)
+
+
+class RunningServer:
+    """A real uvicorn server on a free port in a background thread."""
+
+    def __init__(self, app, port: int):
+        self.port = port
+        self.base_url = f"http://127.0.0.1:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                                    lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def start(self, ready_path: str = "/readyz", timeout: float = 120.0) -> RunningServer:
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.base_url + ready_path, timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("server did not become ready")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture
+def serve():
+    """Start create_app(...) on a real port; stopped (and drained) at teardown."""
+    servers: list[RunningServer] = []
+
+    def _serve(settings: Settings, policy: Policy, backends=None) -> RunningServer:
+        server = RunningServer(create_app(settings, policy, backends), free_port()).start()
+        servers.append(server)
+        return server
+
+    yield _serve
+    for server in servers:
+        server.stop()

@@ -1,0 +1,103 @@
+"""Bad input gets a 4xx in OpenAI's error shape naming the field; never a 500."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from litestar.testing import TestClient
+
+from gateway.app import create_app
+from policies.types import BackendKind
+from tests.fakes import ScriptedBackend
+
+
+@pytest.fixture
+def client(settings, shipped_policy):
+    backends = {"local": ScriptedBackend("local", kind=BackendKind.LOCAL, models=("tiny",))}
+    with TestClient(create_app(settings, shipped_policy, backends)) as c:
+        yield c
+
+
+BAD = [
+    ("n=0", {"prompt": "x", "n": 0}, "n"),
+    ("n=11", {"prompt": "x", "n": 11}, "n"),
+    ("n as a string", {"prompt": "x", "n": "2"}, "n"),
+    ("n as a float", {"prompt": "x", "n": 1.5}, "n"),
+    ("n as a bool", {"prompt": "x", "n": True}, "n"),
+    ("size not WxH", {"prompt": "x", "size": "abc"}, "size"),
+    ("size too small", {"prompt": "x", "size": "8x8"}, "size"),
+    ("size as a number", {"prompt": "x", "size": 1024}, "size"),
+    ("missing prompt", {"n": 1}, "prompt"),
+    ("empty prompt", {"prompt": ""}, "prompt"),
+    ("prompt not a string", {"prompt": ["a"]}, "prompt"),
+    ("100 KB prompt", {"prompt": "x" * 100_000}, "prompt"),
+    ("unknown model", {"prompt": "x", "model": "dall-e-9"}, "model"),
+    ("unknown model of a known backend", {"prompt": "x", "model": "local/nope"}, "model"),
+    ("bad response_format", {"prompt": "x", "response_format": "jpeg"}, "response_format"),
+    ("unknown tier", {"prompt": "x", "tier": "platinum"}, "tier"),
+    ("negative sla", {"prompt": "x", "sla_ms": -5}, "sla_ms"),
+    ("negative cost ceiling", {"prompt": "x", "max_cost_usd": -1}, "max_cost_usd"),
+    ("seed out of range", {"prompt": "x", "seed": -1}, "seed"),
+    ("steps too many", {"prompt": "x", "steps": 10_000}, "steps"),
+    ("tags not strings", {"prompt": "x", "tags": [1]}, "tags"),
+    ("streaming asked for", {"prompt": "x", "stream": True}, "stream"),
+    ("quality unknown", {"prompt": "x", "quality": "ultra"}, "quality"),
+]
+
+
+@pytest.mark.parametrize(("body", "param"), [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_field_gets_400_naming_it(client, body, param):
+    r = client.post("/v1/images/generations", json=body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param
+    assert err["type"] == "invalid_request_error"
+    assert param in err["message"]
+
+
+@pytest.mark.parametrize("raw", [b"", b"not json", b"[1, 2]", b'"a string"', b"{", b"null"])
+def test_body_that_is_not_a_json_object_gets_400(client, raw):
+    r = client.post("/v1/images/generations", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == "invalid_json"
+
+
+def test_oversized_body_gets_413_in_openai_shape(client):
+    r = client.post("/v1/images/generations", content=json.dumps({"prompt": "x" * 2_000_000}))
+    assert r.status_code == 413
+    assert set(r.json()["error"]) >= {"message", "type", "param", "code"}
+
+
+def test_unknown_route_is_404_in_openai_shape(client):
+    r = client.get("/v1/nothing")
+    assert r.status_code == 404
+    assert "error" in r.json()
+
+
+def test_unknown_openai_fields_are_ignored(client):
+    r = client.post("/v1/images/generations", json={"prompt": "x", "size": "256x256", "style": "vivid",
+                                                     "output_compression": 50, "future_field": {"a": 1}})
+    assert r.status_code == 200, r.text
+
+
+def test_no_candidate_is_503_listing_every_rejected_backend(client):
+    r = client.post("/v1/images/generations", json={"prompt": "x", "size": "4096x4096"})
+    assert r.status_code == 503
+    err = r.json()["error"]
+    assert err["code"] == "no_candidate"
+    rejected = {x["backend"]: x["reason"] for x in err["rejected"]}
+    assert rejected["local"] == "rule_deny"  # big images go to APIs by the shipped policy
+    assert rejected["seedream"] == "unconfigured"
+    assert "rule_deny" in err["message"]
+
+
+def test_models_lists_auto_backends_and_their_models(client):
+    ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
+    assert ids == ["auto", "local", "local/tiny"]
+
+
+def test_openapi_describes_the_generation_body(client):
+    spec = client.get("/openapi.json").json()
+    body = spec["paths"]["/v1/images/generations"]["post"]["requestBody"]["content"]["application/json"]
+    assert "prompt" in body["schema"]["properties"]

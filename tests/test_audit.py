@@ -1,0 +1,80 @@
+"""Every request leaves exactly one audit record, and a clean shutdown loses none."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+
+from backends.errors import BackendTransientError
+from gateway.audit import AuditLog, AuditReader
+from policies.types import BackendKind
+from tests.fakes import ScriptedBackend
+
+
+def test_concurrent_requests_each_get_one_record_whatever_their_outcome(settings, shipped_policy, serve):
+    flaky = ScriptedBackend("local", kind=BackendKind.LOCAL, delay_s=0.01, models=("tiny",),
+                            fail=lambda job: BackendTransientError("boom") if job.seed == 13 else None)
+    server = serve(settings, shipped_policy, {"local": flaky})
+    bodies = (
+        [{"prompt": f"ok {i}", "size": "256x256"} for i in range(40)]
+        + [{"prompt": "fails", "size": "256x256", "seed": 13}] * 5  # backend error -> 502
+        + [{"prompt": "x", "n": 0}] * 5  # invalid -> 400
+        + [{"prompt": "huge", "size": "4096x4096"}] * 5  # no candidate -> 503
+    )
+
+    async def fire():
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as c:
+            return await asyncio.gather(*(c.post("/v1/images/generations", json=b) for b in bodies))
+
+    responses = asyncio.run(fire())
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses == [200] * 40 + [400] * 5 + [502] * 5 + [503] * 5
+    ids = {r.headers.get("x-gateway-decision-id") for r in responses if r.status_code == 200}
+    server.stop()
+
+    reader = AuditReader(settings.resolve(settings.audit.path))
+    assert reader.count() == len(bodies)
+    records = reader.recent(limit=100)
+    assert ids <= {r["id"] for r in records}
+    by_status = {}
+    for r in records:
+        by_status.setdefault(r["status"], []).append(r)
+    assert all(r["attempts"][0]["error_class"] == "BackendTransientError" for r in by_status[502])
+    assert all(r["decision"]["rejected"] for r in by_status[503])
+    assert all(r["request"] is None and r["error"]["code"] for r in by_status[400])
+
+
+async def test_close_flushes_everything_still_queued(tmp_path):
+    log = AuditLog(tmp_path / "a.sqlite3", batch_size=10, flush_interval_s=60)
+    await log.start()
+    for i in range(1_000):
+        log.submit({"id": f"r{i}", "ts": float(i), "outcome": "ok", "status": 200, "record": i})
+    await log.close()
+    assert AuditReader(tmp_path / "a.sqlite3").count() == 1_000
+
+
+async def test_writer_batches_in_the_background(tmp_path):
+    log = AuditLog(tmp_path / "a.sqlite3", batch_size=50, flush_interval_s=0.01)
+    await log.start()
+    for i in range(120):
+        log.submit({"id": f"r{i}", "ts": float(i), "outcome": "ok", "status": 200})
+    for _ in range(100):
+        if log.written == 120:
+            break
+        await asyncio.sleep(0.01)
+    assert log.written == 120
+    assert AuditReader(tmp_path / "a.sqlite3").count() == 120
+    await log.close()
+
+
+def test_audit_tail_prints_recent_records(settings, shipped_policy, serve, capsys, monkeypatch):
+    from gateway.cli import main
+
+    server = serve(settings, shipped_policy, {"local": ScriptedBackend("local", kind=BackendKind.LOCAL)})
+    httpx.post(server.base_url + "/v1/images/generations", json={"prompt": "x", "size": "256x256"})
+    server.stop()
+    monkeypatch.setenv("IMAGEGW_DATA_DIR", str(settings.data_dir))
+    assert main(["audit", "tail", "--config", str(settings.config_dir), "-n", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "200 local" in out and "min_cost" in out

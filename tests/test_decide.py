@@ -1,0 +1,166 @@
+"""decide() as a specification: plain data in, a ranked Decision with reasons out."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from policies import decide
+from policies.schema import Policy
+from policies.types import (
+    BackendKind,
+    BackendView,
+    Health,
+    LatencyModel,
+    LocalCostModel,
+    RejectReason,
+    RouteRequest,
+    SizeSupport,
+    Snapshot,
+)
+
+
+def api(name, p95_ms=10_000.0, **kw) -> BackendView:
+    return BackendView(name=name, kind=BackendKind.API, health=kw.pop("health", Health.OK),
+                       models=kw.pop("models", (f"{name}-v1",)), sizes=kw.pop("sizes", SizeSupport()),
+                       max_n=kw.pop("max_n", 10), default_steps=30,
+                       latency=LatencyModel(p50_ms=p95_ms / 2, p95_ms=p95_ms))
+
+
+def local(queue_ms=0.0, ms_per_unit=20.0, has_headroom=True) -> BackendView:
+    return BackendView(name="local", kind=BackendKind.LOCAL, health=Health.OK, models=("sdxl",),
+                       sizes=SizeSupport(max_side=2048, multiple_of=8), max_n=10, default_steps=30,
+                       latency=LatencyModel(p50_ms=50, p95_ms=100, ms_per_unit=ms_per_unit, queue_ms=queue_ms),
+                       local_cost=LocalCostModel(gpu_hour_usd=2.0, gpu_seconds_per_unit=ms_per_unit / 1000,
+                                                 has_headroom=has_headroom))
+
+
+POLICY = Policy.model_validate({
+    "defaults": {"tier": "standard", "sla_ms": 30_000},
+    "tiers": {"draft": {"min_quality": 0.0}, "standard": {"min_quality": 0.5},
+              "premium": {"min_quality": 0.9, "sla_ms": 60_000}},
+    "backends": {
+        "local": {"quality": 0.6},
+        "reve": {"quality": 0.8, "price_per_image_usd": 0.024},
+        "seedream": {"quality": 0.85, "price_per_image_usd": 0.035},
+        "gemini": {"quality": 0.95, "price_per_image_usd": 0.134},
+    },
+    "rules": [
+        {"name": "acme-no-gemini", "match": {"tenants": ["acme"]}, "deny": ["gemini"]},
+        {"name": "fast-tag", "match": {"tags_any": ["interactive"]}, "objective": "min_latency"},
+        {"name": "only-local-for-internal", "match": {"tenants": ["internal"]}, "allow": ["local"]},
+    ],
+})
+
+WORLD = Snapshot((local(), api("reve", 15_000), api("seedream", 20_000), api("gemini", 31_000)))
+REQ = RouteRequest(width=1024, height=1024)
+
+
+def names(decision):
+    return [c.backend for c in decision.candidates]
+
+
+def reasons(decision):
+    return {r.backend: r.reason for r in decision.rejected}
+
+
+def test_min_cost_ranks_local_first_then_cheapest_api():
+    d = decide(REQ, POLICY, WORLD)
+    assert names(d) == ["local", "reve", "seedream"]
+    assert d.chosen.backend == "local"
+    assert d.objective == "min_cost"
+
+
+def test_gemini_missed_the_sla_and_says_so():
+    d = decide(REQ, POLICY, WORLD)
+    assert reasons(d)["gemini"] is RejectReason.SLA_MISS
+    assert "SLA 30000 ms" in next(r.detail for r in d.rejected if r.backend == "gemini")
+
+
+SCENARIOS = [
+    # (description, request changes, snapshot, expected order, expected rejections)
+    ("premium tier filters by quality", dict(tier="premium"), WORLD,
+     ["gemini"], {"local": RejectReason.QUALITY_BELOW_TIER, "reve": RejectReason.QUALITY_BELOW_TIER,
+                  "seedream": RejectReason.QUALITY_BELOW_TIER}),
+    ("tenant rule denies a backend", dict(tenant="acme", sla_ms=60_000), WORLD,
+     ["local", "reve", "seedream"], {"gemini": RejectReason.RULE_DENY}),
+    ("allow-list rule keeps only local", dict(tenant="internal"), WORLD,
+     ["local"], {"reve": RejectReason.RULE_DENY, "seedream": RejectReason.RULE_DENY,
+                 "gemini": RejectReason.RULE_DENY}),
+    ("a tight SLA drops slow APIs", dict(sla_ms=16_000), WORLD,
+     ["local", "reve"], {"seedream": RejectReason.SLA_MISS, "gemini": RejectReason.SLA_MISS}),
+    ("a queued pool misses the SLA", dict(sla_ms=16_000), Snapshot((local(queue_ms=20_000), api("reve", 15_000))),
+     ["reve"], {"local": RejectReason.SLA_MISS}),
+    ("cost ceiling drops the dearer APIs", dict(max_cost_usd=0.03, sla_ms=60_000), WORLD,
+     ["local", "reve"], {"seedream": RejectReason.COST_CEILING, "gemini": RejectReason.COST_CEILING}),
+    ("n multiplies API cost into the ceiling", dict(n=2, max_cost_usd=0.05), WORLD,
+     ["local", "reve"], {"seedream": RejectReason.COST_CEILING, "gemini": RejectReason.SLA_MISS}),
+    ("min_latency objective via a tag rule", dict(tags=frozenset({"interactive"}), sla_ms=60_000), WORLD,
+     ["local", "reve", "seedream", "gemini"], {}),
+    ("unsupported size is rejected", dict(width=4096, height=4096, sla_ms=600_000), WORLD,
+     ["reve", "seedream", "gemini"], {"local": RejectReason.SIZE_UNSUPPORTED}),
+    ("n above a backend's max", dict(n=3), Snapshot((local(), api("reve", 15_000, max_n=1))),
+     ["local"], {"reve": RejectReason.N_UNSUPPORTED}),
+    ("named backend excludes the others", dict(backend="seedream"), WORLD,
+     ["seedream"], {"local": RejectReason.NOT_REQUESTED, "reve": RejectReason.NOT_REQUESTED,
+                    "gemini": RejectReason.NOT_REQUESTED}),
+    ("unhealthy and unconfigured backends are not candidates", {},
+     Snapshot((local(), api("reve", health=Health.OPEN), api("seedream", health=Health.UNCONFIGURED))),
+     ["local"], {"reve": RejectReason.UNHEALTHY, "seedream": RejectReason.UNCONFIGURED,
+                 "gemini": RejectReason.UNCONFIGURED}),
+    ("no candidate at all", dict(tier="premium", sla_ms=1_000), WORLD,
+     [], {"gemini": RejectReason.SLA_MISS}),
+]
+
+
+@pytest.mark.parametrize(("changes", "snapshot", "order", "rejected"),
+                         [s[1:] for s in SCENARIOS], ids=[s[0] for s in SCENARIOS])
+def test_scenario(changes, snapshot, order, rejected):
+    d = decide(dataclasses.replace(REQ, **changes), POLICY, snapshot)
+    assert names(d) == order
+    got = reasons(d)
+    for backend, reason in rejected.items():
+        assert got[backend] is reason, (backend, got)
+    # Every backend is either a candidate or rejected with a reason, never both, never lost.
+    assert set(names(d)) | set(got) >= {v.name for v in snapshot.backends}
+    assert not set(names(d)) & set(got)
+
+
+def test_min_latency_orders_by_predicted_latency():
+    d = decide(dataclasses.replace(REQ, tags=frozenset({"interactive"}), sla_ms=60_000), POLICY, WORLD)
+    latencies = [c.predicted_latency_ms for c in d.candidates]
+    assert latencies == sorted(latencies)
+    assert d.rule == "fast-tag"
+
+
+def test_local_cost_follows_gpu_time_and_marginal_accounting_makes_it_free():
+    amortized = decide(REQ, POLICY, WORLD).candidates[0]
+    # 30 steps x 1.048576 MP x 20 ms/unit = 0.629 GPU-s at $2/h
+    assert amortized.predicted_cost_usd == pytest.approx(2.0 / 3600 * 0.02 * 30 * 1.048576)
+    marginal = Policy.model_validate({**POLICY.model_dump(), "cost_accounting": "marginal"})
+    assert decide(REQ, marginal, WORLD).candidates[0].predicted_cost_usd == 0.0
+    saturated = Snapshot((local(has_headroom=False),))
+    assert decide(REQ, marginal, saturated).candidates[0].predicted_cost_usd > 0
+
+
+def test_same_inputs_same_decision():
+    assert decide(REQ, POLICY, WORLD) == decide(REQ, POLICY, WORLD)
+
+
+def test_decision_names_the_policy_version_and_reason():
+    d = decide(REQ, POLICY, WORLD)
+    assert d.policy_version == POLICY.fingerprint
+    assert "local ranks first by min_cost" in d.reason
+
+
+def test_disabled_backend_is_rejected():
+    policy = Policy.model_validate({**POLICY.model_dump(), "backends": {
+        **POLICY.model_dump()["backends"], "reve": {"quality": 0.8, "price_per_image_usd": 0.024, "enabled": False}}})
+    assert reasons(decide(REQ, policy, WORLD))["reve"] is RejectReason.DISABLED
+
+
+def test_backend_missing_from_policy_is_never_chosen():
+    d = decide(REQ, POLICY, Snapshot((api("mystery", 1_000),)))
+    assert names(d) == []
+    assert reasons(d)["mystery"] is RejectReason.NOT_IN_POLICY
