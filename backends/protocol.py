@@ -59,6 +59,7 @@ class GenerationJob:
     guidance_scale: float | None = None
     quality: str | None = None
     output_format: str = "png"
+    response_format: str = "b64_json"  # what the client wants: providers that return URLs fetch for b64_json
 
 
 @dataclass(frozen=True, slots=True)

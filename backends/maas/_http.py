@@ -1,0 +1,169 @@
+"""What every per-request API backend shares: config, error translation, image fetches."""
+
+from __future__ import annotations
+
+import email.utils
+import io
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from pydantic import SecretStr
+
+from ..errors import (
+    BackendAuthError,
+    BackendError,
+    BackendRateLimited,
+    BackendRequestRejected,
+    BackendTimeout,
+    BackendTransientError,
+    ContentRefused,
+)
+
+__all__ = [
+    "ProviderConfig",
+    "error_for_status",
+    "image_size",
+    "parse_json",
+    "remaining",
+    "retry_after_seconds",
+    "send",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderConfig:
+    """One provider connection: where, with which key, which model, how long to wait."""
+
+    name: str
+    base_url: str
+    api_key: SecretStr | None
+    model: str
+    timeout_s: float = 120.0
+    connect_timeout_s: float = 5.0
+    max_download_bytes: int = 32 * 1024 * 1024
+    max_n: int = 10
+    sandbox: bool = False
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def timeout(self) -> httpx.Timeout:
+        return httpx.Timeout(self.timeout_s, connect=self.connect_timeout_s)
+
+    def make_client(self, **headers: str) -> httpx.AsyncClient:
+        """One pooled client per backend, for its whole life."""
+        return httpx.AsyncClient(base_url=self.base_url.rstrip("/"), timeout=self.timeout(), headers=headers,
+                                 limits=httpx.Limits(max_connections=100, max_keepalive_connections=20))
+
+
+def remaining(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise BackendTimeout("deadline passed before the call")
+    return left
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """Retry-After as seconds (delta-seconds or an HTTP date), or Google's '30s' retryDelay."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value.removesuffix("s")))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def error_for_status(status: int, message: str, *, code: str | None = None, retry_after_s: float | None = None,
+                     content: bool = False) -> BackendError:
+    """The one mapping from a provider's HTTP status to our error tree."""
+    kw = {"status": status, "provider_code": code}
+    if content:
+        return ContentRefused(message, **kw)
+    if status == 429:
+        return BackendRateLimited(message, retry_after_s=retry_after_s, **kw)
+    if status in (401, 402, 403):
+        return BackendAuthError(message, **kw)
+    if status in (408, 409) or status >= 500:
+        return BackendTransientError(message, **kw)
+    return BackendRequestRejected(message, **kw)
+
+
+def parse_json(response: httpx.Response) -> Any:
+    """The body as JSON; malformed or truncated bodies are transient failures, never crashes."""
+    try:
+        return json.loads(response.content)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BackendTransientError(
+            f"malformed JSON from provider (HTTP {response.status_code}, {len(response.content)} bytes)",
+            status=response.status_code) from exc
+
+
+async def send(client: httpx.AsyncClient, method: str, url: str, deadline: float, **kw) -> httpx.Response:
+    """One HTTP call bounded by the deadline; transport failures become our errors."""
+    timeout = min(remaining(deadline), client.timeout.read or 1e9)
+    try:
+        return await client.request(method, url, timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)), **kw)
+    except httpx.TimeoutException as exc:
+        raise BackendTimeout(f"{type(exc).__name__} after {timeout:.1f}s") from exc
+    except httpx.TransportError as exc:
+        raise BackendTransientError(f"transport error: {type(exc).__name__}") from exc
+
+
+async def download_image(client: httpx.AsyncClient, url: str, deadline: float, max_bytes: int) -> bytes:
+    """Fetch a provider's image URL, refusing bodies over max_bytes."""
+    timeout = remaining(deadline)
+    try:
+        async with client.stream("GET", url, timeout=timeout) as response:
+            if response.status_code != 200:
+                raise error_for_status(response.status_code, f"image download failed: HTTP {response.status_code}")
+            declared = int(response.headers.get("content-length") or 0)
+            if declared > max_bytes:
+                raise BackendTransientError(f"image is {declared} bytes, over the {max_bytes} cap")
+            buf = bytearray()
+            async for chunk in response.aiter_bytes():
+                buf += chunk
+                if len(buf) > max_bytes:
+                    raise BackendTransientError(f"image exceeds the {max_bytes} byte cap")
+            return bytes(buf)
+    except httpx.TimeoutException as exc:
+        raise BackendTimeout("image download timed out") from exc
+    except httpx.TransportError as exc:
+        raise BackendTransientError(f"image download failed: {type(exc).__name__}") from exc
+
+
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """Width and height from an image's header (no full decode); None if unreadable."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.size
+    except Exception:
+        return None
+
+
+def decode_b64(value: str, provider: str) -> bytes:
+    """Base64 image bytes, or a transient error naming the provider (never a crash)."""
+    import base64
+    import binascii
+
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError, TypeError) as exc:
+        raise BackendTransientError(f"{provider} returned invalid base64 image data") from exc
+
+
+def error_json(response: httpx.Response) -> dict:
+    """A provider's error body as a dict; {} when it is not JSON (error paths never raise)."""
+    try:
+        body = json.loads(response.content)
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return body if isinstance(body, dict) else {}

@@ -1,0 +1,96 @@
+"""Google Gemini image models: POST {base}/v1beta/models/{model}:generateContent.
+
+Wire format per shared/providers.md §2: `x-goog-api-key` header; size mapped to
+the nearest `imageConfig.aspectRatio` and, for 3 Pro, an `imageSize` tier by the
+long edge; images only as base64 `inlineData` (thought images skipped); a 200
+without an image (blockReason, a SAFETY-like finishReason, text only) is a content
+refusal; 429 RESOURCE_EXHAUSTED carries `RetryInfo.retryDelay`.
+"""
+
+from __future__ import annotations
+
+from policies.types import SizeSupport
+
+from ..protocol import GeneratedImage, GenerationJob
+from ._http import decode_b64, error_for_status, error_json, parse_json, retry_after_seconds, send
+from .base import ApiBackend, Piece
+from .sizes import nearest_aspect_ratio
+
+__all__ = ["GeminiBackend"]
+
+ASPECT_RATIOS = ("1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9", "21:9")
+_CONTENT_FINISH = {"SAFETY", "PROHIBITED_CONTENT", "IMAGE_SAFETY", "IMAGE_PROHIBITED_CONTENT", "BLOCKLIST",
+                   "SPII", "RECITATION", "IMAGE_RECITATION"}
+
+
+def image_size_tier(width: int, height: int) -> str:
+    edge = max(width, height)
+    return "1K" if edge <= 1024 else "2K" if edge <= 2048 else "4K"
+
+
+class GeminiBackend(ApiBackend):
+    sizes = SizeSupport(min_side=64, max_side=4096)
+
+    def auth_headers(self) -> dict[str, str]:
+        return {"x-goog-api-key": self.config.api_key.get_secret_value()}
+
+    def build_body(self, job: GenerationJob) -> dict:
+        image_config = {"aspectRatio": nearest_aspect_ratio(job.width, job.height, ASPECT_RATIOS)}
+        if "pro" in self.config.model:  # imageSize is 3 Pro only
+            image_config["imageSize"] = image_size_tier(job.width, job.height)
+        generation = {"responseModalities": ["IMAGE"], "imageConfig": image_config}
+        if job.seed is not None and self.config.options.get("send_seed", True):
+            generation["seed"] = job.seed % 2_147_483_648
+        return {"contents": [{"role": "user", "parts": [{"text": job.prompt}]}], "generationConfig": generation}
+
+    async def create(self, job: GenerationJob, index: int, deadline: float) -> Piece:
+        version = self.config.options.get("api_version", "v1beta")
+        url = f"/{version}/models/{self.config.model}:generateContent"
+        response = await send(self.client, "POST", url, deadline, json=self.build_body(job),
+                              headers=self.auth_headers())
+        if response.status_code != 200:
+            raise _error(response)
+        payload = parse_json(response)
+        if not isinstance(payload, dict):
+            raise error_for_status(502, "Gemini answered 200 with a non-object body")
+        data, mime = _first_image(payload)
+        usage = payload.get("usageMetadata") or {}
+        return Piece(image=GeneratedImage(data=decode_b64(data, "Gemini"), media_type=mime),
+                     request_id=payload.get("responseId"), billed_units=usage.get("candidatesTokenCount"),
+                     model=payload.get("modelVersion"))
+
+
+def _first_image(payload: dict) -> tuple[str, str]:
+    """The first non-thought image part, or a content refusal saying why there is none."""
+    feedback = payload.get("promptFeedback") or {}
+    if feedback.get("blockReason"):
+        raise error_for_status(400, f"Gemini blocked the prompt: {feedback['blockReason']}", content=True,
+                               code=feedback["blockReason"])
+    candidates = payload.get("candidates") or []
+    finish = None
+    for candidate in candidates if isinstance(candidates, list) else []:
+        finish = candidate.get("finishReason") or finish
+        for part in ((candidate.get("content") or {}).get("parts") or []):
+            inline = part.get("inlineData") or {}
+            if part.get("thought") or not str(inline.get("mimeType", "")).startswith("image/"):
+                continue
+            if inline.get("data"):
+                return inline["data"], inline["mimeType"]
+    if finish in _CONTENT_FINISH:
+        raise error_for_status(400, f"Gemini returned no image: finishReason {finish}", content=True, code=finish)
+    if finish is None and not candidates:
+        raise error_for_status(502, "Gemini answered 200 with no candidates")
+    raise error_for_status(422, f"Gemini returned no image (finishReason {finish})", code=finish, content=True)
+
+
+def _error(response) -> Exception:
+    err = error_json(response).get("error") or {}
+    if not isinstance(err, dict):
+        err = {"message": str(err)}
+    delay = None
+    for detail in err.get("details") or []:
+        if isinstance(detail, dict) and "retryDelay" in detail:
+            delay = retry_after_seconds(str(detail["retryDelay"]))
+    delay = delay if delay is not None else retry_after_seconds(response.headers.get("retry-after"))
+    message = f"Gemini HTTP {response.status_code} {err.get('status', '')}: {err.get('message') or ''}".strip()
+    return error_for_status(response.status_code, message, code=err.get("status"), retry_after_s=delay)
