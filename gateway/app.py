@@ -19,7 +19,8 @@ from .api.meta import healthz, list_backends, list_models, readyz
 from .audit import AuditLog
 from .errors import GatewayError, error_body
 from .image_store import ImageStore
-from .registry import build_backends
+from .registry import Backends, build_backends
+from .sandbox_runner import SandboxServer, load_sandbox_config
 from .schemas import GenerationRequest
 from .service import GenerationService, PolicyHolder
 from .settings import Settings
@@ -45,20 +46,30 @@ def _unexpected(_: Request, exc: Exception) -> Response:
                     status_code=500, media_type=MediaType.JSON)
 
 
-def create_app(settings: Settings, policy: Policy, backends: Mapping[str, Backend] | None = None) -> Litestar:
+def create_app(settings: Settings, policy: Policy,
+               backends: Mapping[str, Backend] | Backends | None = None) -> Litestar:
     """Everything the gateway serves; resources open and close in the lifespan."""
-    backends = dict(backends) if backends is not None else build_backends(settings)
+    if backends is None:
+        backends = build_backends(settings)
+    elif not isinstance(backends, Backends):
+        backends = Backends(dict(backends))
+    built, backends = backends, backends.backends
+    sandbox = (SandboxServer(built.sandbox_url, load_sandbox_config(settings.sandbox.config_file))
+               if built.sandbox_url else None)
     policy_holder = PolicyHolder(policy)
     audit = AuditLog(settings.resolve(settings.audit.path), batch_size=settings.audit.batch_size,
                      flush_interval_s=settings.audit.flush_interval_s)
     images = ImageStore(settings.resolve(settings.images.dir), settings.images.url_ttl_s)
     service = GenerationService(backends=backends, policy=policy_holder, audit=audit, images=images,
-                                limits=settings.limits, public_url=settings.server.public_url)
+                                limits=settings.limits, public_url=settings.server.public_url,
+                                guards=built.guards)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
         await audit.start()
         await images.start()
+        if sandbox is not None:
+            await sandbox.start()
         for backend in backends.values():
             await backend.start()
         try:
@@ -68,6 +79,8 @@ def create_app(settings: Settings, policy: Policy, backends: Mapping[str, Backen
                 with contextlib.suppress(Exception):
                     await backend.aclose()
             await images.close()
+            if sandbox is not None:
+                await sandbox.stop()
             await audit.close()
             log.info("shut down; audit records written: %d", audit.written)
 
@@ -90,6 +103,7 @@ def create_app(settings: Settings, policy: Policy, backends: Mapping[str, Backen
         dependencies={
             "service": _const(service), "image_store": _const(images), "backends": _const(backends),
             "policy": _const(policy_holder), "audit": _const(audit),
+            "snapshots": _const(service.snapshots), "guards": _const(built.guards),
         },
         exception_handlers={GatewayError: _gateway_error, HTTPException: _http_error,
                             Exception: _unexpected},

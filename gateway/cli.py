@@ -20,12 +20,13 @@ def _load(args) -> tuple[Settings, object]:
     return settings, load_policy(settings)
 
 
-def _banner(settings: Settings) -> str:
+def _banner(settings: Settings, sandbox: bool) -> str:
     base = f"http://{settings.server.host}:{settings.server.port}"
     return f"""
 imagegw listening on {base}
   config:  {settings.config_dir or '(built-in defaults)'}   data: {settings.data_dir.resolve()}
   local pool: {'preset ' + settings.local.preset if settings.local.enabled else 'disabled'}
+  providers: {', '.join(settings.backends) or 'none'}{'  (SANDBOX: emulated, no keys set)' if sandbox else ''}
   docs:    {base}/schema        backends: {base}/v1/backends
 
 Try it:
@@ -38,6 +39,7 @@ def cmd_serve(args) -> int:
     import uvicorn
 
     from .app import create_app
+    from .registry import sandbox_active
 
     settings, policy = _load(args)
     if args.host:
@@ -46,8 +48,9 @@ def cmd_serve(args) -> int:
         settings.server.port = args.port
     logging.basicConfig(level=settings.server.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per provider call is noise
     app = create_app(settings, policy)
-    print(_banner(settings), flush=True)
+    print(_banner(settings, sandbox_active(settings)), flush=True)
     uvicorn.run(app, host=settings.server.host, port=settings.server.port,
                 log_level=settings.server.log_level, access_log=False, timeout_graceful_shutdown=30)
     return 0
@@ -96,6 +99,20 @@ def cmd_audit_tail(args) -> int:
         time.sleep(1.0)
 
 
+def cmd_sandbox(args) -> int:
+    import uvicorn
+
+    from backends.sandbox import create_sandbox_app
+
+    from .sandbox_runner import load_sandbox_config
+
+    config = load_sandbox_config(Path(args.faults) if args.faults else None)
+    print(f"imagegw SANDBOX (emulated Seedream, Gemini, Reve, Bria) on http://{args.host}:{args.port}\n"
+          f"  base URLs: /seedream/api/v3  /gemini  /reve  /bria     faults: GET/PUT /_sandbox/config", flush=True)
+    uvicorn.run(create_sandbox_app(config), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="imagegw", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -105,6 +122,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.set_defaults(func=cmd_serve)
+
+    sandbox = sub.add_parser("sandbox", help="serve the four providers' emulators")
+    sandbox.add_argument("--host", default="127.0.0.1")
+    sandbox.add_argument("--port", type=int, default=8090)
+    sandbox.add_argument("--faults", help="YAML with latency and fault rates per provider")
+    sandbox.set_defaults(func=cmd_sandbox)
 
     policy = sub.add_parser("policy", help="policy tools").add_subparsers(dest="policy_cmd", required=True)
     policy.add_parser("schema", help="print the policy's JSON Schema").set_defaults(func=cmd_policy_schema)

@@ -1,4 +1,4 @@
-"""Runs a Decision: attempts the ranked candidates in order within the deadline.
+"""Runs a Decision: candidates best-first, retries where safe, breakers, hedging, all within the deadline.
 
 Deciding is `policies.decide`; this module only carries it out and records
 every attempt, so the audit log can say what happened and why.
@@ -7,17 +7,29 @@ every attempt, so the audit log can say what happened and why.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
-from backends.errors import BackendError, BackendTimeout, BackendTransientError, ContentRefused
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
+
+from backends.errors import (
+    BackendError,
+    BackendRateLimited,
+    BackendTimeout,
+    BackendTransientError,
+    BackendUnavailable,
+    ContentRefused,
+)
 from backends.protocol import Backend, GenerationJob, GenerationResult
+from policies.schema import Dispatch
 from policies.types import Candidate, Decision
 
-from .errors import AllBackendsFailed, ContentPolicyViolation, DeadlineExceeded
+from .errors import AllBackendsFailed, ContentPolicyViolation, DeadlineExceeded, NoBackendAvailable
+from .guard import BackendGuard
 
 __all__ = ["Attempt", "DispatchOutcome", "Dispatcher"]
 
@@ -30,9 +42,10 @@ class Attempt:
     model: str
     started_ms: float  # since the dispatch began
     latency_ms: float = 0.0
-    outcome: str = "pending"  # ok | error | timeout
+    outcome: str = "pending"  # ok | error | timeout | skipped | cancelled
     error_class: str | None = None
     error: str | None = None
+    hedge: bool = False
 
     def as_record(self) -> dict:
         return dataclasses.asdict(self)
@@ -43,36 +56,117 @@ class DispatchOutcome:
     candidate: Candidate
     result: GenerationResult
     attempts: list[Attempt] = field(default_factory=list)
+    hedge_cost_usd: float = 0.0  # what a cancelled hedge may still have cost
+
+
+class _Skipped(BackendUnavailable):
+    """The guard refused the call (breaker open, at capacity, rpm): no request was sent."""
+
+
+def _retryable(exc: BaseException) -> bool:
+    return isinstance(exc, BackendError) and exc.retryable and not isinstance(exc, _Skipped)
+
+
+def _wait_for(base: Callable) -> Callable:
+    """tenacity wait: the provider's Retry-After when it gave one, else jittered exponential."""
+
+    def wait(state) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, BackendRateLimited) and exc.retry_after_s is not None:
+            return exc.retry_after_s
+        return base(state)
+
+    return wait
 
 
 class Dispatcher:
     """Tries candidates best-first; falls back on failure; never outlives the deadline."""
 
-    def __init__(self, backends: Mapping[str, Backend], clock: Callable[[], float] = time.monotonic):
+    def __init__(self, backends: Mapping[str, Backend], guards: Mapping[str, BackendGuard] | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep):
         self._backends = backends
+        self._guards = guards or {}
         self._clock = clock
+        self._sleep = sleep
 
-    async def run(self, decision: Decision, job: GenerationJob, deadline: float,
-                  attempts: list[Attempt]) -> DispatchOutcome:
+    async def run(self, decision: Decision, job: GenerationJob, deadline: float, attempts: list[Attempt],
+                  dispatch: Dispatch = Dispatch()) -> DispatchOutcome:
         """Images from the first candidate that delivers; `attempts` is filled as they happen."""
         began = self._clock()
         last_error: BackendError | None = None
-        for candidate in decision.candidates:
-            if self._clock() >= deadline:
-                break
-            attempt = Attempt(candidate.backend, candidate.model, (self._clock() - began) * 1000)
-            attempts.append(attempt)
+        queue = list(decision.candidates)
+        while queue and self._clock() < deadline:
+            candidate = queue.pop(0)
+            hedge_with = self._hedge_partner(decision, candidate, queue)
             try:
-                result = await self._attempt(candidate, job, deadline)
+                if hedge_with is not None:
+                    queue.remove(hedge_with)
+                    return await self._hedged(candidate, hedge_with, job, deadline, attempts, began, dispatch)
+                result = await self._with_retries(candidate, job, deadline, attempts, began, dispatch)
+                return DispatchOutcome(candidate, result, attempts)
             except BackendError as exc:
-                self._close(attempt, began, "timeout" if isinstance(exc, BackendTimeout) else "error", exc)
                 last_error = exc
-                continue
-            self._close(attempt, began, "ok")
-            return DispatchOutcome(candidate, result, attempts)
+                if isinstance(exc, ContentRefused) and not dispatch.fallback_on_content_refusal:
+                    break
         raise self._failure(attempts, last_error)
 
-    async def _attempt(self, candidate: Candidate, job: GenerationJob, deadline: float) -> GenerationResult:
+    @staticmethod
+    def _hedge_partner(decision: Decision, first: Candidate, rest: list[Candidate]) -> Candidate | None:
+        if not decision.hedge or not rest:
+            return None
+        second = rest[0]
+        if decision.max_cost_usd is not None and (
+            first.predicted_cost_usd + second.predicted_cost_usd > decision.max_cost_usd
+        ):
+            return None  # the cost cap cannot pay for both
+        return second
+
+    async def _with_retries(self, candidate: Candidate, job: GenerationJob, deadline: float,
+                            attempts: list[Attempt], began: float, dispatch: Dispatch,
+                            hedge: bool = False) -> GenerationResult:
+        def past_deadline(state) -> bool:
+            return self._clock() + state.upcoming_sleep >= deadline
+
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(dispatch.max_attempts_per_backend) | past_deadline,
+            wait=_wait_for(wait_random_exponential(multiplier=dispatch.backoff_initial_ms / 1000,
+                                                   max=dispatch.backoff_max_ms / 1000)),
+            retry=retry_if_exception(_retryable),
+            sleep=self._sleep,
+            reraise=True,
+        )
+        async for try_ in retrying:
+            with try_:
+                return await self._attempt(candidate, job, deadline, attempts, began, hedge)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _attempt(self, candidate: Candidate, job: GenerationJob, deadline: float,
+                       attempts: list[Attempt], began: float, hedge: bool) -> GenerationResult:
+        attempt = Attempt(candidate.backend, candidate.model, (self._clock() - began) * 1000, hedge=hedge)
+        attempts.append(attempt)
+        guard = self._guards.get(candidate.backend)
+        refusal = guard.admit() if guard else None
+        if refusal is not None:
+            self._close(attempt, began, "skipped", _Skipped(refusal))
+            raise _Skipped(f"{candidate.backend}: {refusal}")
+        error: BaseException | None = None
+        try:
+            result = await self._call(candidate, job, deadline)
+        except BaseException as exc:
+            error = exc
+            if isinstance(exc, asyncio.CancelledError):
+                self._close(attempt, began, "cancelled")
+            else:
+                self._close(attempt, began, "timeout" if isinstance(exc, BackendTimeout) else "error", exc)
+            raise
+        finally:
+            if guard:
+                guard.release(error)
+        self._close(attempt, began, "ok")
+        return result
+
+    async def _call(self, candidate: Candidate, job: GenerationJob, deadline: float) -> GenerationResult:
         backend = self._backends[candidate.backend]
         job = dataclasses.replace(job, model=candidate.model, steps=candidate.steps)
         try:
@@ -86,10 +180,48 @@ class Dispatcher:
             log.exception("backend %s raised unexpectedly", candidate.backend)
             raise BackendTransientError(f"{candidate.backend} failed: {type(exc).__name__}") from exc
         if len(result.images) != job.n:
-            raise BackendTransientError(
-                f"{candidate.backend} returned {len(result.images)} images, expected {job.n}"
-            )
+            raise BackendTransientError(f"{candidate.backend} returned {len(result.images)} images, expected {job.n}")
         return result
+
+    async def _hedged(self, first: Candidate, second: Candidate, job: GenerationJob, deadline: float,
+                      attempts: list[Attempt], began: float, dispatch: Dispatch) -> DispatchOutcome:
+        """Start `second` if `first` has not answered by its predicted latency; the first success wins."""
+
+        def start(candidate: Candidate, hedge: bool) -> asyncio.Task:
+            return asyncio.create_task(self._with_retries(candidate, job, deadline, attempts, began, dispatch, hedge))
+
+        primary = start(first, False)
+        tasks = {primary: first}
+        errors: list[BaseException] = []
+        try:
+            hedge_in = max(0.0, began + first.predicted_latency_ms / 1000 - self._clock())
+            done, _ = await asyncio.wait({primary}, timeout=hedge_in)
+            if primary in done:
+                if primary.exception() is None:
+                    return DispatchOutcome(first, primary.result(), attempts)
+                errors.append(primary.exception())
+                del tasks[primary]
+            tasks[start(second, primary not in done)] = second
+            while tasks:
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    candidate = tasks.pop(task)
+                    if task.exception() is None:
+                        return DispatchOutcome(candidate, task.result(), attempts,
+                                               hedge_cost_usd=self._loser_cost(tasks))
+                    errors.append(task.exception())
+            raise errors[-1]
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(BaseException):
+                    await task
+
+    @staticmethod
+    def _loser_cost(tasks: dict) -> float:
+        # An API call cancelled mid-flight may still be billed: account its predicted cost.
+        return sum(c.predicted_cost_usd for c in tasks.values())
 
     def _close(self, attempt: Attempt, began: float, outcome: str, exc: BackendError | None = None):
         attempt.latency_ms = (self._clock() - began) * 1000 - attempt.started_ms
@@ -100,17 +232,16 @@ class Dispatcher:
     @staticmethod
     def _failure(attempts: list[Attempt], last_error: BackendError | None):
         tried = [a.as_record() for a in attempts]
-        if attempts and all(a.outcome == "timeout" for a in attempts) or not attempts:
-            return DeadlineExceeded(
-                "the request's deadline passed before any backend delivered",
-                extra={"attempts": tried},
-            )
+        sent = [a for a in attempts if a.outcome != "skipped"]
         if isinstance(last_error, ContentRefused):
-            return ContentPolicyViolation(
-                f"refused by content policy: {last_error.message}", param="prompt",
-                extra={"attempts": tried},
-            )
+            return ContentPolicyViolation(f"refused by content policy: {last_error.message}", param="prompt",
+                                          extra={"attempts": tried})
+        if not attempts or (sent and all(a.outcome == "timeout" for a in sent)):
+            return DeadlineExceeded("the request's deadline passed before any backend delivered",
+                                    extra={"attempts": tried})
+        if not sent:
+            return NoBackendAvailable("every candidate backend is at capacity, rate limited or open-circuit",
+                                      extra={"attempts": tried})
         return AllBackendsFailed(
-            f"all {len(attempts)} candidate backend(s) failed; last: {last_error.message if last_error else '?'}",
-            extra={"attempts": tried},
-        )
+            f"all {len({a.backend for a in attempts})} candidate backend(s) failed; "
+            f"last: {last_error.message if last_error else '?'}", extra={"attempts": tried})

@@ -1,32 +1,88 @@
-"""Builds the configured backends from settings; adding a provider touches only its module."""
+"""Builds the configured backends and their guards from settings.
+
+Adding a provider touches only its module (registered in `backends.maas.PROVIDERS`)
+and config; nothing here names a provider.
+"""
 
 from __future__ import annotations
 
 import logging
+import socket
+from dataclasses import dataclass, field
+
+from pydantic import SecretStr
 
 from backends.protocol import Backend
 
-from .settings import Settings
+from .breaker import BreakerConfig
+from .guard import BackendGuard
+from .settings import ProviderSettings, Settings
 
-__all__ = ["build_backends"]
+__all__ = ["Backends", "build_backends", "sandbox_active"]
 
 log = logging.getLogger(__name__)
 
 
-def build_backends(settings: Settings) -> dict[str, Backend]:
-    """The local pool (when enabled) plus one backend per `backends:` entry."""
+@dataclass
+class Backends:
+    """Everything the gateway routes to, with one guard per backend, and the sandbox's address if used."""
+
+    backends: dict[str, Backend]
+    guards: dict[str, BackendGuard] = field(default_factory=dict)
+    sandbox_url: str | None = None
+
+
+def sandbox_active(settings: Settings) -> bool:
+    if settings.sandbox.mode != "auto":
+        return settings.sandbox.mode == "on"
+    return bool(settings.backends) and all(p.api_key() is None for p in settings.backends.values())
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _provider(name: str, provider: ProviderSettings, settings: Settings, sandbox_url: str | None) -> Backend:
+    from backends.maas import PROVIDERS, ProviderConfig
+    from backends.sandbox import SANDBOX_PREFIX
+
+    cls = PROVIDERS[provider.kind]
+    base_url, key = provider.base_url, provider.api_key()
+    if sandbox_url is not None:
+        base_url, key = sandbox_url + SANDBOX_PREFIX[provider.kind], SecretStr("sandbox")
+    config = ProviderConfig(
+        name=name, base_url=base_url, api_key=key, model=provider.model or provider.kind,
+        timeout_s=provider.timeout_s, connect_timeout_s=provider.connect_timeout_s,
+        max_download_bytes=settings.images.max_download_bytes, max_n=provider.max_n,
+        sandbox=sandbox_url is not None, options=provider.options,
+    )
+    return cls(config)
+
+
+def build_backends(settings: Settings) -> Backends:
+    """The local pool (when enabled) plus one backend per `backends:` entry, each with its guard."""
     backends: dict[str, Backend] = {}
+    guards: dict[str, BackendGuard] = {}
+    breaker = BreakerConfig(**settings.breaker.model_dump())
     if settings.local.enabled:
         from backends.local import EngineSpec, LocalPoolBackend
 
-        spec = EngineSpec(
-            preset=settings.local.preset, weights_dir=settings.local.weights_dir,
-            device=settings.local.device, dtype=settings.local.dtype,
-        )
-        backends["local"] = LocalPoolBackend.from_spec(
-            spec, max_n=settings.local.max_n, gpu_hour_usd=settings.local.gpu_hour_usd,
-            warmup=settings.local.warmup,
-        )
+        spec = EngineSpec(preset=settings.local.preset, weights_dir=settings.local.weights_dir,
+                          device=settings.local.device, dtype=settings.local.dtype)
+        backends["local"] = LocalPoolBackend.from_spec(spec, max_n=settings.local.max_n,
+                                                       gpu_hour_usd=settings.local.gpu_hour_usd,
+                                                       warmup=settings.local.warmup)
+        guards["local"] = BackendGuard(breaker=breaker)
+    sandbox_url = None
+    if sandbox_active(settings):
+        port = settings.sandbox.port or _free_port(settings.sandbox.host)
+        sandbox_url = f"http://{settings.sandbox.host}:{port}"
+        log.warning("SANDBOX MODE: no provider keys set; %s are emulated at %s (placeholder images)",
+                    ", ".join(settings.backends), sandbox_url)
     for name, provider in settings.backends.items():
-        log.warning("backend %s (%s): no module for this kind yet; skipped", name, provider.kind)
-    return backends
+        backends[name] = _provider(name, provider, settings, sandbox_url)
+        guards[name] = BackendGuard(breaker=breaker, max_concurrency=provider.max_concurrency,
+                                    requests_per_minute=provider.requests_per_minute)
+    return Backends(backends, guards, sandbox_url)

@@ -24,6 +24,7 @@ from policies.types import Decision, RouteRequest
 from .audit import AuditLog
 from .dispatch import Attempt, Dispatcher, DispatchOutcome
 from .errors import GatewayError, InvalidRequest, NoBackendAvailable
+from .guard import BackendGuard
 from .image_store import ImageStore
 from .schemas import GenerationRequest, parse_generation_request
 from .settings import LimitSettings
@@ -78,15 +79,16 @@ def _model_target(model: str, backends: Mapping[str, Backend]) -> tuple[str | No
 
 class GenerationService:
     def __init__(self, *, backends: Mapping[str, Backend], policy: PolicyHolder, audit: AuditLog,
-                 images: ImageStore, limits: LimitSettings, public_url: str | None = None):
+                 images: ImageStore, limits: LimitSettings, public_url: str | None = None,
+                 guards: Mapping[str, BackendGuard] | None = None):
         self._backends = backends
         self._policy = policy
         self._audit = audit
         self._images = images
         self._limits = limits
         self._public_url = public_url.rstrip("/") if public_url else None
-        self._snapshots = SnapshotSource(backends)
-        self._dispatcher = Dispatcher(backends)
+        self.snapshots = SnapshotSource(backends, guards)
+        self._dispatcher = Dispatcher(backends, guards)
 
     def _route_request(self, req: GenerationRequest, policy: Policy, ctx: RequestContext) -> RouteRequest:
         if len(req.prompt) > self._limits.prompt_max_chars:
@@ -118,7 +120,7 @@ class GenerationService:
             req = parse_generation_request(body)
             record.describe(req, policy)
             route = self._route_request(req, policy, ctx)
-            snapshot = self._snapshots.current(policy)
+            snapshot = self.snapshots.current(policy)
             decision = decide(route, policy, snapshot)
             record.decision = decision
             if not decision.candidates:
@@ -127,22 +129,23 @@ class GenerationService:
             job = GenerationJob(
                 id=ctx.id, prompt=req.prompt, width=route.width, height=route.height, n=req.n,
                 seed=req.seed, negative_prompt=req.negative_prompt, quality=req.quality,
-                output_format=req.output_format,
+                output_format=req.output_format, response_format=req.response_format,
             )
-            outcome = await self._dispatcher.run(decision, job, deadline, record.attempts)
+            outcome = await self._dispatcher.run(decision, job, deadline, record.attempts, policy.dispatch)
             view = snapshot.get(outcome.candidate.backend)
             cost = settled_cost_usd(
                 view, policy.backends[view.name], policy.cost_accounting,
                 len(outcome.result.images), outcome.result.gpu_seconds,
                 outcome.candidate.predicted_cost_usd,
-            )
+            ) + outcome.hedge_cost_usd
             data = await self._deliver(outcome.result.images, req.response_format, ctx)
             record.succeed(outcome, cost)
             return ServedImages(
                 body={"created": int(ctx.received_wall), "data": data,
                       "size": f"{outcome.result.width}x{outcome.result.height}",
                       "output_format": req.output_format},
-                headers=_headers(ctx, decision, outcome.candidate.backend, cost),
+                headers=_headers(ctx, decision, outcome.candidate.backend, cost,
+                                 self._backends[outcome.candidate.backend].offer.sandbox),
             )
         except GatewayError as exc:
             record.fail(exc)
@@ -161,6 +164,9 @@ class GenerationService:
                        ctx: RequestContext) -> list[dict]:
         out = []
         for image in images:
+            if image.data is None and image.url and response_format == "url":
+                out.append({"url": image.url})  # the provider hosts it
+                continue
             if image.data is None:
                 raise GatewayError("backend returned an image without bytes")
             if response_format == "b64_json":
@@ -182,13 +188,16 @@ def _no_candidate(decision: Decision) -> NoBackendAvailable:
     )
 
 
-def _headers(ctx: RequestContext, decision: Decision, backend: str, cost: float) -> dict[str, str]:
-    return {
+def _headers(ctx: RequestContext, decision: Decision, backend: str, cost: float, sandbox: bool) -> dict[str, str]:
+    headers = {
         "x-gateway-backend": backend,
         "x-gateway-cost-usd": f"{cost:.6f}",
         "x-gateway-decision-id": ctx.id,
         "x-gateway-policy-version": decision.policy_version,
     }
+    if sandbox:
+        headers["x-gateway-sandbox"] = "true"  # placeholder images from the providers' emulator
+    return headers
 
 
 class _AuditDraft:
@@ -218,7 +227,10 @@ class _AuditDraft:
             "outcome": "ok", "status": 200, "backend": outcome.candidate.backend,
             "model": outcome.result.model, "cost_usd": cost, "images": len(outcome.result.images),
             "provider_request_id": outcome.result.provider_request_id,
+            "billed_units": outcome.result.billed_units,
             "gpu_seconds": outcome.result.gpu_seconds,
+            "hedge_cost_usd": outcome.hedge_cost_usd,
+            "sandbox": bool(outcome.result.extra.get("sandbox")),
         }
 
     def fail(self, exc: GatewayError) -> None:

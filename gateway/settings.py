@@ -13,15 +13,17 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 __all__ = [
     "AuditSettings",
+    "BreakerSettings",
     "ImageSettings",
     "LimitSettings",
     "LocalPoolSettings",
     "ProviderSettings",
+    "SandboxSettings",
     "ServerSettings",
     "Settings",
 ]
@@ -80,11 +82,42 @@ class ProviderSettings(_Section):
     model: str | None = None
     timeout_s: float = Field(120.0, gt=0)
     connect_timeout_s: float = Field(5.0, gt=0)
-    options: dict = Field(default_factory=dict)
+    max_n: int = Field(10, ge=1, description="Images per request (sent as parallel calls).")
+    max_concurrency: int | None = Field(None, ge=1, description="Calls in flight at once.")
+    requests_per_minute: float | None = Field(None, gt=0)
+    options: dict = Field(default_factory=dict, description="Provider-specific knobs (see docs/providers.md).")
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, value: str) -> str:
+        from backends.maas import PROVIDERS
+
+        if value not in PROVIDERS:
+            raise ValueError(f"unknown backend kind {value!r}; known: {sorted(PROVIDERS)}")
+        return value
 
     def api_key(self) -> SecretStr | None:
         value = os.environ.get(self.api_key_env) if self.api_key_env else None
         return SecretStr(value) if value else None
+
+
+class BreakerSettings(_Section):
+    consecutive_failures: int = Field(5, ge=1)
+    error_rate: float = Field(0.5, gt=0, le=1)
+    window_s: float = Field(60.0, gt=0)
+    min_requests: int = Field(10, ge=1)
+    cooldown_s: float = Field(30.0, gt=0)
+    auth_cooldown_s: float = Field(300.0, gt=0)
+
+
+class SandboxSettings(_Section):
+    """The providers' emulators, run inside the gateway process for demos and tests."""
+
+    mode: Literal["auto", "on", "off"] = Field(
+        "auto", description="auto: emulate every provider when no provider key at all is set.")
+    host: str = "127.0.0.1"
+    port: int = Field(0, ge=0, le=65535, description="0 picks a free port.")
+    config_file: Path | None = Field(None, description="Fault profiles (YAML); default: mild latency, no faults.")
 
 
 class Settings(BaseSettings):
@@ -103,6 +136,8 @@ class Settings(BaseSettings):
     limits: LimitSettings = LimitSettings()
     local: LocalPoolSettings = LocalPoolSettings()
     backends: dict[str, ProviderSettings] = Field(default_factory=dict)
+    breaker: BreakerSettings = BreakerSettings()
+    sandbox: SandboxSettings = SandboxSettings()
 
     @classmethod
     def settings_customise_sources(

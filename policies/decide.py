@@ -161,7 +161,7 @@ def decide(request: RouteRequest, policy: Policy, snapshot: Snapshot) -> Decisio
         candidates=tuple(candidates),
         rejected=tuple(rejected),
         reason=_explain(objective, candidates, rule),
-        hedge=bool(rule.hedge) if rule and rule.hedge is not None else False,
+        hedge=rule.hedge if rule and rule.hedge is not None else policy.dispatch.hedge,
     )
 
 

@@ -13,6 +13,7 @@ __all__ = [
     "BackendPolicy",
     "CostAccounting",
     "Defaults",
+    "Dispatch",
     "LatencyPrior",
     "Match",
     "Objective",
@@ -74,6 +75,17 @@ class Defaults(_Strict):
     max_cost_usd: float | None = Field(None, ge=0.0)
 
 
+class Dispatch(_Strict):
+    """How a decision is carried out: retries, fallback on refusals, hedging."""
+
+    max_attempts_per_backend: int = Field(2, ge=1, le=5, description="Tries of one backend on retryable errors.")
+    backoff_initial_ms: int = Field(200, ge=0)
+    backoff_max_ms: int = Field(4000, ge=0)
+    fallback_on_content_refusal: bool = Field(
+        False, description="May another backend try a prompt one provider's content policy refused?")
+    hedge: bool = Field(False, description="Start the next candidate if the first is late (rules may override).")
+
+
 class Match(_Strict):
     """All given conditions must hold; an empty match matches every request."""
 
@@ -103,6 +115,7 @@ class Policy(_Strict):
     cost_accounting: CostAccounting = CostAccounting.AMORTIZED
     record_prompt_text: bool = Field(False, description="Store prompt text in the audit log (else a hash).")
     defaults: Defaults = Defaults()
+    dispatch: Dispatch = Dispatch()
     tiers: dict[Name, Tier] = Field(default_factory=lambda: {"standard": Tier()})
     backends: dict[Name, BackendPolicy] = Field(default_factory=dict)
     rules: list[Rule] = Field(default_factory=list)

@@ -11,6 +11,7 @@ from policies.costs import predicted_cost_usd
 from policies.types import Health, RouteRequest
 
 from ..audit import AuditLog
+from ..guard import BackendGuard
 from ..service import PolicyHolder
 from ..snapshot import SnapshotSource
 
@@ -30,17 +31,21 @@ async def list_models(backends: Mapping[str, Backend]) -> dict:
 
 
 @get("/v1/backends", summary="Each backend's status, predicted latency and live cost per image")
-async def list_backends(backends: Mapping[str, Backend], policy: PolicyHolder) -> dict:
+async def list_backends(backends: Mapping[str, Backend], policy: PolicyHolder, snapshots: SnapshotSource,
+                        guards: Mapping[str, BackendGuard]) -> dict:
     current = policy.current
-    snapshot = SnapshotSource(backends).current(current)
+    snapshot = snapshots.current(current)
     out = []
     for view in snapshot.backends:
         backend, bp = backends[view.name], current.backends.get(view.name)
         load = backend.load()
         steps = view.default_steps
+        guard = guards.get(view.name)
         out.append({
             "name": view.name, "kind": view.kind.value, "health": view.health.value,
-            "detail": load.detail, "models": list(view.models), "max_n": view.max_n,
+            "detail": snapshots.health(view.name, load)[1], "models": list(view.models), "max_n": view.max_n,
+            "circuit": guard.breaker.state if guard else None,
+            "inflight": guard.inflight if guard else None,
             "sandbox": backend.offer.sandbox, "enabled": bool(bp and bp.enabled),
             "quality": bp.quality if bp else None,
             "reference_request": "1024x1024, n=1, default steps",
@@ -61,9 +66,11 @@ async def healthz() -> dict:
 
 
 @get("/readyz", summary="Readiness: at least one backend can serve and the audit log is writing")
-async def readyz(backends: Mapping[str, Backend], audit: AuditLog) -> Response:
-    states = {name: {"health": b.load().health.value, "detail": b.load().detail}
-              for name, b in backends.items()}
+async def readyz(backends: Mapping[str, Backend], audit: AuditLog, snapshots: SnapshotSource) -> Response:
+    states = {}
+    for name in backends:
+        health, detail = snapshots.health(name)
+        states[name] = {"health": health.value, "detail": detail}
     serving = [n for n, s in states.items() if s["health"] == Health.OK.value]
     warming = [n for n, s in states.items() if s["health"] == Health.WARMING.value]
     ready = bool(serving)
