@@ -30,6 +30,7 @@ def settings(tmp_path, monkeypatch) -> Settings:
     s = load_settings(ROOT / "config")
     s.data_dir = tmp_path / "data"
     s.audit.flush_interval_s = 0.02
+    s.sandbox.mode = "off"  # providers unconfigured unless a test turns the sandbox on
     return s
 
 
@@ -48,12 +49,14 @@ class RunningServer:
                                                     lifespan="on"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
-    def start(self, ready_path: str = "/readyz", timeout: float = 120.0) -> RunningServer:
+    def start(self, timeout: float = 120.0) -> RunningServer:
+        """Returns once /readyz says every backend is past warming."""
         self.thread.start()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                if httpx.get(self.base_url + ready_path, timeout=1).status_code == 200:
+                r = httpx.get(self.base_url + "/readyz", timeout=1)
+                if r.status_code == 200 and not r.json()["warming"]:
                     return self
             except httpx.HTTPError:
                 pass
