@@ -1,0 +1,129 @@
+"""End to end over real HTTP: the gateway routes to the sandboxed providers while faults are injected."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+
+import httpx
+import pytest
+from PIL import Image
+
+from backends.sandbox import SandboxConfig
+from gateway.audit import AuditReader
+from gateway.registry import build_backends
+from policies.schema import Policy
+
+FAST = {"latency_p50_ms": 20, "latency_p95_ms": 80, "hang_s": 30, "retry_after_s": 0.2}
+FAULTY = {**FAST, "error_rate": 0.08, "rate_limit_rate": 0.04, "hang_rate": 0.04, "malformed_rate": 0.04}
+
+
+def e2e_policy(**prices) -> Policy:
+    price = {"seedream": 0.035, "gemini": 0.134, "reve": 0.024, "bria": 0.04, **prices}
+    return Policy.model_validate({
+        "defaults": {"tier": "standard", "sla_ms": 15_000},
+        "tiers": {"standard": {"min_quality": 0.5}},
+        "backends": {name: {"quality": 0.8, "price_per_image_usd": p, "latency_prior": {"p50_ms": 100, "p95_ms": 500}}
+                     for name, p in price.items()},
+        "dispatch": {"max_attempts_per_backend": 2, "backoff_initial_ms": 20, "backoff_max_ms": 100},
+    })
+
+
+@pytest.fixture
+def sandboxed(settings, serve, tmp_path):
+    """A gateway whose four providers are the sandbox (local pool off), with a fault profile."""
+
+    def start(profile: dict, policy: Policy, **breaker):
+        settings.local.enabled = False
+        settings.sandbox.mode = "on"
+        faults = tmp_path / "faults.yaml"
+        faults.write_text(SandboxConfig.model_validate(
+            {p: profile for p in ("seedream", "gemini", "reve", "bria")}).model_dump_json())
+        settings.sandbox.config_file = faults
+        for provider in settings.backends.values():
+            provider.timeout_s = 1.0
+            provider.options = {**provider.options, "poll_initial_s": 0.02, "poll_max_s": 0.05}
+        settings.breaker = settings.breaker.model_copy(update=breaker)
+        built = build_backends(settings)
+        return serve(settings, policy, built), built.sandbox_url
+
+    return start
+
+
+async def _fire(base_url: str, bodies: list[dict], concurrency: int = 16) -> list[httpx.Response]:
+    sem = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(base_url=base_url, timeout=60) as client:
+        async def one(body):
+            async with sem:
+                return await client.post("/v1/images/generations", json=body)
+
+        return await asyncio.gather(*(one(b) for b in bodies))
+
+
+def test_with_20_percent_faults_on_every_provider_every_request_gets_images_or_a_clear_error(sandboxed, settings):
+    server, _ = sandboxed(FAULTY, e2e_policy())
+    sizes = ["1024x1024", "1536x1024", "1024x1536", "2048x2048"]
+    bodies = [{"prompt": f"prompt {i}", "size": sizes[i % 4], "n": 1 + i % 2, "seed": i} for i in range(120)]
+    responses = asyncio.run(_fire(server.base_url, bodies))
+    ok = [r for r in responses if r.status_code == 200]
+    for r in responses:
+        if r.status_code == 200:
+            data = r.json()["data"]
+            assert data and all(Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))).format == "PNG" for d in data)
+            assert r.headers["x-gateway-sandbox"] == "true"
+        else:  # a clear error: OpenAI's shape, what was tried
+            assert r.status_code in (502, 503, 504), r.text
+            err = r.json()["error"]
+            assert err["message"] and err["code"] and ("attempts" in err or "rejected" in err)
+    print(f"\n{len(ok)}/{len(bodies)} served; statuses: {sorted({r.status_code for r in responses})}")
+    assert len(ok) >= 0.97 * len(bodies), [r.status_code for r in responses]
+    assert len({r.headers["x-gateway-backend"] for r in ok}) >= 2  # fallbacks spread across providers
+    server.stop()
+    reader = AuditReader(settings.resolve(settings.audit.path))
+    assert reader.count() == len(bodies)
+    records = reader.recent(limit=500)
+    assert sum(1 for r in records if len(r["attempts"]) > 1) > 0  # some were served after a retry or fallback
+    assert all(r["sandbox"] for r in records if r["outcome"] == "ok")
+
+
+def test_breaker_opens_on_a_failing_provider_and_recovers_when_it_heals(sandboxed):
+    # seedream is cheapest, so it is tried first; reve is the fallback.
+    policy = e2e_policy(seedream=0.001, gemini=0.5, bria=0.5)
+    server, sandbox_url = sandboxed(FAST, policy, consecutive_failures=3, cooldown_s=1.0)
+    broken = SandboxConfig.model_validate({"seedream": {**FAST, "error_rate": 1.0},
+                                           **{p: FAST for p in ("gemini", "reve", "bria")}})
+    httpx.put(sandbox_url + "/_sandbox/config", content=broken.model_dump_json())
+    body = {"prompt": "p", "size": "1024x1024"}
+    for _ in range(3):
+        r = httpx.post(server.base_url + "/v1/images/generations", json=body, timeout=30)
+        assert r.status_code == 200 and r.headers["x-gateway-backend"] == "reve"
+    seedream = next(b for b in httpx.get(server.base_url + "/v1/backends").json()["data"] if b["name"] == "seedream")
+    assert seedream["circuit"] == "open" and seedream["health"] == "open"
+    calls_while_open = httpx.get(sandbox_url + "/_sandbox/stats").json()["seedream.requests"]
+    r = httpx.post(server.base_url + "/v1/images/generations", json=body, timeout=30)
+    assert r.headers["x-gateway-backend"] == "reve"
+    assert httpx.get(sandbox_url + "/_sandbox/stats").json()["seedream.requests"] == calls_while_open  # not called
+
+    healed = SandboxConfig.model_validate({p: FAST for p in ("seedream", "gemini", "reve", "bria")})
+    httpx.put(sandbox_url + "/_sandbox/config", content=healed.model_dump_json())
+    import time
+
+    time.sleep(1.1)  # cooldown over: half-open, the next request probes
+    r = httpx.post(server.base_url + "/v1/images/generations", json=body, timeout=30)
+    assert r.status_code == 200 and r.headers["x-gateway-backend"] == "seedream"
+    seedream = next(b for b in httpx.get(server.base_url + "/v1/backends").json()["data"] if b["name"] == "seedream")
+    assert seedream["circuit"] == "closed"
+
+
+def test_every_provider_serves_through_the_sandbox_by_name(sandboxed):
+    server, _ = sandboxed(FAST, e2e_policy())
+    for name in ("seedream", "gemini", "reve", "bria"):
+        for fmt in ("b64_json", "url"):
+            r = httpx.post(server.base_url + "/v1/images/generations", timeout=30,
+                           json={"prompt": "p", "size": "1024x1024", "model": name, "response_format": fmt})
+            assert r.status_code == 200, (name, fmt, r.text)
+            assert r.headers["x-gateway-backend"] == name
+            item = r.json()["data"][0]
+            data = base64.b64decode(item["b64_json"]) if fmt == "b64_json" else httpx.get(item["url"]).content
+            assert Image.open(io.BytesIO(data)).format == "PNG"
