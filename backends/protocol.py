@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from policies.types import BackendKind, Health, SizeSupport
+from policies.types import BackendKind, Health, PoolModel, SizeSupport
 
 __all__ = [
     "Backend",
@@ -37,10 +37,7 @@ class LoadReport:
 
     health: Health
     detail: str = ""
-    ms_per_unit: float | None = None  # measured ms per (step x megapixel x image)
-    queue_ms: float = 0.0  # work queued ahead of a new job
-    gpu_seconds_per_unit: float | None = None
-    has_headroom: bool = True
+    pool: PoolModel | None = None  # local pools: profile, work ahead, workers, occupancy, price
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,17 +13,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from policies import decide  # noqa: E402
+from policies.profile import ThroughputProfile  # noqa: E402
 from policies.schema import Policy  # noqa: E402
 from policies.types import (  # noqa: E402
     BackendKind,
     BackendView,
     Health,
     LatencyModel,
-    LocalCostModel,
+    PoolModel,
     RouteRequest,
     SizeSupport,
     Snapshot,
 )
+
+PROFILE = ThroughputProfile({("local-m", 1024, 1024, 30): {1: 1.0, 8: 4.8}})
 
 
 def world() -> tuple[Policy, Snapshot]:
@@ -41,8 +44,8 @@ def world() -> tuple[Policy, Snapshot]:
         views.append(BackendView(
             name=n, kind=BackendKind.LOCAL if local else BackendKind.API, health=Health.OK,
             models=(f"{n}-m",), sizes=SizeSupport(), max_n=10, default_steps=30,
-            latency=LatencyModel(p50_ms=1000 + i * 500, p95_ms=3000 + i * 1000, ms_per_unit=20 if local else 0),
-            local_cost=LocalCostModel(2.0, 0.02) if local else None))
+            latency=LatencyModel(p50_ms=1000 + i * 500, p95_ms=3000 + i * 1000),
+            pool=PoolModel(PROFILE, "local-m", gpu_hour_usd=2.0) if local else None))
     return policy, Snapshot(tuple(views))
 
 

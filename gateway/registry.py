@@ -61,19 +61,43 @@ def _provider(name: str, provider: ProviderSettings, settings: Settings, sandbox
     return cls(config)
 
 
+def _devices(requested: list[str] | str) -> list[str]:
+    if requested != "auto":
+        return list(requested)
+    import torch
+
+    count = torch.cuda.device_count()
+    return [f"cuda:{i}" for i in range(count)] if count else ["cpu"]
+
+
+def build_local_pool(settings: Settings) -> Backend:
+    """The diffusion pool: one worker per device, a process each when asked (or on several GPUs)."""
+    from backends.local import EngineSpec, LocalPool, PoolConfig, ProcessWorker, ThreadWorker, WarmShape
+
+    local = settings.local
+    devices = _devices(local.devices)
+    use_processes = local.workers == "process" or (local.workers == "auto" and len(devices) > 1)
+    warm = [WarmShape(s.width, s.height, s.steps, b) for s in local.warm_shapes for b in s.batch_sizes]
+    workers = []
+    for i, device in enumerate(devices):
+        spec = EngineSpec(preset=local.preset, weights_dir=local.weights_dir, device=device, dtype=local.dtype,
+                          compile=local.compile, compile_mode=local.compile_mode, fp8=local.fp8,
+                          cache_dir=settings.resolve(local.compile_cache))
+        worker_cls = ProcessWorker if use_processes else ThreadWorker
+        workers.append(worker_cls(spec, f"local-{i}({device})", warm))
+    config = PoolConfig(name="local", max_n=local.max_n, max_batch=local.max_batch,
+                        max_wait_s=local.max_wait_ms / 1000, gpu_hour_usd=local.gpu_hour_usd,
+                        profile_path=settings.resolve(local.profile_file))
+    return LocalPool(workers[0].spec, workers, config)
+
+
 def build_backends(settings: Settings) -> Backends:
     """The local pool (when enabled) plus one backend per `backends:` entry, each with its guard."""
     backends: dict[str, Backend] = {}
     guards: dict[str, BackendGuard] = {}
     breaker = BreakerConfig(**settings.breaker.model_dump())
     if settings.local.enabled:
-        from backends.local import EngineSpec, LocalPoolBackend
-
-        spec = EngineSpec(preset=settings.local.preset, weights_dir=settings.local.weights_dir,
-                          device=settings.local.device, dtype=settings.local.dtype)
-        backends["local"] = LocalPoolBackend.from_spec(spec, max_n=settings.local.max_n,
-                                                       gpu_hour_usd=settings.local.gpu_hour_usd,
-                                                       warmup=settings.local.warmup)
+        backends["local"] = build_local_pool(settings)
         guards["local"] = BackendGuard(breaker=breaker)
     sandbox_url = None
     if sandbox_active(settings):

@@ -24,6 +24,7 @@ __all__ = [
     "LocalPoolSettings",
     "ProviderSettings",
     "SandboxSettings",
+    "WarmShapeSettings",
     "ServerSettings",
     "Settings",
 ]
@@ -62,15 +63,34 @@ class LimitSettings(_Section):
     max_steps: int = Field(150, ge=1)
 
 
+class WarmShapeSettings(_Section):
+    width: int = Field(ge=64)
+    height: int = Field(ge=64)
+    steps: int = Field(ge=1)
+    batch_sizes: list[int] = Field(default_factory=lambda: [1])
+
+
 class LocalPoolSettings(_Section):
     enabled: bool = True
     preset: Literal["tiny", "sd15", "sdxl"] = "tiny"
     weights_dir: Path | None = Field(None, description="Local diffusers folder; overrides preset.")
-    device: str = "auto"
+    devices: list[str] | Literal["auto"] = Field(
+        "auto", description="auto: every visible GPU, else one CPU worker; or e.g. [cuda:0, cuda:1].")
+    workers: Literal["auto", "thread", "process"] = Field(
+        "auto", description="process: one child process per device (crash isolation); auto: process on multi-GPU.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    compile: bool | None = Field(None, description="torch.compile; default on for CUDA.")
+    compile_mode: str = "max-autotune"
+    fp8: bool = Field(False, description="FP8 UNet Linear layers (Hopper).")
     gpu_hour_usd: float = Field(2.0, ge=0)
     max_n: int = Field(10, ge=1)
-    warmup: bool = True
+    max_batch: int = Field(8, ge=1, description="Most images in one batch.")
+    max_wait_ms: float = Field(100, ge=0, description="Longest a job waits for company before its batch launches.")
+    profile_file: str = Field("pool_profile.json", description="Throughput profile under data_dir.")
+    compile_cache: str = Field("compile_cache", description="Inductor cache under data_dir.")
+    warm_shapes: list[WarmShapeSettings] = Field(
+        default_factory=lambda: [WarmShapeSettings(width=256, height=256, steps=4)],
+        description="Shapes compiled and run before the pool reports ready.")
 
 
 class ProviderSettings(_Section):

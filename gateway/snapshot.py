@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 from backends.protocol import Backend, LoadReport
 from policies.schema import LatencyPrior, Policy
-from policies.types import BackendKind, BackendView, Health, LatencyModel, LocalCostModel, Snapshot
+from policies.types import BackendView, Health, LatencyModel, Snapshot
 
 from .guard import BackendGuard
 
@@ -39,13 +39,6 @@ class SnapshotSource:
         offer, load = backend.offer, backend.load()
         bp = policy.backends.get(offer.name)
         prior = (bp.latency_prior if bp else None) or _UNKNOWN_PRIOR
-        local_cost = None
-        if offer.kind is BackendKind.LOCAL:
-            local_cost = LocalCostModel(
-                gpu_hour_usd=offer.gpu_hour_usd or 0.0,
-                gpu_seconds_per_unit=load.gpu_seconds_per_unit or 0.0,
-                has_headroom=load.has_headroom,
-            )
         return BackendView(
             name=offer.name,
             kind=offer.kind,
@@ -54,11 +47,6 @@ class SnapshotSource:
             sizes=offer.sizes,
             max_n=offer.max_n,
             default_steps=offer.default_steps,
-            latency=LatencyModel(
-                p50_ms=prior.p50_ms,
-                p95_ms=prior.p95_ms,
-                ms_per_unit=load.ms_per_unit or 0.0,
-                queue_ms=load.queue_ms,
-            ),
-            local_cost=local_cost,
+            latency=LatencyModel(p50_ms=prior.p50_ms, p95_ms=prior.p95_ms),
+            pool=load.pool,
         )

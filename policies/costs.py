@@ -21,13 +21,12 @@ def predicted_cost_usd(
     accounting: CostAccounting,
 ) -> float:
     """The cost of serving this request on this backend, before it runs."""
-    if view.local_cost is None:
+    if view.pool is None:
         return (backend_policy.price_per_image_usd or 0.0) * request.n
-    model = view.local_cost
-    if accounting is CostAccounting.MARGINAL and model.has_headroom:
+    pool = view.pool
+    if accounting is CostAccounting.MARGINAL and pool.has_headroom:
         return 0.0
-    gpu_seconds = model.gpu_seconds_per_unit * steps * request.megapixels * request.n
-    return local_cost_usd(gpu_seconds, model.gpu_hour_usd)
+    return local_cost_usd(pool.gpu_seconds_per_image(request, steps) * request.n, pool.gpu_hour_usd)
 
 
 def settled_cost_usd(
@@ -39,10 +38,10 @@ def settled_cost_usd(
     predicted: float,
 ) -> float:
     """What a finished request cost: list price per image, or the GPU time it used."""
-    if view.local_cost is None:
+    if view.pool is None:
         return (backend_policy.price_per_image_usd or 0.0) * images
     if accounting is CostAccounting.MARGINAL and predicted == 0.0:
         return 0.0
     if gpu_seconds is None:
         return predicted
-    return local_cost_usd(gpu_seconds, view.local_cost.gpu_hour_usd)
+    return local_cost_usd(gpu_seconds, view.pool.gpu_hour_usd)

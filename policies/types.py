@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from .profile import ThroughputProfile
+
 __all__ = [
     "BackendKind",
     "BackendView",
@@ -12,7 +14,7 @@ __all__ = [
     "Decision",
     "Health",
     "LatencyModel",
-    "LocalCostModel",
+    "PoolModel",
     "RejectReason",
     "Rejection",
     "RouteRequest",
@@ -99,30 +101,43 @@ class SizeSupport:
 
 @dataclass(frozen=True, slots=True)
 class LatencyModel:
-    """Predicted completion time in ms: fixed part + work part + queue ahead.
-
-    Work is counted in units of steps x megapixels x images, which is what a
-    diffusion pass costs; an API's work part is zero (it runs n calls in parallel).
-    """
+    """Predicted completion time in ms: a fixed part (the prior, or observed quantiles), plus,
+    for the local pool, its queue model; for a plain linear model, work in units of
+    steps x megapixels x images and the queue ahead."""
 
     p50_ms: float
     p95_ms: float
     ms_per_unit: float = 0.0
     queue_ms: float = 0.0
 
-    def predict(self, request: RouteRequest, steps: int, quantile: str) -> float:
+    def predict(self, request: RouteRequest, steps: int, quantile: str, pool: PoolModel | None = None) -> float:
         fixed = self.p95_ms if quantile == "p95" else self.p50_ms
+        if pool is not None:
+            return fixed + pool.completion_s(request, steps) * 1000
         work = self.ms_per_unit * steps * request.megapixels * request.n
         return fixed + work + self.queue_ms
 
 
 @dataclass(frozen=True, slots=True)
-class LocalCostModel:
-    """The local pool's cost: GPU $/h times GPU-seconds per image at the occupancy we get."""
+class PoolModel:
+    """The local pool as a queue: its throughput profile, the work ahead, its workers, its price."""
 
+    profile: ThroughputProfile
+    model: str
     gpu_hour_usd: float
-    gpu_seconds_per_unit: float  # per step x megapixel x image, at current batch occupancy
-    has_headroom: bool = True  # below saturation the marginal image costs ~0
+    workers: int = 1
+    work_ahead_s: float = 0.0  # queued + still-running batch seconds, summed over workers
+    typical_batch: float = 1.0  # observed images per batch (occupancy)
+    has_headroom: bool = True  # an idle worker and nothing queued: the marginal image costs ~0
+
+    def completion_s(self, request: RouteRequest, steps: int) -> float:
+        """Predicted seconds until a new job of this shape is done: its share of the work ahead, then its batch."""
+        own = self.profile.seconds(self.model, request.width, request.height, steps, request.n)
+        return self.work_ahead_s / max(self.workers, 1) + own
+
+    def gpu_seconds_per_image(self, request: RouteRequest, steps: int) -> float:
+        batch = max(request.n, round(self.typical_batch))
+        return self.profile.seconds_per_image(self.model, request.width, request.height, steps, batch)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +152,7 @@ class BackendView:
     max_n: int
     default_steps: int
     latency: LatencyModel
-    local_cost: LocalCostModel | None = None
+    pool: PoolModel | None = None  # the local pool's queue model; None for APIs
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,8 @@ from PIL import Image
 
 from backends.errors import BackendError
 from backends.protocol import GeneratedImage, GenerationJob, GenerationResult, LoadReport, Offer
-from policies.types import BackendKind, Health, SizeSupport
+from policies.profile import ThroughputProfile
+from policies.types import BackendKind, Health, PoolModel, SizeSupport
 
 
 def png(width: int = 8, height: int = 8, color=(200, 30, 30)) -> bytes:
@@ -40,7 +41,8 @@ class ScriptedBackend:
 
     def load(self) -> LoadReport:
         if self._offer.kind is BackendKind.LOCAL:
-            return LoadReport(self.health, ms_per_unit=10.0, gpu_seconds_per_unit=0.01)
+            profile = ThroughputProfile(prior_fixed_s=0.0, prior_unit_s=0.01)
+            return LoadReport(self.health, pool=PoolModel(profile, self._offer.models[0], gpu_hour_usd=2.0))
         return LoadReport(self.health)
 
     async def start(self) -> None:
@@ -58,3 +60,42 @@ class ScriptedBackend:
 
     async def aclose(self) -> None:
         self.closed = True
+
+
+class FakeWorker:
+    """A pool worker without a GPU: a batch takes `seconds(batch_size)`; records every batch it ran."""
+
+    def __init__(self, name: str = "fake-0", seconds=lambda b: 0.05 + 0.01 * b, fail_on: str | None = None):
+        self.name = name
+        self.seconds = seconds
+        self.fail_on = fail_on
+        self.state, self.detail = "starting", "starting"
+        self.busy = False
+        self.assigned_slots = 0
+        self.warm_timings: dict = {}
+        self.batches: list = []
+        self.restarts = 0
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    async def start(self) -> None:
+        self.state, self.detail = "ready", "ready"
+
+    async def run(self, req):
+        from backends.local.workers import BatchOutput
+
+        self.batches.append(req)
+        seconds = self.seconds(len(req.prompts))
+        await asyncio.sleep(seconds)
+        if self.fail_on and self.fail_on in req.prompts:
+            raise RuntimeError("CUDA error: out of memory (fake)")
+        return BatchOutput([png(4, 4) for _ in req.prompts], seconds)
+
+    async def restart(self) -> None:
+        self.restarts += 1
+        await self.start()
+
+    async def stop(self) -> None:
+        self.state = "stopped"

@@ -7,13 +7,14 @@ import dataclasses
 import pytest
 
 from policies import decide
+from policies.profile import ThroughputProfile
 from policies.schema import Policy
 from policies.types import (
     BackendKind,
     BackendView,
     Health,
     LatencyModel,
-    LocalCostModel,
+    PoolModel,
     RejectReason,
     RouteRequest,
     SizeSupport,
@@ -28,12 +29,17 @@ def api(name, p95_ms=10_000.0, **kw) -> BackendView:
                        latency=LatencyModel(p50_ms=p95_ms / 2, p95_ms=p95_ms))
 
 
-def local(queue_ms=0.0, ms_per_unit=20.0, has_headroom=True) -> BackendView:
+# SDXL-like: 1024x1024, 30 steps: 1.0 s alone, 4.8 s for a batch of 8 (0.6 GPU-s per image).
+PROFILE = ThroughputProfile({("sdxl", 1024, 1024, 30): {1: 1.0, 8: 4.8}})
+
+
+def local(queue_ms=0.0, has_headroom=True, typical_batch=1.0, workers=1) -> BackendView:
     return BackendView(name="local", kind=BackendKind.LOCAL, health=Health.OK, models=("sdxl",),
                        sizes=SizeSupport(max_side=2048, multiple_of=8), max_n=10, default_steps=30,
-                       latency=LatencyModel(p50_ms=50, p95_ms=100, ms_per_unit=ms_per_unit, queue_ms=queue_ms),
-                       local_cost=LocalCostModel(gpu_hour_usd=2.0, gpu_seconds_per_unit=ms_per_unit / 1000,
-                                                 has_headroom=has_headroom))
+                       latency=LatencyModel(p50_ms=50, p95_ms=100),
+                       pool=PoolModel(PROFILE, "sdxl", gpu_hour_usd=2.0, workers=workers,
+                                      work_ahead_s=queue_ms / 1000 * workers, typical_batch=typical_batch,
+                                      has_headroom=has_headroom))
 
 
 POLICY = Policy.model_validate({
@@ -134,10 +140,11 @@ def test_min_latency_orders_by_predicted_latency():
     assert d.rule == "fast-tag"
 
 
-def test_local_cost_follows_gpu_time_and_marginal_accounting_makes_it_free():
-    amortized = decide(REQ, POLICY, WORLD).candidates[0]
-    # 30 steps x 1.048576 MP x 20 ms/unit = 0.629 GPU-s at $2/h
-    assert amortized.predicted_cost_usd == pytest.approx(2.0 / 3600 * 0.02 * 30 * 1.048576)
+def test_local_cost_follows_gpu_time_at_the_occupancy_we_get_and_marginal_makes_it_free():
+    alone = decide(REQ, POLICY, WORLD).candidates[0]
+    assert alone.predicted_cost_usd == pytest.approx(2.0 / 3600 * 1.0)  # 1.0 GPU-s at batch 1, $2/h
+    busy = decide(REQ, POLICY, Snapshot((local(typical_batch=8),))).candidates[0]
+    assert busy.predicted_cost_usd == pytest.approx(2.0 / 3600 * 0.6)  # batching cuts the cost per image
     marginal = Policy.model_validate({**POLICY.model_dump(), "cost_accounting": "marginal"})
     assert decide(REQ, marginal, WORLD).candidates[0].predicted_cost_usd == 0.0
     saturated = Snapshot((local(has_headroom=False),))
@@ -164,3 +171,9 @@ def test_backend_missing_from_policy_is_never_chosen():
     d = decide(REQ, POLICY, Snapshot((api("mystery", 1_000),)))
     assert names(d) == []
     assert reasons(d)["mystery"] is RejectReason.NOT_IN_POLICY
+
+
+def test_local_latency_is_its_share_of_the_work_ahead_plus_its_own_batch():
+    d = decide(REQ, POLICY, Snapshot((local(queue_ms=3_000, workers=2),)))
+    # 3 s ahead per worker + 1.0 s own batch + 100 ms fixed p95
+    assert d.candidates[0].predicted_latency_ms == pytest.approx(3_000 + 1_000 + 100)

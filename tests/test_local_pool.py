@@ -1,62 +1,75 @@
-"""The local diffusion backend: real diffusers pipelines built from presets, run off the event loop."""
+"""The local diffusion pool: real diffusers pipelines, deadline-aware batches, workers that crash and drain."""
 
 from __future__ import annotations
 
 import asyncio
 import io
+import os
+import signal
 import time
 
 import pytest
 from PIL import Image
 
-from backends.errors import BackendTimeout, BackendUnavailable
-from backends.local import DiffusionEngine, EngineSpec, LocalPoolBackend
+from backends.errors import BackendTimeout, BackendTransientError, BackendUnavailable
+from backends.local import DiffusionEngine, EngineSpec, LocalPool, PoolConfig, ProcessWorker, ThreadWorker, WarmShape
 from backends.protocol import GenerationJob
-from policies.types import Health
+from policies.profile import ThroughputProfile
+from policies.types import Health, RouteRequest
+from tests.fakes import FakeWorker
+
+TINY = EngineSpec(preset="tiny")
+
+
+def job(i=0, n=1, size=64, steps=2, **kw) -> GenerationJob:
+    return GenerationJob(id=f"job{i:04d}", prompt=f"prompt {i}", width=size, height=size, n=n, steps=steps, **kw)
 
 
 @pytest.fixture(scope="module")
 def tiny_engine():
-    engine = DiffusionEngine(EngineSpec(preset="tiny"))
+    engine = DiffusionEngine(TINY)
     engine.load()
     return engine
 
 
+# --- the engine ----------------------------------------------------------------------
+
+
 def test_tiny_preset_is_a_real_pipeline_with_text_encoder_unet_scheduler_and_vae(tiny_engine):
-    pipe = tiny_engine.pipe
-    assert {"text_encoder", "tokenizer", "unet", "scheduler", "vae"} <= set(pipe.components)
+    assert {"text_encoder", "tokenizer", "unet", "scheduler", "vae"} <= set(tiny_engine.pipe.components)
     images = tiny_engine.generate(["a fox"], width=128, height=96, steps=2, seeds=[1])
     assert images[0].size == (128, 96)
 
 
-def test_prompt_and_seed_change_the_pixels(tiny_engine):
-    def px(prompt, seed):
-        return tiny_engine.generate([prompt], width=64, height=64, steps=2, seeds=[seed])[0].tobytes()
+def test_prompt_and_seed_change_the_pixels_and_batching_does_not(tiny_engine):
+    def px(prompts, seeds):
+        return [im.tobytes() for im in tiny_engine.generate(prompts, width=64, height=64, steps=2, seeds=seeds)]
 
-    assert px("a fox", 1) == px("a fox", 1)
-    assert px("a fox", 1) != px("a fox", 2)
-    assert px("a fox", 1) != px("a whale", 1)
+    alone = px(["a fox"], [1])[0]
+    assert alone == px(["a fox"], [1])[0]
+    assert alone != px(["a fox"], [2])[0] and alone != px(["a whale"], [1])[0]
+    batched = px(["a whale", "a fox"], [1, 1])
+    assert batched[1] != batched[0]
 
 
-async def test_backend_warms_up_then_serves_pngs_and_learns_its_speed(tiny_engine):
-    backend = LocalPoolBackend(tiny_engine, warmup=True)
-    assert backend.load().health is Health.WARMING
+def test_weights_folder_loads_locally_without_the_hub(tiny_engine, tmp_path):
+    tiny_engine.pipe.save_pretrained(tmp_path / "tiny-weights")
+    engine = DiffusionEngine(EngineSpec(weights_dir=tmp_path / "tiny-weights"))
+    engine.load()
+    assert engine.generate(["x"], width=64, height=64, steps=2, seeds=[0])[0].size == (64, 64)
+
+
+# --- the pool with the real tiny engine -------------------------------------------------
+
+
+async def test_pool_warms_up_then_serves_pngs_off_the_event_loop(tiny_engine):
+    worker = ThreadWorker(TINY, warm=[WarmShape(64, 64, 2)], engine=tiny_engine)
+    pool = LocalPool(TINY, [worker], PoolConfig(max_wait_s=0.0))
+    assert pool.load().health is Health.WARMING
     with pytest.raises(BackendUnavailable):
-        await backend.generate(GenerationJob(id="a", prompt="p", width=64, height=64), time.monotonic() + 5)
-    await backend.start()
-    await backend.wait_ready()
-    assert backend.load().health is Health.OK and backend.load().ms_per_unit > 0
-    result = await backend.generate(GenerationJob(id="b", prompt="p", width=128, height=128, n=2, steps=2),
-                                    time.monotonic() + 30)
-    assert len(result.images) == 2 and result.gpu_seconds > 0
-    assert Image.open(io.BytesIO(result.images[0].data)).format == "PNG"
-    await backend.aclose()
-
-
-async def test_generation_runs_off_the_event_loop(tiny_engine):
-    backend = LocalPoolBackend(tiny_engine, warmup=False)
-    await backend.start()
-    await backend.wait_ready()
+        await pool.generate(job(), time.monotonic() + 5)
+    await pool.start()
+    await pool.wait_ready()
     ticks = 0
 
     async def ticker():
@@ -66,31 +79,120 @@ async def test_generation_runs_off_the_event_loop(tiny_engine):
             ticks += 1
 
     t = asyncio.create_task(ticker())
-    await backend.generate(GenerationJob(id="c", prompt="p", width=256, height=256, steps=4), time.monotonic() + 30)
+    result = await pool.generate(job(n=2, size=128), time.monotonic() + 30)
     t.cancel()
-    assert ticks > 3  # the loop kept running while the pipeline did
-    await backend.aclose()
+    assert ticks > 3 and len(result.images) == 2 and result.gpu_seconds > 0
+    assert Image.open(io.BytesIO(result.images[0].data)).size == (128, 128)
+    await pool.aclose()
 
 
-async def test_queue_shows_in_the_load_report_and_a_job_past_its_deadline_fails(tiny_engine):
-    backend = LocalPoolBackend(tiny_engine, warmup=True)
-    await backend.start()
-    await backend.wait_ready()
-    first = asyncio.create_task(backend.generate(
-        GenerationJob(id="d", prompt="p", width=256, height=256, steps=8), time.monotonic() + 30))
+async def test_concurrent_jobs_of_one_shape_share_batches(tiny_engine):
+    worker = ThreadWorker(TINY, engine=tiny_engine)
+    pool = LocalPool(TINY, [worker], PoolConfig(max_wait_s=0.05, max_batch=4))
+    await pool.start()
+    await pool.wait_ready()
+    results = await asyncio.gather(*(pool.generate(job(i), time.monotonic() + 60) for i in range(8)))
+    assert all(len(r.images) == 1 for r in results)
+    assert pool.batches_run < 8 and max(r.extra["batch_size"] for r in results) > 1
+    await pool.aclose()
+
+
+async def test_a_crashed_worker_process_is_restarted_and_its_jobs_rerun():
+    worker = ProcessWorker(TINY, "proc-0", warm=[WarmShape(64, 64, 2)])
+    pool = LocalPool(TINY, [worker], PoolConfig(max_wait_s=0.0))
+    await pool.start()
+    await pool.wait_ready(timeout=120)
+    pid = worker.pid
+    pending = asyncio.create_task(pool.generate(job(1, size=256, steps=40), time.monotonic() + 120))
+    while not worker.busy:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.2)
+    os.kill(pid, signal.SIGKILL)
+    result = await pending
+    assert len(result.images) == 1 and worker.restarts == 1 and worker.pid != pid
+    await pool.aclose()
+
+
+# --- scheduling, with fake workers (no diffusion) ---------------------------------------
+
+
+async def start(pool):
+    await pool.start()
+    await pool.wait_ready()
+    return pool
+
+
+async def test_jobs_go_to_the_least_loaded_ready_worker():
+    workers = [FakeWorker("w0", seconds=lambda b: 0.2), FakeWorker("w1", seconds=lambda b: 0.2)]
+    pool = await start(LocalPool(TINY, workers, PoolConfig(max_wait_s=0.0, max_batch=1)))
+    await asyncio.gather(*(pool.generate(job(i), time.monotonic() + 5) for i in range(4)))
+    assert len(workers[0].batches) == 2 and len(workers[1].batches) == 2
+    await pool.aclose()
+
+
+async def test_one_failing_batch_fails_only_its_own_jobs():
+    worker = FakeWorker(fail_on="prompt 1")
+    pool = await start(LocalPool(TINY, [worker], PoolConfig(max_wait_s=0.0, max_batch=1)))
+    results = await asyncio.gather(*(pool.generate(job(i), time.monotonic() + 5) for i in range(3)),
+                                   return_exceptions=True)
+    assert isinstance(results[1], BackendTransientError) and "out of memory" in str(results[1])
+    assert len(results[0].images) == 1 and len(results[2].images) == 1
+    await pool.aclose()
+
+
+async def test_a_job_that_expires_in_the_queue_never_runs():
+    worker = FakeWorker(seconds=lambda b: 0.3)
+    pool = await start(LocalPool(TINY, [worker], PoolConfig(max_wait_s=0.0, max_batch=1)))
+    first = asyncio.create_task(pool.generate(job(0), time.monotonic() + 5))
     await asyncio.sleep(0.01)
-    assert backend.load().queue_ms > 0 and not backend.load().has_headroom
     with pytest.raises(BackendTimeout):
-        await backend.generate(GenerationJob(id="e", prompt="p", width=256, height=256), time.monotonic() + 0.001)
+        await pool.generate(job(1), time.monotonic() + 0.1)
     await first
-    await backend.aclose()
+    await asyncio.sleep(0.05)
+    assert [b.prompts for b in worker.batches] == [["prompt 0"]]
+    await pool.aclose()
 
 
-def test_weights_folder_loads_locally_without_the_hub(tiny_engine, tmp_path):
-    tiny_engine.pipe.save_pretrained(tmp_path / "tiny-weights")
-    engine = DiffusionEngine(EngineSpec(weights_dir=tmp_path / "tiny-weights"))
-    engine.load()
-    assert engine.generate(["x"], width=64, height=64, steps=2, seeds=[0])[0].size == (64, 64)
+async def test_shutdown_drains_queued_and_running_jobs():
+    worker = FakeWorker(seconds=lambda b: 0.1)
+    pool = await start(LocalPool(TINY, [worker], PoolConfig(max_wait_s=0.0, max_batch=2)))
+    tasks = [asyncio.create_task(pool.generate(job(i), time.monotonic() + 10)) for i in range(6)]
+    await asyncio.sleep(0.01)
+    await pool.aclose()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(not isinstance(r, Exception) for r in results)
+    with pytest.raises(BackendUnavailable):
+        await pool.generate(job(9), time.monotonic() + 1)
+
+
+async def test_predicted_completion_is_within_25_percent_of_the_observed():
+    # A batch of b takes 0.1 + 0.05 b s; the profile is learned from what the pool observes.
+    worker = FakeWorker(seconds=lambda b: 0.1 + 0.05 * b)
+    profile = ThroughputProfile({("tiny", 64, 64, 2): {1: 0.15, 4: 0.3}})
+    pool = await start(LocalPool(TINY, [worker], PoolConfig(max_wait_s=0.0, max_batch=4), profile))
+    # Put work ahead of the probe, then compare the snapshot's prediction with what happens.
+    ahead = [asyncio.create_task(pool.generate(job(i), time.monotonic() + 10)) for i in range(8)]
+    await asyncio.sleep(0.01)
+    model = pool.load().pool
+    predicted = model.completion_s(RouteRequest(width=64, height=64), steps=2)
+    started = time.monotonic()
+    await pool.generate(job(99), time.monotonic() + 10)
+    observed = time.monotonic() - started
+    await asyncio.gather(*ahead)
+    assert abs(predicted - observed) / observed < 0.25, (predicted, observed)
+    await pool.aclose()
+
+
+async def test_cost_per_image_follows_observed_occupancy():
+    worker = FakeWorker(seconds=lambda b: 0.1 + 0.01 * b)
+    profile = ThroughputProfile({("tiny", 64, 64, 2): {1: 0.11, 8: 0.18}})
+    pool = await start(LocalPool(TINY, [worker], PoolConfig(max_wait_s=0.05, max_batch=8), profile))
+    alone = pool.load().pool.gpu_seconds_per_image(RouteRequest(width=64, height=64), 2)
+    for _ in range(5):
+        await asyncio.gather(*(pool.generate(job(i), time.monotonic() + 10) for i in range(8)))
+    busy = pool.load().pool.gpu_seconds_per_image(RouteRequest(width=64, height=64), 2)
+    assert busy < alone / 3  # batches of 8: a fraction of the GPU-seconds per image
+    await pool.aclose()
 
 
 def _cuda() -> bool:
@@ -104,10 +206,10 @@ def _cuda() -> bool:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _cuda(), reason="needs a CUDA device")
-def test_sd15_on_gpu_in_bf16():
+def test_sd15_on_gpu_in_bf16_compiled():
     import torch
 
     engine = DiffusionEngine(EngineSpec(preset="sd15"))
     engine.load()
-    assert engine.pipe.unet.dtype == torch.bfloat16
+    assert engine.pipe.vae.dtype == torch.bfloat16
     assert engine.generate(["x"], width=512, height=512, steps=2, seeds=[0])[0].size == (512, 512)

@@ -154,9 +154,9 @@ async def test_gemini_blocked_prompt_is_a_content_error():
 
 @respx.mock
 async def test_gemini_429_reads_retry_delay_from_retry_info():
+    retry_info = {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "30s"}
     route(respx, "gemini").respond(429, json={"error": {"code": 429, "status": "RESOURCE_EXHAUSTED", "message": "q",
-                                                        "details": [{"@type": "type.googleapis.com/google.rpc.RetryInfo",
-                                                                     "retryDelay": "30s"}]}})
+                                                        "details": [retry_info]}})
     with pytest.raises(BackendRateLimited) as err:
         await make(GEMINI).generate(JOB, soon())
     assert err.value.retry_after_s == 30

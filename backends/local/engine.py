@@ -26,6 +26,11 @@ class EngineSpec:
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
     guidance_scale: float = 5.0
     seed: int = 0  # for random-weight builds
+    compile: bool | None = None  # None: on for CUDA, off for CPU
+    compile_mode: str = "max-autotune"  # CUDA graphs + autotuned kernels, one graph per batch shape
+    fp8: bool = False  # FP8 Linear layers in the UNet (Hopper); check the error with benchmarks/local_pool.py
+    tune_layout: bool = True  # fused QKV and channels-last on CUDA
+    cache_dir: Path | None = None  # compile cache kept between restarts
 
 
 def _resolve_device(spec: EngineSpec):
@@ -86,11 +91,23 @@ class DiffusionEngine:
             pipe = build_preset_pipeline(self.spec.preset, seed=self.spec.seed)
         pipe = pipe.to(self.device) if dtype == torch.float32 else pipe.to(self.device, dtype)
         pipe.set_progress_bar_config(disable=True)
-        if self.device.type == "cpu":
-            torch.set_grad_enabled(False)
+        torch.set_grad_enabled(False)
+        if self.device.type == "cuda":
+            self._optimize(pipe)
         self.pipe = pipe
         self.load_seconds = time.perf_counter() - started
         log.info("engine %s loaded on %s in %.1fs", self.spec.preset, self.device, self.load_seconds)
+
+    def _optimize(self, pipe) -> None:
+        from . import optimize
+
+        if self.spec.tune_layout:
+            optimize.tune_layout(pipe)
+        if self.spec.fp8:
+            swapped = optimize.apply_fp8(pipe.unet)
+            log.info("fp8: %d UNet Linear layers swapped", swapped)
+        if self.spec.compile is not False:
+            optimize.compile_pipeline(pipe, self.spec.compile_mode, self.spec.cache_dir)
 
     def generate(
         self,

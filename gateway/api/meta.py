@@ -7,8 +7,8 @@ from collections.abc import Mapping
 from litestar import Response, get
 
 from backends.protocol import Backend
-from policies.costs import predicted_cost_usd
-from policies.types import Health, RouteRequest
+from policies.costs import local_cost_usd, predicted_cost_usd
+from policies.types import Health, PoolModel, RouteRequest
 
 from ..audit import AuditLog
 from ..guard import BackendGuard
@@ -50,14 +50,29 @@ async def list_backends(backends: Mapping[str, Backend], policy: PolicyHolder, s
             "quality": bp.quality if bp else None,
             "reference_request": "1024x1024, n=1, default steps",
             "predicted_latency_ms": {
-                q: round(view.latency.predict(_REFERENCE, steps, q), 1) for q in ("p50", "p95")
+                q: round(view.latency.predict(_REFERENCE, steps, q, view.pool), 1) for q in ("p50", "p95")
             },
-            "queue_ms": round(load.queue_ms, 1),
+            **(_pool_figures(view.pool, steps) if view.pool else {}),
             "cost_per_image_usd": (
                 predicted_cost_usd(view, bp, _REFERENCE, steps, current.cost_accounting) if bp else None
             ),
         })
     return {"object": "list", "policy_version": current.fingerprint, "data": out}
+
+
+def _pool_figures(pool: PoolModel, steps: int) -> dict:
+    """The local pool's live queue and both cost views, for ops."""
+    per_image_s = pool.gpu_seconds_per_image(_REFERENCE, steps)
+    return {
+        "pool": {
+            "workers": pool.workers, "work_ahead_s": round(pool.work_ahead_s, 3),
+            "typical_batch": round(pool.typical_batch, 2), "has_headroom": pool.has_headroom,
+            "gpu_seconds_per_image": round(per_image_s, 4),
+            "cost_per_image_usd": {"amortized": local_cost_usd(per_image_s, pool.gpu_hour_usd),
+                                   "marginal": 0.0 if pool.has_headroom else local_cost_usd(per_image_s,
+                                                                                            pool.gpu_hour_usd)},
+        }
+    }
 
 
 @get("/healthz", summary="Liveness")

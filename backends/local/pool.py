@@ -1,0 +1,284 @@
+"""The local diffusion pool as a Backend: SLA-aware batches over one or more GPU workers.
+
+Jobs wait in the `SLABatcher`; whenever a worker is free the scheduler asks it for
+a batch and gives it to the least-loaded ready worker. Batch times feed the
+throughput profile, which drives both batching and the policy's predictions.
+A crashed worker's jobs are re-queued (while their deadlines allow) and the worker
+restarted; `aclose()` drains what is queued and running before stopping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from policies.profile import ThroughputProfile
+from policies.types import BackendKind, Health, PoolModel, SizeSupport
+
+from ..errors import BackendTimeout, BackendTransientError, BackendUnavailable
+from ..protocol import GeneratedImage, GenerationJob, GenerationResult, LoadReport, Offer
+from .batcher import Batch, QueuedJob, SLABatcher
+from .engine import EngineSpec
+from .presets import PRESETS
+from .workers import BatchRequest, WorkerCrashed
+
+__all__ = ["LocalPool", "PoolConfig", "load_profile"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    name: str = "local"
+    max_n: int = 10
+    max_batch: int = 8
+    max_wait_s: float = 0.1
+    gpu_hour_usd: float = 2.0
+    profile_path: Path | None = None  # where calibrate wrote it; observed batches are saved back on close
+
+
+def load_profile(path: Path | None, max_batch: int) -> ThroughputProfile:
+    if path is not None and path.is_file():
+        return ThroughputProfile.from_json(json.loads(path.read_text()))
+    return ThroughputProfile(max_batch=max_batch)
+
+
+@dataclass(eq=False, slots=True)
+class _Pending:
+    job: GenerationJob
+    steps: int
+    future: asyncio.Future
+
+
+class LocalPool:
+    """Backend protocol over a batcher and a list of workers (ThreadWorker or ProcessWorker)."""
+
+    def __init__(self, spec: EngineSpec, workers: list, config: PoolConfig = PoolConfig(),
+                 profile: ThroughputProfile | None = None):
+        preset = PRESETS.get(spec.preset, PRESETS["sdxl"])
+        self.spec = spec
+        self.config = config
+        self.workers = workers
+        self.model = spec.preset if spec.weights_dir is None else Path(spec.weights_dir).name
+        self._offer = Offer(
+            name=config.name, kind=BackendKind.LOCAL, models=(self.model,),
+            sizes=SizeSupport(min_side=preset.min_side, max_side=preset.max_side, multiple_of=preset.multiple_of),
+            max_n=config.max_n, default_steps=preset.default_steps if spec.weights_dir is None else 30,
+            gpu_hour_usd=config.gpu_hour_usd,
+        )
+        self.profile = profile or load_profile(config.profile_path, config.max_batch)
+        self.batcher = SLABatcher(lambda: self.profile, max_batch=config.max_batch, max_wait_s=config.max_wait_s)
+        self._wakeup = asyncio.Event()
+        self._scheduler: asyncio.Task | None = None
+        self._running: set[asyncio.Task] = set()
+        self._running_until: dict[int, float] = {}  # worker index -> predicted end of its batch
+        self._closing = False
+        self._occupancy = 1.0
+        self.batches_run = 0
+
+    @property
+    def offer(self) -> Offer:
+        return self._offer
+
+    # --- state for the policy -------------------------------------------------
+
+    def load(self) -> LoadReport:
+        ready = [w for w in self.workers if w.ready]
+        if self._closing:
+            return LoadReport(Health.UNCONFIGURED, "closed")
+        if not ready:
+            failed = all(w.state == "failed" for w in self.workers)
+            detail = "; ".join(f"{w.name}: {w.detail}" for w in self.workers)
+            return LoadReport(Health.UNCONFIGURED if failed else Health.WARMING, detail)
+        now = time.monotonic()
+        running_s = sum(max(0.0, end - now) for end in self._running_until.values())
+        idle = any(w.ready and not w.busy for w in self.workers)
+        pool = PoolModel(
+            profile=self.profile, model=self.model, gpu_hour_usd=self.config.gpu_hour_usd, workers=len(ready),
+            work_ahead_s=running_s + self.batcher.backlog_seconds(), typical_batch=self._occupancy,
+            has_headroom=idle and len(self.batcher) == 0,
+        )
+        warming = [w.name for w in self.workers if not w.ready]
+        detail = f"{len(ready)} worker(s) ready" + (f"; warming: {', '.join(warming)}" if warming else "")
+        return LoadReport(Health.OK, detail, pool)
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        for worker in self.workers:
+            asyncio.create_task(self._start_worker(worker))
+        self._scheduler = asyncio.create_task(self._schedule(), name=f"{self.config.name}-scheduler")
+
+    async def _start_worker(self, worker) -> None:
+        try:
+            await worker.start()
+            log.info("%s ready (warm-up: %s)", worker.name, worker.warm_timings)
+        except Exception as exc:
+            log.exception("%s failed to start", worker.name)
+            worker.state, worker.detail = "failed", f"failed to start: {exc}"
+        self._wakeup.set()
+
+    async def wait_ready(self, timeout: float = 600.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(w.ready for w in self.workers):
+            if all(w.state == "failed" for w in self.workers) or time.monotonic() > deadline:
+                raise BackendUnavailable("no local worker became ready")
+            await asyncio.sleep(0.02)
+
+    async def aclose(self) -> None:
+        """Drain: queued and running jobs finish (or meet their deadlines), then workers stop."""
+        self._closing = True
+        while len(self.batcher) or self._running:
+            self._wakeup.set()
+            await asyncio.sleep(0.02)
+            if not any(w.ready for w in self.workers):
+                break
+        for item in self.batcher.drain():
+            _fail(item.payload, BackendUnavailable("local pool shut down"))
+        if self._scheduler is not None:
+            self._scheduler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._scheduler
+        for worker in self.workers:
+            with contextlib.suppress(Exception):
+                await worker.stop()
+        self._save_profile()
+
+    def _save_profile(self) -> None:
+        path = self.config.profile_path
+        if path is not None and self.batches_run:
+            with contextlib.suppress(OSError):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(self.profile.to_json(), indent=1))
+
+    # --- requests -------------------------------------------------------------------
+
+    async def generate(self, job: GenerationJob, deadline: float) -> GenerationResult:
+        if self._closing or not any(w.ready for w in self.workers):
+            raise BackendUnavailable(f"local pool is not ready: {self.load().detail}")
+        steps = job.steps or self._offer.default_steps
+        guidance = job.guidance_scale if job.guidance_scale is not None else self.spec.guidance_scale
+        future = asyncio.get_running_loop().create_future()
+        pending = _Pending(job, steps, future)
+        item = QueuedJob(key=(self.model, job.width, job.height, steps, guidance), slots=job.n, deadline=deadline,
+                         enqueued=time.monotonic(), payload=pending)
+        self.batcher.put(item)
+        self._wakeup.set()
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                return await asyncio.shield(future)
+        except TimeoutError as exc:
+            self.batcher.remove(item)  # if still queued, it never runs
+            raise BackendTimeout("local pool did not finish before the deadline") from exc
+        finally:
+            if not future.done():
+                future.cancel()
+
+    # --- scheduling -----------------------------------------------------------------
+
+    async def _schedule(self) -> None:
+        while True:
+            wake_at = None
+            while (worker := self._idle_worker()) is not None:
+                self._drop_expired()
+                batch, wake_at = self.batcher.next_batch()
+                if batch is None:
+                    break
+                self._launch(worker, batch)
+            self._wakeup.clear()
+            timeout = None if wake_at is None else max(0.0, wake_at - time.monotonic())
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._wakeup.wait()
+
+    def _idle_worker(self):
+        idle = [w for w in self.workers if w.ready and not w.busy]
+        return min(idle, key=lambda w: w.assigned_slots) if idle else None
+
+    def _drop_expired(self) -> None:
+        now = time.monotonic()
+        for item in self.batcher.drain():
+            if item.payload.future.done():
+                continue
+            if item.deadline <= now:
+                _fail(item.payload, BackendTimeout("deadline passed while queued"))
+            else:
+                self.batcher.put(item)
+
+    def _launch(self, worker, batch: Batch) -> None:
+        worker.busy, worker.assigned_slots = True, batch.slots
+        index = self.workers.index(worker)
+        self._running_until[index] = time.monotonic() + batch.predicted_s
+        task = asyncio.create_task(self._run(worker, index, batch))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _run(self, worker, index: int, batch: Batch) -> None:
+        jobs = [item.payload for item in batch.jobs]
+        model, width, height, steps, guidance = batch.key
+        prompts, seeds, negatives = [], [], []
+        for p in jobs:
+            base_seed = p.job.seed if p.job.seed is not None else int.from_bytes(p.job.id.encode()[:4], "big")
+            prompts += [p.job.prompt] * p.job.n
+            seeds += [base_seed + i for i in range(p.job.n)]
+            negatives += [p.job.negative_prompt or ""] * p.job.n
+        request = BatchRequest(prompts=prompts, seeds=seeds, width=width, height=height, steps=steps,
+                               negative_prompts=negatives if any(negatives) else None, guidance_scale=guidance,
+                               output_format=jobs[0].job.output_format)
+        try:
+            output = await worker.run(request)
+        except WorkerCrashed:
+            log.error("%s crashed running a batch of %d; re-queueing its jobs", worker.name, batch.slots)
+            for item in batch.jobs:
+                self.batcher.put(item)
+            asyncio.create_task(self._restart(worker))
+            return
+        except Exception as exc:
+            log.exception("batch failed on %s", worker.name)
+            for p in jobs:
+                _fail(p, BackendTransientError(f"local batch failed: {type(exc).__name__}: {exc}"))
+            return
+        finally:
+            worker.busy, worker.assigned_slots = False, 0
+            self._running_until.pop(index, None)
+            self._wakeup.set()
+        self._record(batch, output.seconds)
+        self._deliver(jobs, output, batch.slots)
+
+    async def _restart(self, worker) -> None:
+        try:
+            await worker.restart()
+        except Exception as exc:
+            log.exception("%s failed to restart", worker.name)
+            worker.state, worker.detail = "failed", f"restart failed: {exc}"
+        self._wakeup.set()
+
+    def _record(self, batch: Batch, seconds: float) -> None:
+        model, width, height, steps, _ = batch.key
+        self.profile = self.profile.observe(model, width, height, steps, batch.slots, seconds)
+        self._occupancy = 0.8 * self._occupancy + 0.2 * batch.slots
+        self.batches_run += 1
+
+    def _deliver(self, jobs: list[_Pending], output, slots: int) -> None:
+        offset = 0
+        for p in jobs:
+            images = output.images[offset: offset + p.job.n]
+            offset += p.job.n
+            if p.future.done():
+                continue
+            p.future.set_result(GenerationResult(
+                images=tuple(GeneratedImage(data, media_type=f"image/{p.job.output_format}") for data in images),
+                model=self.model, width=p.job.width, height=p.job.height,
+                gpu_seconds=output.seconds * p.job.n / slots,  # this job's share of the batch
+                extra={"batch_size": slots},
+            ))
+
+
+def _fail(pending: _Pending, error: Exception) -> None:
+    if not pending.future.done():
+        pending.future.set_exception(error)
