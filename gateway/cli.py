@@ -113,6 +113,69 @@ def cmd_sandbox(args) -> int:
     return 0
 
 
+def cmd_pool_calibrate(args) -> int:
+    from backends.local.calibrate import calibrate
+    from backends.local.pool import load_profile
+
+    from .registry import build_local_pool
+
+    settings, _ = _load(args)
+    pool = build_local_pool(settings)
+    engine_spec = pool.workers[0].spec
+    shapes = [(s.width, s.height, s.steps) for s in settings.local.warm_shapes]
+    if args.shape:
+        shapes = [_parse_shape(s) for s in args.shape]
+    batches = [int(b) for b in args.batches.split(",")] if args.batches else _powers(settings.local.max_batch)
+    out = Path(args.out) if args.out else settings.resolve(settings.local.profile_file)
+    from backends.local.engine import DiffusionEngine
+
+    engine = DiffusionEngine(engine_spec)
+    print(f"loading {pool.model} on {engine_spec.device} ...", flush=True)
+    engine.load()
+    total = len(shapes) * len(batches)
+    try:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="shape")
+        report = lambda label: (bar.set_description(label), bar.update(0))  # noqa: E731
+    except ImportError:  # pragma: no cover
+        bar, report = None, lambda label: print(label, flush=True)
+    done = [0]
+
+    def progress(label: str) -> None:
+        if bar is not None and done[0]:
+            bar.update(1)
+        done[0] += 1
+        report(label)
+
+    profile = calibrate(engine, pool.model, shapes, batches, repeats=args.repeats, progress=progress,
+                        profile=load_profile(out, settings.local.max_batch))
+    if bar is not None:
+        bar.update(1)
+        bar.close()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(profile.to_json(), indent=1))
+    for (model, w, h, steps), row in sorted(profile.table.items()):
+        cells = "  ".join(f"b{b}: {s:.3f}s ({s / b:.3f}/img)" for b, s in sorted(row.items()))
+        print(f"{model} {w}x{h} {steps} steps  {cells}")
+    print(f"profile written to {out}")
+    return 0
+
+
+def _parse_shape(text: str) -> tuple[int, int, int]:
+    size, _, steps = text.partition(":")
+    w, h = size.lower().split("x")
+    return int(w), int(h), int(steps or 30)
+
+
+def _powers(limit: int) -> list[int]:
+    out, b = [], 1
+    while b <= limit:
+        out.append(b)
+        b *= 2
+    return out
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="imagegw", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -128,6 +191,15 @@ def _parser() -> argparse.ArgumentParser:
     sandbox.add_argument("--port", type=int, default=8090)
     sandbox.add_argument("--faults", help="YAML with latency and fault rates per provider")
     sandbox.set_defaults(func=cmd_sandbox)
+
+    pool = sub.add_parser("pool", help="local GPU pool tools").add_subparsers(dest="pool_cmd", required=True)
+    calib = pool.add_parser("calibrate", help="measure seconds per batch into the throughput profile")
+    calib.add_argument("--config")
+    calib.add_argument("--shape", action="append", help="WxH:steps (repeatable); default: local.warm_shapes")
+    calib.add_argument("--batches", help="comma-separated batch sizes; default: powers of two to max_batch")
+    calib.add_argument("--repeats", type=int, default=2)
+    calib.add_argument("--out", help="profile file; default: data_dir/local.profile_file")
+    calib.set_defaults(func=cmd_pool_calibrate)
 
     policy = sub.add_parser("policy", help="policy tools").add_subparsers(dest="policy_cmd", required=True)
     policy.add_parser("schema", help="print the policy's JSON Schema").set_defaults(func=cmd_policy_schema)

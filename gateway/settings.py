@@ -80,7 +80,7 @@ class LocalPoolSettings(_Section):
         "auto", description="process: one child process per device (crash isolation); auto: process on multi-GPU.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     compile: bool | None = Field(None, description="torch.compile; default on for CUDA.")
-    compile_mode: str = "max-autotune"
+    compile_mode: str = "reduce-overhead"
     fp8: bool = Field(False, description="FP8 UNet Linear layers (Hopper).")
     gpu_hour_usd: float = Field(2.0, ge=0)
     max_n: int = Field(10, ge=1)

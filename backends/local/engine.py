@@ -27,7 +27,7 @@ class EngineSpec:
     guidance_scale: float = 5.0
     seed: int = 0  # for random-weight builds
     compile: bool | None = None  # None: on for CUDA, off for CPU
-    compile_mode: str = "max-autotune"  # CUDA graphs + autotuned kernels, one graph per batch shape
+    compile_mode: str = "reduce-overhead"  # CUDA graphs, one static graph per batch shape
     fp8: bool = False  # FP8 Linear layers in the UNet (Hopper); check the error with benchmarks/local_pool.py
     tune_layout: bool = True  # fused QKV and channels-last on CUDA
     cache_dir: Path | None = None  # compile cache kept between restarts
@@ -90,6 +90,8 @@ class DiffusionEngine:
         else:
             pipe = build_preset_pipeline(self.spec.preset, seed=self.spec.seed)
         pipe = pipe.to(self.device) if dtype == torch.float32 else pipe.to(self.device, dtype)
+        if dtype == torch.bfloat16 and getattr(pipe.vae.config, "force_upcast", False):
+            pipe.vae.register_to_config(force_upcast=False)  # bf16 cannot overflow where fp16 would
         pipe.set_progress_bar_config(disable=True)
         torch.set_grad_enabled(False)
         if self.device.type == "cuda":

@@ -28,7 +28,7 @@ def tune_layout(pipe) -> None:
     pipe.vae.to(memory_format=torch.channels_last)
 
 
-def compile_pipeline(pipe, mode: str = "max-autotune", cache_dir: Path | None = None) -> None:
+def compile_pipeline(pipe, mode: str = "reduce-overhead", cache_dir: Path | None = None) -> None:
     """Compile the UNet and the VAE decoder, one static graph per batch shape (CUDA graphs in this mode)."""
     import torch
 

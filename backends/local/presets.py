@@ -74,7 +74,7 @@ def _vae(block_out_channels, norm_groups, scaling_factor):
         in_channels=3, out_channels=3, latent_channels=4,
         block_out_channels=block_out_channels, layers_per_block=2 if norm_groups == 32 else 1,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        norm_num_groups=norm_groups, scaling_factor=scaling_factor,
+        norm_num_groups=norm_groups, scaling_factor=scaling_factor, force_upcast=False,
     )
 
 
@@ -123,7 +123,8 @@ def _sdxl():
 
     tokenizer = byte_level_clip_tokenizer()
     return StableDiffusionXLPipeline(
-        vae=AutoencoderKL(**_architecture("sdxl_vae")),
+        # bf16 has fp32's range: no need for diffusers' fp32 VAE upcast (which would also defeat compile).
+        vae=AutoencoderKL(**{**_architecture("sdxl_vae"), "force_upcast": False}),
         text_encoder=CLIPTextModel(_text_config(tokenizer, **_CLIP_L)),
         text_encoder_2=CLIPTextModelWithProjection(_text_config(tokenizer, **_CLIP_BIG_G)),
         tokenizer=tokenizer, tokenizer_2=tokenizer,
