@@ -142,11 +142,17 @@ def derive(row: dict, flops_per_image: float, unet_tflop: float, steps: int, cei
             "cost_per_image_usd": GPU_HOUR_USD / 3600 * per_image}
 
 
+def _save(args, out: dict) -> None:
+    if args.out:  # after every row: a run cut short still leaves its numbers
+        Path(args.out).write_text(json.dumps(out, indent=1))
+
+
 def run(args) -> dict:
     import torch
 
     from backends.local.engine import DiffusionEngine, EngineSpec
 
+    began = time.perf_counter()
     size, steps = MODELS[args.model]
     steps = args.steps or steps
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -166,6 +172,7 @@ def run(args) -> dict:
     if args.naive:
         row = derive(naive_loop(naive, args.naive, size, steps), per_image, unet_tflop, steps, ceiling)
         out["rows"].append({"variant": "naive eager bf16", **row})
+        _save(args, out)
         print(f"naive: {row['latency_s']:.3f} s/image", flush=True)
     reference_unet = copy.deepcopy(naive.pipe.unet) if args.fp8_batches else naive.pipe.unet
     variants = [("ours bf16 compiled", False, args.batches)]
@@ -173,7 +180,7 @@ def run(args) -> dict:
         variants.append(("ours fp8 compiled", True, args.fp8_batches))
     del naive
     for name, fp8, batches in variants:
-        if not batches:
+        if not batches or time.perf_counter() - began > args.budget_s:
             continue
         engine = DiffusionEngine(EngineSpec(preset=args.model, device=device, fp8=fp8,
                                             compile=None if device == "cuda" else False))
@@ -183,8 +190,12 @@ def run(args) -> dict:
         err = unet_error(engine.pipe, reference_unet, size)
         print(f"{name}: loaded in {load_s:.0f}s; UNet relative error vs eager bf16 {err:.2e}", flush=True)
         for b in batches:
+            if time.perf_counter() - began > args.budget_s:
+                print(f"  batch {b}: skipped, past the {args.budget_s:.0f}s budget", flush=True)
+                continue
             row = derive(time_batches(engine, b, size, steps, args.repeats), per_image, unet_tflop, steps, ceiling)
             out["rows"].append({"variant": name, "unet_rel_error": err, **row})
+            _save(args, out)
             print(f"  batch {b}: {row['latency_s']:.3f} s/batch, {row['gpu_s_per_image']:.3f} GPU-s/image, "
                   f"compile+warm {row['warm_s']:.0f}s, peak {row['peak_gib']:.1f} GiB", flush=True)
         del engine
@@ -224,6 +235,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", type=int)
     p.add_argument("--out")
+    p.add_argument("--budget-s", type=float, default=1e9, help="start no new shape after this many seconds")
     p.add_argument("--report", nargs="*", help="print the combined table of earlier --out files")
     args = p.parse_args()
     if args.report:
@@ -232,8 +244,7 @@ def main() -> None:
     args.batches = [int(b) for b in args.batches.split(",") if b]
     args.fp8_batches = [int(b) for b in args.fp8_batches.split(",") if b]
     result = run(args)
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
+    _save(args, result)
     print(table([result]))
 
 

@@ -88,7 +88,7 @@ class DiffusionEngine:
                 str(self.spec.weights_dir), local_files_only=True, torch_dtype=dtype
             )
         else:
-            pipe = build_preset_pipeline(self.spec.preset, seed=self.spec.seed)
+            pipe = build_preset_pipeline(self.spec.preset, seed=self.spec.seed, device=str(self.device))
         pipe = pipe.to(self.device) if dtype == torch.float32 else pipe.to(self.device, dtype)
         if dtype == torch.bfloat16 and getattr(pipe.vae.config, "force_upcast", False):
             pipe.vae.register_to_config(force_upcast=False)  # bf16 cannot overflow where fp16 would

@@ -59,12 +59,14 @@ def _text_config(tokenizer, **arch):
 
 
 def _scheduler():
+    import torch
     from diffusers import EulerDiscreteScheduler
 
-    return EulerDiscreteScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-        beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading",
-    )
+    with torch.device("cpu"):  # scheduler state is host-side (numpy)
+        return EulerDiscreteScheduler(
+            num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+            beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading",
+        )
 
 
 def _vae(block_out_channels, norm_groups, scaling_factor):
@@ -135,11 +137,13 @@ def _sdxl():
 _BUILDERS = {"tiny": _tiny, "sd15": _sd15, "sdxl": _sdxl}
 
 
-def build_preset_pipeline(preset: str, seed: int = 0):
-    """Build a preset's pipeline on CPU in fp32 with seeded random weights."""
+def build_preset_pipeline(preset: str, seed: int = 0, device: str = "cpu"):
+    """Build a preset's pipeline in fp32 with seeded random weights, initialised directly on `device`
+    (a 2.6 B-parameter UNet initialises in seconds on a GPU, a minute on a CPU)."""
     import torch
 
     if preset not in _BUILDERS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(_BUILDERS)}")
     torch.manual_seed(seed)
-    return _BUILDERS[preset]()
+    with torch.device(device):
+        return _BUILDERS[preset]()
