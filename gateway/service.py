@@ -230,6 +230,7 @@ class _AuditDraft:
             "billed_units": outcome.result.billed_units,
             "gpu_seconds": outcome.result.gpu_seconds,
             "hedge_cost_usd": outcome.hedge_cost_usd,
+            "batch_size": outcome.result.extra.get("batch_size"),
             "sandbox": bool(outcome.result.extra.get("sandbox")),
         }
 
