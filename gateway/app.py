@@ -19,6 +19,7 @@ from .api.meta import healthz, list_backends, list_models, readyz
 from .audit import AuditLog
 from .errors import GatewayError, error_body
 from .image_store import ImageStore
+from .metrics import Metrics
 from .registry import Backends, build_backends
 from .sandbox_runner import SandboxServer, load_sandbox_config
 from .schemas import GenerationRequest
@@ -64,6 +65,13 @@ def create_app(settings: Settings, policy: Policy,
                                 limits=settings.limits, public_url=settings.server.public_url,
                                 guards=built.guards)
 
+    def pool_model():
+        local = backends.get("local")
+        return local.load().pool if local is not None else None
+
+    metrics = Metrics(built.guards, pool_model, lambda: audit.backlog)
+    service.observers += [service.snapshots.stats.observe_record, metrics.observe]
+
     @contextlib.asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
         await audit.start()
@@ -94,12 +102,16 @@ def create_app(settings: Settings, policy: Policy,
             "schema": GenerationRequest.model_json_schema()}}}
         return schema
 
+    @get("/metrics", include_in_schema=False, sync_to_thread=False)
+    def metrics_endpoint() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
     def _const(value):
         return Provide(lambda: value, sync_to_thread=False)
 
     return Litestar(
         route_handlers=[create_image, get_image_file, list_models, list_backends, healthz, readyz,
-                        openapi_json],
+                        openapi_json, metrics_endpoint],
         dependencies={
             "service": _const(service), "image_store": _const(images), "backends": _const(backends),
             "policy": _const(policy_holder), "audit": _const(audit),

@@ -12,7 +12,7 @@ import hashlib
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from backends.protocol import Backend, GeneratedImage, GenerationJob
@@ -80,8 +80,10 @@ def _model_target(model: str, backends: Mapping[str, Backend]) -> tuple[str | No
 class GenerationService:
     def __init__(self, *, backends: Mapping[str, Backend], policy: PolicyHolder, audit: AuditLog,
                  images: ImageStore, limits: LimitSettings, public_url: str | None = None,
-                 guards: Mapping[str, BackendGuard] | None = None):
+                 guards: Mapping[str, BackendGuard] | None = None,
+                 observers: list[Callable[[dict], None]] | None = None):
         self._backends = backends
+        self.observers = observers if observers is not None else []  # metrics, live stats: fed each record
         self._policy = policy
         self._audit = audit
         self._images = images
@@ -158,7 +160,15 @@ class GenerationService:
             record.fail_with("internal_error", 500, type(exc).__name__)
             raise
         finally:
-            self._audit.submit(record.finish())
+            self._finish(record.finish())
+
+    def _finish(self, record: dict) -> None:
+        self._audit.submit(record)
+        for observe in self.observers:
+            try:
+                observe(record)
+            except Exception:  # an observer must never fail a request
+                log.exception("observer failed")
 
     async def _deliver(self, images: tuple[GeneratedImage, ...], response_format: str,
                        ctx: RequestContext) -> list[dict]:

@@ -6,9 +6,10 @@ from collections.abc import Mapping
 
 from backends.protocol import Backend, LoadReport
 from policies.schema import LatencyPrior, Policy
-from policies.types import BackendView, Health, LatencyModel, Snapshot
+from policies.types import BackendKind, BackendView, Health, LatencyModel, Snapshot
 
 from .guard import BackendGuard
+from .stats import OutcomeStats
 
 __all__ = ["SnapshotSource"]
 
@@ -18,9 +19,11 @@ _UNKNOWN_PRIOR = LatencyPrior(p50_ms=5_000, p95_ms=30_000)
 class SnapshotSource:
     """Reads every backend's offer and load report (in memory, no I/O) into one Snapshot."""
 
-    def __init__(self, backends: Mapping[str, Backend], guards: Mapping[str, BackendGuard] | None = None):
+    def __init__(self, backends: Mapping[str, Backend], guards: Mapping[str, BackendGuard] | None = None,
+                 stats: OutcomeStats | None = None):
         self._backends = backends
         self._guards = guards or {}
+        self.stats = stats or OutcomeStats()
 
     def current(self, policy: Policy) -> Snapshot:
         return Snapshot(tuple(self._view(b, policy) for b in self._backends.values()))
@@ -35,6 +38,14 @@ class SnapshotSource:
                 return health, detail
         return load.health, load.detail
 
+    def _latency(self, name: str, prior: LatencyPrior, policy: Policy) -> LatencyModel:
+        """Observed quantiles once there are enough of them; the configured prior until then."""
+        observed = self.stats.get(name)
+        if observed is not None and observed.samples >= policy.live_latency_min_samples \
+                and self._backends[name].offer.kind is BackendKind.API:
+            return LatencyModel(p50_ms=observed.p50_ms, p95_ms=observed.p95_ms)
+        return LatencyModel(p50_ms=prior.p50_ms, p95_ms=prior.p95_ms)
+
     def _view(self, backend: Backend, policy: Policy) -> BackendView:
         offer, load = backend.offer, backend.load()
         bp = policy.backends.get(offer.name)
@@ -47,6 +58,6 @@ class SnapshotSource:
             sizes=offer.sizes,
             max_n=offer.max_n,
             default_steps=offer.default_steps,
-            latency=LatencyModel(p50_ms=prior.p50_ms, p95_ms=prior.p95_ms),
+            latency=self._latency(offer.name, prior, policy),
             pool=load.pool,
         )

@@ -1,0 +1,82 @@
+"""Prometheus metrics, observed from outside the request path: from finished audit records
+and, at scrape time, from the snapshot (queue, occupancy, breakers).
+
+One registry per app (no globals), served at /metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+from .guard import BackendGuard
+
+__all__ = ["Metrics"]
+
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
+_BREAKER_VALUE = {"closed": 0, "half_open": 1, "open": 2}
+
+
+class Metrics:
+    def __init__(self, guards: Mapping[str, BackendGuard], pool_model: Callable[[], object | None],
+                 audit_backlog: Callable[[], int]):
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("imagegw_requests", "Requests by serving backend and outcome",
+                                ["backend", "outcome", "status"], registry=self.registry)
+        self.latency = Histogram("imagegw_request_latency_seconds", "End-to-end request latency",
+                                 ["backend"], buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.cost = Counter("imagegw_cost_usd", "Cost incurred", ["backend", "tenant"], registry=self.registry)
+        self.images = Counter("imagegw_images", "Images delivered", ["backend"], registry=self.registry)
+        self.sla_missed = Counter("imagegw_sla_missed", "Requests that missed their SLA", ["tier"],
+                                  registry=self.registry)
+        self.attempts = Counter("imagegw_backend_attempts", "Backend attempts by outcome and error class",
+                                ["backend", "outcome", "error_class"], registry=self.registry)
+        self.fallbacks = Counter("imagegw_fallbacks", "Requests served by other than the first candidate",
+                                 registry=self.registry)
+        self._guards, self._pool_model, self._backlog = guards, pool_model, audit_backlog
+        self.registry.register(self)  # scrape-time gauges via collect()
+
+    def observe(self, record: dict) -> None:
+        """Fold one finished request's audit record into the counters."""
+        backend = record.get("backend") or "none"
+        self.requests.labels(backend, record["outcome"], str(record["status"])).inc()
+        self.latency.labels(backend).observe(record["latency_ms"] / 1000)
+        if record.get("cost_usd"):
+            self.cost.labels(backend, record.get("tenant") or "anonymous").inc(record["cost_usd"])
+        if record.get("images"):
+            self.images.labels(backend).inc(record["images"])
+        if record.get("sla_met") is False:
+            self.sla_missed.labels((record.get("decision") or {}).get("tier") or "none").inc()
+        attempts = record.get("attempts") or []
+        for a in attempts:
+            self.attempts.labels(a["backend"], a["outcome"], a.get("error_class") or "").inc()
+        chosen = (record.get("decision") or {}).get("chosen")
+        if record["outcome"] == "ok" and chosen and backend != chosen:
+            self.fallbacks.inc()
+
+    def collect(self):
+        breaker = GaugeMetricFamily("imagegw_breaker_state", "Circuit state (0 closed, 1 half-open, 2 open)",
+                                    labels=["backend"])
+        inflight = GaugeMetricFamily("imagegw_backend_inflight", "Calls in flight", labels=["backend"])
+        for name, guard in self._guards.items():
+            breaker.add_metric([name], _BREAKER_VALUE[guard.breaker.state])
+            inflight.add_metric([name], guard.inflight)
+        yield breaker
+        yield inflight
+        pool = self._pool_model()
+        if pool is not None:
+            yield GaugeMetricFamily("imagegw_local_work_ahead_seconds", "Queued + running work in the pool",
+                                    value=pool.work_ahead_s)
+            yield GaugeMetricFamily("imagegw_local_batch_occupancy", "Observed images per batch",
+                                    value=pool.typical_batch)
+            yield GaugeMetricFamily("imagegw_local_workers_ready", "Ready pool workers", value=pool.workers)
+        yield GaugeMetricFamily("imagegw_audit_backlog", "Audit records waiting to be written",
+                                value=self._backlog())
+
+    def describe(self):
+        return []
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
