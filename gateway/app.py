@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator, Mapping
 
 from litestar import Litestar, MediaType, Request, Response, get
+from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
@@ -14,16 +15,19 @@ from litestar.openapi import OpenAPIConfig
 from backends.protocol import Backend
 from policies.schema import Policy
 
+from .api.admin import admin_router
 from .api.images import create_image, get_image_file
 from .api.meta import healthz, list_backends, list_models, readyz
 from .audit import AuditLog
+from .auth import KeyRing
 from .errors import GatewayError, error_body
 from .image_store import ImageStore
 from .metrics import Metrics
+from .policy_admin import PolicyRegistry
 from .registry import Backends, build_backends
 from .sandbox_runner import SandboxServer, load_sandbox_config
 from .schemas import GenerationRequest
-from .service import GenerationService, PolicyHolder
+from .service import GenerationService
 from .settings import Settings
 
 __all__ = ["create_app"]
@@ -57,7 +61,13 @@ def create_app(settings: Settings, policy: Policy,
     built, backends = backends, backends.backends
     sandbox = (SandboxServer(built.sandbox_url, load_sandbox_config(settings.sandbox.config_file))
                if built.sandbox_url else None)
-    policy_holder = PolicyHolder(policy)
+    policy_file = settings.config_dir / settings.policy_file if settings.config_dir else None
+    policy_holder = PolicyRegistry(policy, path=policy_file)
+    keyring, generated_admin_key = KeyRing.from_settings(settings.auth)
+    if generated_admin_key:
+        # Shown once, like a notebook server's token: only its hash is kept.
+        print(f"\n  admin key (generated for this run; set {settings.auth.admin_key_env} to keep one): "
+              f"{generated_admin_key}\n", flush=True)
     audit = AuditLog(settings.resolve(settings.audit.path), batch_size=settings.audit.batch_size,
                      flush_interval_s=settings.audit.flush_interval_s)
     images = ImageStore(settings.resolve(settings.images.dir), settings.images.url_ttl_s)
@@ -76,6 +86,8 @@ def create_app(settings: Settings, policy: Policy,
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
         await audit.start()
         await images.start()
+        if settings.policy_reload_interval_s > 0:
+            await policy_holder.watch(settings.policy_reload_interval_s)
         if sandbox is not None:
             await sandbox.start()
         for backend in backends.values():
@@ -87,6 +99,7 @@ def create_app(settings: Settings, policy: Policy,
                 with contextlib.suppress(Exception):
                     await backend.aclose()
             await images.close()
+            await policy_holder.close()
             if sandbox is not None:
                 await sandbox.stop()
             await audit.close()
@@ -111,7 +124,7 @@ def create_app(settings: Settings, policy: Policy,
 
     return Litestar(
         route_handlers=[create_image, get_image_file, list_models, list_backends, healthz, readyz,
-                        openapi_json, metrics_endpoint],
+                        openapi_json, metrics_endpoint, admin_router],
         dependencies={
             "service": _const(service), "image_store": _const(images), "backends": _const(backends),
             "policy": _const(policy_holder), "audit": _const(audit),
@@ -120,6 +133,7 @@ def create_app(settings: Settings, policy: Policy,
         exception_handlers={GatewayError: _gateway_error, HTTPException: _http_error,
                             Exception: _unexpected},
         lifespan=[lifespan],
+        state=State({"keyring": keyring}),
         openapi_config=OpenAPIConfig(title="imagegw", version="0.1.0", path="/schema"),
         request_max_body_size=settings.server.max_body_bytes,
         debug=False,

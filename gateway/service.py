@@ -26,20 +26,14 @@ from .dispatch import Attempt, Dispatcher, DispatchOutcome
 from .errors import GatewayError, InvalidRequest, NoBackendAvailable
 from .guard import BackendGuard
 from .image_store import ImageStore
+from .policy_admin import PolicyRegistry
 from .schemas import GenerationRequest, parse_generation_request
 from .settings import LimitSettings
 from .snapshot import SnapshotSource
 
-__all__ = ["GenerationService", "PolicyHolder", "RequestContext", "ServedImages"]
+__all__ = ["GenerationService", "RequestContext", "ServedImages"]
 
 log = logging.getLogger(__name__)
-
-
-class PolicyHolder:
-    """The policy in force; requests read it once and keep that version to the end."""
-
-    def __init__(self, policy: Policy):
-        self.current = policy
 
 
 @dataclass(slots=True)
@@ -78,7 +72,7 @@ def _model_target(model: str, backends: Mapping[str, Backend]) -> tuple[str | No
 
 
 class GenerationService:
-    def __init__(self, *, backends: Mapping[str, Backend], policy: PolicyHolder, audit: AuditLog,
+    def __init__(self, *, backends: Mapping[str, Backend], policy: PolicyRegistry, audit: AuditLog,
                  images: ImageStore, limits: LimitSettings, public_url: str | None = None,
                  guards: Mapping[str, BackendGuard] | None = None,
                  observers: list[Callable[[dict], None]] | None = None):
@@ -161,6 +155,12 @@ class GenerationService:
             raise
         finally:
             self._finish(record.finish())
+
+    def record_rejection(self, ctx: RequestContext, exc: GatewayError) -> None:
+        """Audit a request refused before it was read (authentication)."""
+        draft = _AuditDraft(ctx, self._policy.current)
+        draft.fail(exc)
+        self._finish(draft.finish())
 
     def _finish(self, record: dict) -> None:
         self._audit.submit(record)

@@ -140,6 +140,22 @@ class SandboxSettings(_Section):
     config_file: Path | None = Field(None, description="Fault profiles (YAML); default: mild latency, no faults.")
 
 
+class ApiKeySettings(_Section):
+    key_sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$", description="sha256 hex of the key (never the key).")
+    tenant: str = Field(min_length=1, max_length=128)
+    role: Literal["app", "admin"] = "app"
+
+
+class AuthSettings(_Section):
+    keys: list[ApiKeySettings] = Field(default_factory=list)
+    admin_key_env: str | None = Field("IMAGEGW_ADMIN_KEY", description="Variable holding an admin key.")
+    anonymous_apps: bool | Literal["auto"] = Field(
+        "auto", description="auto: app requests may be anonymous only while no app keys are configured.")
+
+    def admin_key(self) -> str | None:
+        return os.environ.get(self.admin_key_env) or None if self.admin_key_env else None
+
+
 class Settings(BaseSettings):
     """Everything the gateway process needs to start."""
 
@@ -157,6 +173,8 @@ class Settings(BaseSettings):
     local: LocalPoolSettings = LocalPoolSettings()
     backends: dict[str, ProviderSettings] = Field(default_factory=dict)
     breaker: BreakerSettings = BreakerSettings()
+    auth: AuthSettings = AuthSettings()
+    policy_reload_interval_s: float = Field(2.0, ge=0, description="Poll policy.yaml for edits; 0 disables.")
     sandbox: SandboxSettings = SandboxSettings()
 
     @classmethod

@@ -115,7 +115,7 @@ class Policy(_Strict):
     cost_accounting: CostAccounting = CostAccounting.AMORTIZED
     record_prompt_text: bool = Field(False, description="Store prompt text in the audit log (else a hash).")
     live_latency_min_samples: int = Field(
-        20, ge=1, description="Observed successes needed before a backend's latency comes from outcomes, not its prior.")
+        20, ge=1, description="Successes observed before a backend's latency comes from outcomes, not its prior.")
     defaults: Defaults = Defaults()
     dispatch: Dispatch = Dispatch()
     tiers: dict[Name, Tier] = Field(default_factory=lambda: {"standard": Tier()})

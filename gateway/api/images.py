@@ -5,7 +5,7 @@ from __future__ import annotations
 from litestar import Request, Response, get, post
 from litestar.response import File
 
-from ..errors import NotFound
+from ..errors import GatewayError, NotFound
 from ..image_store import ImageStore
 from ..service import GenerationService, RequestContext
 
@@ -15,6 +15,11 @@ __all__ = ["create_image", "get_image_file"]
 @post("/v1/images/generations", status_code=200, summary="Create images (OpenAI-compatible)")
 async def create_image(request: Request, service: GenerationService) -> Response:
     ctx = RequestContext(base_url=str(request.base_url))
+    try:
+        ctx.tenant = request.app.state.keyring.app(request.headers.get("authorization")).tenant
+    except GatewayError as exc:
+        service.record_rejection(ctx, exc)  # refused requests are audited too
+        raise
     served = await service.generate(await request.body(), ctx)
     return Response(served.body, headers=served.headers)
 

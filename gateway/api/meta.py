@@ -12,7 +12,7 @@ from policies.types import Health, PoolModel, RouteRequest
 
 from ..audit import AuditLog
 from ..guard import BackendGuard
-from ..service import PolicyHolder
+from ..policy_admin import PolicyRegistry
 from ..snapshot import SnapshotSource
 
 __all__ = ["healthz", "list_backends", "list_models", "readyz"]
@@ -31,7 +31,7 @@ async def list_models(backends: Mapping[str, Backend]) -> dict:
 
 
 @get("/v1/backends", summary="Each backend's status, predicted latency and live cost per image")
-async def list_backends(backends: Mapping[str, Backend], policy: PolicyHolder, snapshots: SnapshotSource,
+async def list_backends(backends: Mapping[str, Backend], policy: PolicyRegistry, snapshots: SnapshotSource,
                         guards: Mapping[str, BackendGuard]) -> dict:
     current = policy.current
     snapshot = snapshots.current(current)

@@ -1,0 +1,136 @@
+"""Ops routes (admin keys only): policy get/validate/replace/history/diff/rollback, audit query and export, stats."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Mapping
+
+import msgspec
+from litestar import Request, Router, get, post, put
+from litestar.response import Stream
+
+from backends.protocol import Backend
+from policies.lint import policy_warnings
+
+from ..audit import AuditLog, AuditReader, audit_query, audit_stats
+from ..auth import admin_only
+from ..config import ConfigError, parse_policy
+from ..errors import InvalidRequest, NotFound
+from ..policy_admin import PolicyRegistry
+
+__all__ = ["admin_router"]
+
+
+class PolicyRejected(InvalidRequest):
+    status = 422
+    code = "policy_invalid"
+
+
+async def _policy_body(request: Request):
+    body = await request.body()
+    try:
+        return parse_policy(body.decode("utf-8", "replace"), "request body")
+    except ConfigError as exc:
+        raise PolicyRejected("the policy is invalid; the running policy stays",
+                             extra={"errors": exc.errors}) from exc
+
+
+def _who(request: Request) -> str:
+    principal = request.scope.get("principal")
+    return principal.tenant if principal else "?"
+
+
+@get("/policy")
+async def get_policy(policy: PolicyRegistry) -> dict:
+    v = policy.version
+    return {**v.summary(), "policy": v.policy.model_dump(mode="json"), "yaml": v.yaml(),
+            "file_reload_error": policy.last_reload_error}
+
+
+@post("/policy/validate", status_code=200)
+async def validate_policy(request: Request, backends: Mapping[str, Backend]) -> dict:
+    try:
+        candidate = parse_policy((await request.body()).decode("utf-8", "replace"), "request body")
+    except ConfigError as exc:
+        return {"valid": False, "errors": exc.errors, "warnings": []}
+    return {"valid": True, "errors": [], "fingerprint": candidate.fingerprint,
+            "warnings": policy_warnings(candidate, set(backends))}
+
+
+@put("/policy")
+async def replace_policy(request: Request, policy: PolicyRegistry, backends: Mapping[str, Backend]) -> dict:
+    candidate = await _policy_body(request)
+    entry = policy.apply(candidate, _who(request), request.query_params.get("note", ""))
+    return {**entry.summary(), "warnings": policy_warnings(candidate, set(backends))}
+
+
+@get("/policy/history")
+async def policy_history(policy: PolicyRegistry) -> dict:
+    return {"current": policy.version.version, "versions": [v.summary() for v in reversed(policy.history)]}
+
+
+@get("/policy/diff")
+async def policy_diff(policy: PolicyRegistry, from_: int = 0, to: int = 0) -> dict:
+    # ?from_=1&to=2 (defaults: previous against current)
+    to = to or policy.version.version
+    from_ = from_ or max(1, to - 1)
+    diff = policy.diff(from_, to)
+    if diff is None:
+        raise NotFound(f"no such version (have 1..{policy.version.version})", param="from_")
+    return {"from": from_, "to": to, "diff": diff}
+
+
+@post("/policy/rollback/{version:int}", status_code=200)
+async def rollback_policy(request: Request, policy: PolicyRegistry, version: int) -> dict:
+    entry = policy.rollback(version, _who(request))
+    if entry is None:
+        raise NotFound(f"no policy version {version}", param="version")
+    return entry.summary()
+
+
+@get("/audit")
+async def query_audit(audit: AuditLog, limit: int = 100, cursor: str | None = None, since: float | None = None,
+                      until: float | None = None, tenant: str | None = None, backend: str | None = None,
+                      outcome: str | None = None, sla_missed: bool | None = None,
+                      policy_version: str | None = None) -> dict:
+    if not 1 <= limit <= 1000:
+        raise InvalidRequest("limit: 1..1000", param="limit")
+    page, next_cursor = audit_query(AuditReader(audit.path), limit=limit, cursor=cursor, since=since,
+                                    until=until, tenant=tenant, backend=backend, outcome=outcome,
+                                    sla_missed=sla_missed, policy_version=policy_version)
+    return {"data": page, "next_cursor": next_cursor}
+
+
+@get("/audit/export")
+async def export_audit(audit: AuditLog, since: float | None = None, until: float | None = None) -> Stream:
+    reader = AuditReader(audit.path)
+
+    async def lines() -> AsyncIterator[bytes]:
+        cursor = None
+        while True:
+            page, cursor = audit_query(reader, limit=500, cursor=cursor, since=since, until=until)
+            for record in page:
+                yield msgspec.json.encode(record) + b"\n"
+            if cursor is None:
+                return
+
+    return Stream(lines(), media_type="application/x-ndjson")
+
+
+@get("/audit/{decision_id:str}")
+async def get_audit(audit: AuditLog, decision_id: str) -> dict:
+    record = AuditReader(audit.path).get(decision_id)
+    if record is None:
+        raise NotFound("no audit record with that id (records are written within a second)", param="decision_id")
+    return record
+
+
+@get("/stats")
+async def stats(audit: AuditLog, window_s: float = 3600.0) -> dict:
+    return {"window_s": window_s, "backends": audit_stats(AuditReader(audit.path), time.time() - window_s)}
+
+
+admin_router = Router(path="/admin", guards=[admin_only], include_in_schema=True, route_handlers=[
+    get_policy, validate_policy, replace_policy, policy_history, policy_diff, rollback_policy,
+    query_audit, export_audit, get_audit, stats,
+])

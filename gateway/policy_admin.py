@@ -1,0 +1,122 @@
+"""The policy in force, its versions, and how it changes: API edits, rollbacks and file reloads.
+
+Every change is validated first and kept in history with who and when; requests
+already in flight finish under the version they started with (they hold a
+reference to it). Across replicas the same history is shared through Redis
+pub/sub: not yet built (issue 5); this is the single-replica version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import difflib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from policies.schema import Policy
+
+from .config import ConfigError, parse_policy
+
+__all__ = ["PolicyRegistry", "PolicyVersion"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyVersion:
+    version: int
+    policy: Policy
+    author: str
+    at: float
+    note: str = ""
+
+    def summary(self) -> dict:
+        return {"version": self.version, "fingerprint": self.policy.fingerprint, "author": self.author,
+                "at": self.at, "note": self.note}
+
+    def yaml(self) -> str:
+        return yaml.safe_dump(self.policy.model_dump(mode="json"), sort_keys=False)
+
+
+class PolicyRegistry:
+    """Holds `current` (read once per request) and the ordered history of versions."""
+
+    def __init__(self, policy: Policy, author: str = "startup", path: Path | None = None,
+                 clock=time.time):
+        self._clock = clock
+        self.history: list[PolicyVersion] = [PolicyVersion(1, policy, author, clock(), "initial")]
+        self.path = path
+        self.last_reload_error: str | None = None
+        self._mtime = path.stat().st_mtime if path is not None and path.exists() else None
+        self._watcher: asyncio.Task | None = None
+
+    @property
+    def current(self) -> Policy:
+        return self.history[-1].policy
+
+    @property
+    def version(self) -> PolicyVersion:
+        return self.history[-1]
+
+    def apply(self, policy: Policy, author: str, note: str = "") -> PolicyVersion:
+        entry = PolicyVersion(self.history[-1].version + 1, policy, author, self._clock(), note)
+        self.history.append(entry)
+        log.info("policy v%d (%s) applied by %s %s", entry.version, policy.fingerprint, author, note)
+        return entry
+
+    def get(self, version: int) -> PolicyVersion | None:
+        return next((v for v in self.history if v.version == version), None)
+
+    def rollback(self, version: int, author: str) -> PolicyVersion | None:
+        target = self.get(version)
+        if target is None:
+            return None
+        return self.apply(target.policy, author, f"rollback to v{version}")
+
+    def diff(self, a: int, b: int) -> str | None:
+        va, vb = self.get(a), self.get(b)
+        if va is None or vb is None:
+            return None
+        return "".join(difflib.unified_diff(va.yaml().splitlines(True), vb.yaml().splitlines(True),
+                                            f"v{a}", f"v{b}"))
+
+    # --- the file on disk -------------------------------------------------------------
+
+    def reload_if_changed(self) -> PolicyVersion | None:
+        """Apply policy.yaml if it changed and is valid; an invalid file is refused and the policy stays."""
+        if self.path is None or not self.path.exists():
+            return None
+        mtime = self.path.stat().st_mtime
+        if mtime == self._mtime:
+            return None
+        self._mtime = mtime
+        try:
+            policy = parse_policy(self.path.read_text(), str(self.path))
+        except ConfigError as exc:
+            self.last_reload_error = exc.render()
+            log.error("policy file edit refused, v%d stays in force:\n%s", self.version.version, exc.render())
+            return None
+        self.last_reload_error = None
+        if policy.fingerprint == self.current.fingerprint:
+            return None
+        return self.apply(policy, "file", f"reloaded {self.path.name}")
+
+    async def watch(self, interval_s: float) -> None:
+        self._watcher = asyncio.create_task(self._poll(interval_s), name="policy-file-watch")
+
+    async def _poll(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(self.reload_if_changed)
+
+    async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher

@@ -1,0 +1,134 @@
+"""Ops surface: API keys, policy admin with versions and rollback, file reload, audit query and stats."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import pytest
+import yaml
+
+from gateway.auth import hash_key
+from gateway.settings import ApiKeySettings
+from policies.types import BackendKind
+from tests.conftest import ROOT
+from tests.fakes import ScriptedBackend
+
+ADMIN = "test-admin-key"
+
+
+@pytest.fixture
+def gateway(settings, shipped_policy, serve, monkeypatch, tmp_path):
+    monkeypatch.setenv("IMAGEGW_ADMIN_KEY", ADMIN)
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "policy.yaml").write_text((ROOT / "config" / "policy.yaml").read_text())
+    settings.config_dir = config
+    settings.policy_reload_interval_s = 0.05
+    backends = {"local": ScriptedBackend("local", kind=BackendKind.LOCAL, models=("tiny",)),
+                "reve": ScriptedBackend("reve", models=("reve-create",))}
+    return serve(settings, shipped_policy, backends)
+
+
+def admin(server, method, path, **kw):
+    return httpx.request(method, server.base_url + path, headers={"authorization": f"Bearer {ADMIN}"}, **kw)
+
+
+def generate(server, key=None, **body):
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(server.base_url + "/v1/images/generations", headers=headers,
+                      json={"prompt": "x", "size": "256x256", **body})
+
+
+def test_admin_routes_need_an_admin_key_while_app_requests_may_be_anonymous(gateway):
+    assert generate(gateway).status_code == 200  # quick start: no app keys configured
+    assert httpx.get(gateway.base_url + "/admin/policy").status_code == 401
+    wrong = httpx.get(gateway.base_url + "/admin/policy", headers={"authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+    assert admin(gateway, "GET", "/admin/policy").status_code == 200
+
+
+def test_app_keys_map_to_tenants_and_cannot_reach_admin(settings, shipped_policy, serve, monkeypatch):
+    monkeypatch.setenv("IMAGEGW_ADMIN_KEY", ADMIN)
+    settings.auth.keys = [ApiKeySettings(key_sha256=hash_key("acme-key"), tenant="acme")]
+    server = serve(settings, shipped_policy, {"local": ScriptedBackend("local", kind=BackendKind.LOCAL)})
+    assert generate(server).status_code == 401  # app keys exist: anonymous is off
+    ok = generate(server, key="acme-key")
+    assert ok.status_code == 200
+    forbidden = httpx.get(server.base_url + "/admin/policy", headers={"authorization": "Bearer acme-key"})
+    assert forbidden.status_code == 403
+    time.sleep(0.3)
+    record = admin(server, "GET", f"/admin/audit/{ok.headers['x-gateway-decision-id']}").json()
+    assert record["tenant"] == "acme"
+    page = admin(server, "GET", "/admin/audit", params={"outcome": "error"}).json()["data"]
+    assert any(r["status"] == 401 for r in page)  # refused requests are audited too
+    assert "acme-key" not in json.dumps(page)
+
+
+def test_policy_validate_reports_errors_with_paths_and_warnings(gateway):
+    bad = admin(gateway, "POST", "/admin/policy/validate", content="objective: cheapest\ntiers: {x: {min_quality: 3}}")
+    assert bad.json()["valid"] is False
+    assert any(e.startswith("objective") for e in bad.json()["errors"])
+    policy = admin(gateway, "GET", "/admin/policy").json()["policy"]
+    policy["rules"] = [{"name": "all", "match": {}}, {"name": "never", "match": {"tiers": ["premium"]}}]
+    policy["tiers"]["ultra"] = {"min_quality": 0.99}
+    warned = admin(gateway, "POST", "/admin/policy/validate", content=json.dumps(policy)).json()
+    assert warned["valid"] is True
+    text = "\n".join(warned["warnings"])
+    assert "rules[1] ('never') is unreachable" in text and "tiers.ultra" in text
+
+
+def test_replace_history_diff_and_rollback(gateway):
+    v1 = admin(gateway, "GET", "/admin/policy").json()
+    first = generate(gateway).headers["x-gateway-policy-version"]
+    assert first == v1["fingerprint"]
+    changed = {**v1["policy"], "objective": "min_latency"}
+    put = admin(gateway, "PUT", "/admin/policy", content=yaml.safe_dump(changed), params={"note": "faster"})
+    assert put.status_code == 200 and put.json()["version"] == 2
+    assert generate(gateway).headers["x-gateway-policy-version"] == put.json()["fingerprint"]
+    refused = admin(gateway, "PUT", "/admin/policy", content="objective: [")
+    assert refused.status_code == 422 and refused.json()["error"]["errors"]
+    assert admin(gateway, "GET", "/admin/policy").json()["version"] == 2  # the running policy stays
+    history = admin(gateway, "GET", "/admin/policy/history").json()
+    assert [v["version"] for v in history["versions"]] == [2, 1] and history["versions"][0]["author"] == "ops"
+    diff = admin(gateway, "GET", "/admin/policy/diff", params={"from_": 1, "to": 2}).json()["diff"]
+    assert "-objective: min_cost" in diff and "+objective: min_latency" in diff
+    back = admin(gateway, "POST", "/admin/policy/rollback/1").json()
+    assert back["version"] == 3 and back["fingerprint"] == v1["fingerprint"]
+    assert admin(gateway, "POST", "/admin/policy/rollback/99").status_code == 404
+
+
+def test_editing_the_policy_file_reloads_it_and_a_bad_edit_is_refused(gateway, settings):
+    path = settings.config_dir / "policy.yaml"
+    data = yaml.safe_load(path.read_text())
+    data["objective"] = "min_latency"
+    path.write_text(yaml.safe_dump(data))
+    for _ in range(100):
+        current = admin(gateway, "GET", "/admin/policy").json()
+        if current["version"] == 2:
+            break
+        time.sleep(0.05)
+    assert current["version"] == 2 and current["policy"]["objective"] == "min_latency"
+    path.write_text("objective: [broken")
+    time.sleep(0.4)
+    current = admin(gateway, "GET", "/admin/policy").json()
+    assert current["version"] == 2 and "not valid YAML" in current["file_reload_error"]
+
+
+def test_audit_query_filters_pages_exports_and_stats(gateway):
+    for i in range(7):
+        generate(gateway, seed=i)
+    generate(gateway, model="reve")
+    time.sleep(0.3)
+    first = admin(gateway, "GET", "/admin/audit", params={"limit": 3, "backend": "local"}).json()
+    assert len(first["data"]) == 3 and first["next_cursor"]
+    rest = admin(gateway, "GET", "/admin/audit", params={"limit": 10, "backend": "local",
+                                                          "cursor": first["next_cursor"]}).json()
+    ids = [r["id"] for r in first["data"] + rest["data"]]
+    assert len(ids) == 7 == len(set(ids)) and rest["next_cursor"] is None
+    lines = admin(gateway, "GET", "/admin/audit/export").text.strip().splitlines()
+    assert len(lines) == 8 and all(json.loads(line)["id"] for line in lines)
+    stats = {s["backend"]: s for s in admin(gateway, "GET", "/admin/stats").json()["backends"]}
+    assert stats["local"]["requests"] == 7 and stats["reve"]["cost_per_image_usd"] == pytest.approx(0.024)
+    assert stats["local"]["sla_attainment"] == 1.0 and stats["local"]["latency_ms"]["p95"] is not None
