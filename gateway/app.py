@@ -29,6 +29,8 @@ from .sandbox_runner import SandboxServer, load_sandbox_config
 from .schemas import GenerationRequest
 from .service import GenerationService
 from .settings import Settings
+from .state import MemoryStore, RedisStore, StateStore
+from .state_sync import StateSync
 
 __all__ = ["create_app"]
 
@@ -51,6 +53,34 @@ def _unexpected(_: Request, exc: Exception) -> Response:
                     status_code=500, media_type=MediaType.JSON)
 
 
+def _state_store(settings: Settings) -> StateStore:
+    if not settings.redis_url:
+        return MemoryStore()
+    import uuid
+
+    import redis.asyncio as redis
+
+    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=1.0, socket_timeout=1.0)
+    return RedisStore(client, settings.redis_namespace, replica_id=uuid.uuid4().hex)
+
+
+def _policy_payload(entry) -> dict:
+    return {"policy": entry.policy.model_dump(mode="json"), "fingerprint": entry.policy.fingerprint,
+            "author": entry.author, "note": entry.note, "at": entry.at}
+
+
+async def _join_replicas(store: StateStore, registry: PolicyRegistry) -> None:
+    """Adopt the policy the other replicas run, then follow their changes."""
+    if isinstance(store, RedisStore):
+        current = await store.current_policy()
+        if current is not None:
+            registry.adopt(current)
+        async def adopt(payload: dict) -> None:
+            registry.adopt(payload)
+
+        await store.subscribe_policy(adopt)
+
+
 def create_app(settings: Settings, policy: Policy,
                backends: Mapping[str, Backend] | Backends | None = None) -> Litestar:
     """Everything the gateway serves; resources open and close in the lifespan."""
@@ -71,16 +101,19 @@ def create_app(settings: Settings, policy: Policy,
     audit = AuditLog(settings.resolve(settings.audit.path), batch_size=settings.audit.batch_size,
                      flush_interval_s=settings.audit.flush_interval_s)
     images = ImageStore(settings.resolve(settings.images.dir), settings.images.url_ttl_s)
+    store = _state_store(settings)
     service = GenerationService(backends=backends, policy=policy_holder, audit=audit, images=images,
                                 limits=settings.limits, public_url=settings.server.public_url,
-                                guards=built.guards)
+                                guards=built.guards, store=store)
+    sync = StateSync(store, service.snapshots.stats, built.guards, settings.state_sync_interval_s)
+    policy_holder.on_apply = lambda entry: sync._spawn(store.publish_policy(_policy_payload(entry)))
 
     def pool_model():
         local = backends.get("local")
         return local.load().pool if local is not None else None
 
-    metrics = Metrics(built.guards, pool_model, lambda: audit.backlog)
-    service.observers += [service.snapshots.stats.observe_record, metrics.observe]
+    metrics = Metrics(built.guards, pool_model, lambda: audit.backlog, lambda: store.degraded)
+    service.observers += [sync.observe_record, metrics.observe]
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
@@ -88,6 +121,8 @@ def create_app(settings: Settings, policy: Policy,
         await images.start()
         if settings.policy_reload_interval_s > 0:
             await policy_holder.watch(settings.policy_reload_interval_s)
+        await _join_replicas(store, policy_holder)
+        await sync.start()
         if sandbox is not None:
             await sandbox.start()
         for backend in backends.values():
@@ -100,6 +135,8 @@ def create_app(settings: Settings, policy: Policy,
                     await backend.aclose()
             await images.close()
             await policy_holder.close()
+            await sync.close()
+            await store.close()
             if sandbox is not None:
                 await sandbox.stop()
             await audit.close()
@@ -128,7 +165,7 @@ def create_app(settings: Settings, policy: Policy,
         dependencies={
             "service": _const(service), "image_store": _const(images), "backends": _const(backends),
             "policy": _const(policy_holder), "audit": _const(audit),
-            "snapshots": _const(service.snapshots), "guards": _const(built.guards),
+            "snapshots": _const(service.snapshots), "guards": _const(built.guards), "store": _const(store),
         },
         exception_handlers={GatewayError: _gateway_error, HTTPException: _http_error,
                             Exception: _unexpected},

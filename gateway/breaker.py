@@ -34,7 +34,7 @@ class CircuitBreaker:
         self._opened = False
         self._probe_in_flight = False
         self.reason = ""
-
+        self.on_open: Callable[[float, str], None] | None = None  # told when this replica opens it
     @property
     def state(self) -> str:
         if not self._opened:
@@ -74,10 +74,16 @@ class CircuitBreaker:
         """An outcome that says nothing about health (the client's fault): releases a probe."""
         self._probe_in_flight = False
 
-    def open_for(self, seconds: float, reason: str) -> None:
+    def open_for(self, seconds: float, reason: str, *, shared: bool = False) -> None:
+        """Open for `seconds`; `shared` marks a state learnt from another replica (not re-announced)."""
+        until = self._clock() + seconds
+        if self._opened and until <= self._open_until:
+            return
         self._opened, self._probe_in_flight = True, False
-        self._open_until = max(self._open_until, self._clock() + seconds)
+        self._open_until = until
         self.reason = reason
+        if self.on_open is not None and not shared:
+            self.on_open(seconds, reason)
 
     def _record(self, ok: bool) -> None:
         now = self._clock()

@@ -4,6 +4,7 @@
     ├── InvalidRequest           400, names the offending field in `param`
     │   └── ContentPolicyViolation   400, every backend refused the content
     ├── NotFound                 404
+    ├── BudgetExceeded           429, the tenant is over its budget (policy: reject)
     ├── NoBackendAvailable       503, lists every rejected backend and why
     ├── AllBackendsFailed        502, lists every attempt and its error class
     └── DeadlineExceeded         504, the SLA budget ran out during attempts
@@ -18,6 +19,7 @@ from typing import Any
 
 __all__ = [
     "AllBackendsFailed",
+    "BudgetExceeded",
     "ContentPolicyViolation",
     "DeadlineExceeded",
     "GatewayError",
@@ -60,6 +62,12 @@ class NotFound(GatewayError):
     status = 404
     type = "invalid_request_error"
     code = "not_found"
+
+
+class BudgetExceeded(GatewayError):
+    status = 429
+    type = "budget_exceeded"
+    code = "budget_exceeded"
 
 
 class NoBackendAvailable(GatewayError):

@@ -21,7 +21,7 @@ _BREAKER_VALUE = {"closed": 0, "half_open": 1, "open": 2}
 
 class Metrics:
     def __init__(self, guards: Mapping[str, BackendGuard], pool_model: Callable[[], object | None],
-                 audit_backlog: Callable[[], int]):
+                 audit_backlog: Callable[[], int], degraded: Callable[[], bool] = lambda: False):
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter("imagegw_requests", "Requests by serving backend and outcome",
                                 ["backend", "outcome", "status"], registry=self.registry)
@@ -35,7 +35,7 @@ class Metrics:
                                 ["backend", "outcome", "error_class"], registry=self.registry)
         self.fallbacks = Counter("imagegw_fallbacks", "Requests served by other than the first candidate",
                                  registry=self.registry)
-        self._guards, self._pool_model, self._backlog = guards, pool_model, audit_backlog
+        self._guards, self._pool_model, self._backlog, self._degraded = guards, pool_model, audit_backlog, degraded
         self.registry.register(self)  # scrape-time gauges via collect()
 
     def observe(self, record: dict) -> None:
@@ -74,6 +74,8 @@ class Metrics:
             yield GaugeMetricFamily("imagegw_local_workers_ready", "Ready pool workers", value=pool.workers)
         yield GaugeMetricFamily("imagegw_audit_backlog", "Audit records waiting to be written",
                                 value=self._backlog())
+        yield GaugeMetricFamily("imagegw_state_degraded", "1 while the shared state store is unreachable",
+                                value=float(self._degraded()))
 
     def describe(self):
         return []

@@ -2,8 +2,9 @@
 
 Every change is validated first and kept in history with who and when; requests
 already in flight finish under the version they started with (they hold a
-reference to it). Across replicas the same history is shared through Redis
-pub/sub: not yet built (issue 5); this is the single-replica version.
+reference to it). With Redis, each applied policy is published and every other
+replica adopts it (`adopt`); a replica that starts later adopts the current one.
+Version numbers are per replica; the fingerprint identifies a policy everywhere.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class PolicyRegistry:
         self.last_reload_error: str | None = None
         self._mtime = path.stat().st_mtime if path is not None and path.exists() else None
         self._watcher: asyncio.Task | None = None
+        self.on_apply = None  # called with each locally applied version (to share it with other replicas)
 
     @property
     def current(self) -> Policy:
@@ -63,11 +65,22 @@ class PolicyRegistry:
     def version(self) -> PolicyVersion:
         return self.history[-1]
 
-    def apply(self, policy: Policy, author: str, note: str = "") -> PolicyVersion:
+    def apply(self, policy: Policy, author: str, note: str = "", *, shared: bool = False) -> PolicyVersion:
+        """Make `policy` current; `shared` marks one received from another replica (not re-announced)."""
         entry = PolicyVersion(self.history[-1].version + 1, policy, author, self._clock(), note)
         self.history.append(entry)
         log.info("policy v%d (%s) applied by %s %s", entry.version, policy.fingerprint, author, note)
+        if self.on_apply is not None and not shared:
+            self.on_apply(entry)
         return entry
+
+    def adopt(self, payload: dict) -> PolicyVersion | None:
+        """Apply a policy another replica published, unless it is already in force."""
+        policy = Policy.model_validate(payload["policy"])
+        if policy.fingerprint == self.current.fingerprint:
+            return None
+        return self.apply(policy, f"{payload.get('author', '?')} (via replica)", payload.get("note", ""),
+                          shared=True)
 
     def get(self, version: int) -> PolicyVersion | None:
         return next((v for v in self.history if v.version == version), None)

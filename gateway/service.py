@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hashlib
 import logging
 import time
@@ -23,13 +24,14 @@ from policies.types import Decision, RouteRequest
 
 from .audit import AuditLog
 from .dispatch import Attempt, Dispatcher, DispatchOutcome
-from .errors import GatewayError, InvalidRequest, NoBackendAvailable
+from .errors import BudgetExceeded, GatewayError, InvalidRequest, NoBackendAvailable
 from .guard import BackendGuard
 from .image_store import ImageStore
 from .policy_admin import PolicyRegistry
 from .schemas import GenerationRequest, parse_generation_request
 from .settings import LimitSettings
 from .snapshot import SnapshotSource
+from .state import MemoryStore, StateStore
 
 __all__ = ["GenerationService", "RequestContext", "ServedImages"]
 
@@ -75,8 +77,9 @@ class GenerationService:
     def __init__(self, *, backends: Mapping[str, Backend], policy: PolicyRegistry, audit: AuditLog,
                  images: ImageStore, limits: LimitSettings, public_url: str | None = None,
                  guards: Mapping[str, BackendGuard] | None = None,
-                 observers: list[Callable[[dict], None]] | None = None):
+                 observers: list[Callable[[dict], None]] | None = None, store: StateStore | None = None):
         self._backends = backends
+        self.store = store or MemoryStore()
         self.observers = observers if observers is not None else []  # metrics, live stats: fed each record
         self._policy = policy
         self._audit = audit
@@ -112,6 +115,7 @@ class GenerationService:
         """Serve one raw request body; always leaves one audit record, success or not."""
         policy = self._policy.current
         record = _AuditDraft(ctx, policy)
+        reservation = None
         try:
             req = parse_generation_request(body)
             record.describe(req, policy)
@@ -121,6 +125,8 @@ class GenerationService:
             record.decision = decision
             if not decision.candidates:
                 raise _no_candidate(decision)
+            decision, reservation = await self._within_budget(route, policy, snapshot, decision, ctx)
+            record.decision = decision
             deadline = ctx.received_mono + decision.sla_ms / 1000
             job = GenerationJob(
                 id=ctx.id, prompt=req.prompt, width=route.width, height=route.height, n=req.n,
@@ -136,6 +142,8 @@ class GenerationService:
             ) + outcome.hedge_cost_usd
             data = await self._deliver(outcome.result.images, req.response_format, ctx)
             record.succeed(outcome, cost)
+            await self._settle(reservation, cost)
+            reservation = None
             return ServedImages(
                 body={"created": int(ctx.received_wall), "data": data,
                       "size": f"{outcome.result.width}x{outcome.result.height}",
@@ -154,7 +162,44 @@ class GenerationService:
             record.fail_with("internal_error", 500, type(exc).__name__)
             raise
         finally:
+            await self._settle(reservation, 0.0)  # failed or cancelled: nothing was spent
             self._finish(record.finish())
+
+    async def _within_budget(self, route: RouteRequest, policy: Policy, snapshot, decision: Decision,
+                             ctx: RequestContext):
+        """Reserve the chosen candidate's predicted cost against the tenant's budget (settled with the
+        actual cost; a fallback to a dearer backend may overshoot by the difference); at the limit,
+        do what the policy says (reject, local only, or a cheaper tier)."""
+        budget = policy.budgets.for_tenant(ctx.tenant)
+        if budget is None or (budget.daily_usd is None and budget.monthly_usd is None):
+            return decision, None
+        worst = decision.candidates[0].predicted_cost_usd
+        reservation, day, month = await self.store.reserve(ctx.tenant, worst, budget.daily_usd,
+                                                           budget.monthly_usd, ctx.received_wall)
+        if reservation is not None:
+            return decision, reservation
+        on_limit, fallback = policy.budgets.on_limit, None
+        if on_limit == "local_only" and "local" in self._backends:
+            fallback, limits = decide(dataclasses.replace(route, backend="local"), policy, snapshot), (None, None)
+        elif on_limit == "downgrade_tier":
+            fallback = decide(dataclasses.replace(route, tier=policy.budgets.downgrade_to), policy, snapshot)
+            limits = (budget.daily_usd, budget.monthly_usd)
+        if fallback is not None and fallback.candidates:
+            worst = fallback.candidates[0].predicted_cost_usd
+            reservation, _, _ = await self.store.reserve(ctx.tenant, worst, *limits, ctx.received_wall)
+            if reservation is not None:
+                return dataclasses.replace(fallback, notes=(f"over budget: {on_limit}",)), reservation
+        raise BudgetExceeded(
+            f"tenant {ctx.tenant!r} is over its budget (spent today ${day:.4f} of "
+            f"{_usd(budget.daily_usd)}, this month ${month:.4f} of {_usd(budget.monthly_usd)}; "
+            f"this request needs up to ${worst:.4f})", extra={"tenant": ctx.tenant, "on_limit": on_limit.value})
+
+    async def _settle(self, reservation, cost: float) -> None:
+        if reservation is not None:
+            try:
+                await self.store.settle(reservation, cost)
+            except Exception:
+                log.exception("could not settle spend for %s", reservation.tenant)
 
     def record_rejection(self, ctx: RequestContext, exc: GatewayError) -> None:
         """Audit a request refused before it was read (authentication)."""
@@ -185,6 +230,10 @@ class GenerationService:
                 name = await self._images.put(image.data, image.media_type)
                 out.append({"url": f"{self._public_url or ctx.base_url.rstrip('/')}/v1/images/files/{name}"})
         return out
+
+
+def _usd(limit: float | None) -> str:
+    return "no limit" if limit is None else f"${limit:.4f}"
 
 
 def _no_candidate(decision: Decision) -> NoBackendAvailable:

@@ -175,6 +175,9 @@ class Settings(BaseSettings):
     breaker: BreakerSettings = BreakerSettings()
     auth: AuthSettings = AuthSettings()
     policy_reload_interval_s: float = Field(2.0, ge=0, description="Poll policy.yaml for edits; 0 disables.")
+    redis_url: str | None = Field(None, description="Share live state across replicas (e.g. redis://127.0.0.1:6379/0).")
+    redis_namespace: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$", description="Key prefix imagegw:<ns>:")
+    state_sync_interval_s: float = Field(1.0, gt=0, description="How often shared state is pulled into memory.")
     sandbox: SandboxSettings = SandboxSettings()
 
     @classmethod

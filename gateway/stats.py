@@ -2,7 +2,7 @@
 
 Fed from finished requests' attempts; read by the snapshot, which switches a
 backend's latency prediction from its configured prior to what was observed once
-enough samples exist. In memory, per replica (a shared Redis store is issue 5's next step).
+enough samples exist. With Redis, every replica's samples are shared (gateway/state_sync.py).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def _quantile(sorted_values: list[float], q: float) -> float:
 
 
 class OutcomeStats:
-    def __init__(self, window_s: float = 600.0, max_samples: int = 2000, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, window_s: float = 600.0, max_samples: int = 2000, clock: Callable[[], float] = time.time):
         self.window_s = window_s
         self.max_samples = max_samples
         self._clock = clock
@@ -39,11 +39,18 @@ class OutcomeStats:
         window = self._outcomes.setdefault(backend, deque(maxlen=self.max_samples))
         window.append((self._clock(), latency_ms, ok))
 
+    def replace(self, backend: str, samples: list[tuple[float, float, bool]]) -> None:
+        """Adopt the shared samples (wall-clock time, latency ms, ok) every replica contributed."""
+        self._outcomes[backend] = deque(sorted(samples), maxlen=self.max_samples)
+
+    def attempts(self, record: dict) -> list[tuple[str, float, bool]]:
+        return [(a["backend"], a["latency_ms"], a["outcome"] == "ok") for a in record.get("attempts") or ()
+                if a["outcome"] in ("ok", "error", "timeout")]
+
     def observe_record(self, record: dict) -> None:
         """Every attempt that reached a backend counts; skipped and cancelled ones say nothing."""
-        for attempt in record.get("attempts") or ():
-            if attempt["outcome"] in ("ok", "error", "timeout"):
-                self.add(attempt["backend"], attempt["latency_ms"], attempt["outcome"] == "ok")
+        for backend, latency_ms, ok in self.attempts(record):
+            self.add(backend, latency_ms, ok)
 
     def get(self, backend: str) -> BackendStats | None:
         window = self._outcomes.get(backend)

@@ -9,6 +9,8 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .budgets import BudgetPolicy
+
 __all__ = [
     "BackendPolicy",
     "CostAccounting",
@@ -118,6 +120,7 @@ class Policy(_Strict):
         20, ge=1, description="Successes observed before a backend's latency comes from outcomes, not its prior.")
     defaults: Defaults = Defaults()
     dispatch: Dispatch = Dispatch()
+    budgets: BudgetPolicy = BudgetPolicy()
     tiers: dict[Name, Tier] = Field(default_factory=lambda: {"standard": Tier()})
     backends: dict[Name, BackendPolicy] = Field(default_factory=dict)
     rules: list[Rule] = Field(default_factory=list)
@@ -138,6 +141,8 @@ class Policy(_Strict):
             for tier in rule.match.tiers or ():
                 if tier not in self.tiers:
                     errors.append(f"rules[{i}].match.tiers: unknown tier {tier!r}")
+        if self.budgets.on_limit == "downgrade_tier" and self.budgets.downgrade_to not in self.tiers:
+            errors.append(f"budgets.downgrade_to: unknown tier {self.budgets.downgrade_to!r}")
         if errors:
             raise ValueError("; ".join(errors))
         return self

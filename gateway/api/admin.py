@@ -17,6 +17,7 @@ from ..auth import admin_only
 from ..config import ConfigError, parse_policy
 from ..errors import InvalidRequest, NotFound
 from ..policy_admin import PolicyRegistry
+from ..state import StateStore
 
 __all__ = ["admin_router"]
 
@@ -125,6 +126,18 @@ async def get_audit(audit: AuditLog, decision_id: str) -> dict:
     return record
 
 
+@get("/spend")
+async def spend(store: StateStore, policy: PolicyRegistry) -> dict:
+    budgets = policy.current.budgets
+    out = []
+    for tenant, used in sorted((await store.spend(time.time())).items()):
+        limit = budgets.for_tenant(tenant)
+        out.append({"tenant": tenant, "day_usd": used["day"], "month_usd": used["month"],
+                    "daily_limit_usd": limit.daily_usd if limit else None,
+                    "monthly_limit_usd": limit.monthly_usd if limit else None})
+    return {"data": out, "shared": not store.degraded}
+
+
 @get("/stats")
 async def stats(audit: AuditLog, window_s: float = 3600.0) -> dict:
     return {"window_s": window_s, "backends": audit_stats(AuditReader(audit.path), time.time() - window_s)}
@@ -132,5 +145,5 @@ async def stats(audit: AuditLog, window_s: float = 3600.0) -> dict:
 
 admin_router = Router(path="/admin", guards=[admin_only], include_in_schema=True, route_handlers=[
     get_policy, validate_policy, replace_policy, policy_history, policy_diff, rollback_policy,
-    query_audit, export_audit, get_audit, stats,
+    query_audit, export_audit, get_audit, stats, spend,
 ])

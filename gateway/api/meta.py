@@ -14,6 +14,7 @@ from ..audit import AuditLog
 from ..guard import BackendGuard
 from ..policy_admin import PolicyRegistry
 from ..snapshot import SnapshotSource
+from ..state import StateStore
 
 __all__ = ["healthz", "list_backends", "list_models", "readyz"]
 
@@ -81,7 +82,8 @@ async def healthz() -> dict:
 
 
 @get("/readyz", summary="Readiness: at least one backend can serve and the audit log is writing")
-async def readyz(backends: Mapping[str, Backend], audit: AuditLog, snapshots: SnapshotSource) -> Response:
+async def readyz(backends: Mapping[str, Backend], audit: AuditLog, snapshots: SnapshotSource,
+                 store: StateStore) -> Response:
     states = {}
     for name in backends:
         health, detail = snapshots.health(name)
@@ -89,6 +91,7 @@ async def readyz(backends: Mapping[str, Backend], audit: AuditLog, snapshots: Sn
     serving = [n for n, s in states.items() if s["health"] == Health.OK.value]
     warming = [n for n, s in states.items() if s["health"] == Health.WARMING.value]
     ready = bool(serving)
-    body = {"status": "ready" if ready else "not_ready", "serving": serving, "warming": warming,
-            "backends": states, "audit_backlog": audit.backlog}
+    body = {"status": ("degraded" if store.degraded else "ready") if ready else "not_ready", "serving": serving,
+            "warming": warming, "backends": states, "audit_backlog": audit.backlog,
+            "shared_state": "unreachable: serving on this replica's local view" if store.degraded else "ok"}
     return Response(body, status_code=200 if ready else 503)

@@ -1,0 +1,78 @@
+"""Keeps this replica's in-memory view in step with the shared StateStore, off the request path.
+
+Pushes: each finished request's attempts (latency samples) and every breaker this
+replica opens. Pulls, every `interval_s`: everyone's samples (into OutcomeStats,
+which the snapshot reads) and breakers other replicas opened (applied locally).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Mapping
+
+from .guard import BackendGuard
+from .state import StateStore
+from .stats import OutcomeStats
+
+__all__ = ["StateSync"]
+
+log = logging.getLogger(__name__)
+
+
+class StateSync:
+    def __init__(self, store: StateStore, stats: OutcomeStats, guards: Mapping[str, BackendGuard],
+                 interval_s: float = 1.0):
+        self.store = store
+        self.stats = stats
+        self.guards = guards
+        self.interval_s = interval_s
+        self._task: asyncio.Task | None = None
+        self._pending: set[asyncio.Task] = set()
+        for name, guard in guards.items():
+            guard.breaker.on_open = lambda seconds, reason, name=name: self._spawn(
+                store.open_breaker(name, seconds, reason))
+
+    def _spawn(self, coro) -> None:
+        try:
+            task = asyncio.get_running_loop().create_task(coro)
+        except RuntimeError:  # no loop (a test driving the breaker synchronously)
+            coro.close()
+            return
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    def observe_record(self, record: dict) -> None:
+        """Observer: share this request's attempt outcomes (fire and forget)."""
+        now = time.time()
+        for backend, latency_ms, ok in self.stats.attempts(record):
+            self._spawn(self.store.add_outcome(backend, latency_ms, ok, now))
+
+    async def pull(self) -> None:
+        names = list(self.guards)
+        for backend, samples in (await self.store.outcomes(names)).items():
+            if samples:
+                self.stats.replace(backend, samples)
+        for backend, (seconds, reason) in (await self.store.open_breakers(names)).items():
+            self.guards[backend].breaker.open_for(seconds, f"{reason} (shared)", shared=True)
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="state-sync")
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.pull()
+            except Exception:
+                log.exception("state sync failed")
+            await asyncio.sleep(self.interval_s)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)

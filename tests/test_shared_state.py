@@ -1,0 +1,155 @@
+"""Live state across replicas through a real Redis: budgets, policy changes, breakers, and Redis going away."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+import yaml
+
+from backends.errors import BackendTransientError
+from gateway.state import MemoryStore, RedisStore
+from policies.schema import Policy
+from policies.types import BackendKind
+from tests.fakes import ScriptedBackend
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture
+def namespace():
+    return f"test-{uuid.uuid4().hex[:10]}"
+
+
+async def _redis_store(namespace):
+    return RedisStore(aioredis.Redis.from_url(REDIS_URL), namespace, replica_id="t")
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_reservations_are_atomic_under_concurrency(kind, namespace):
+    store = MemoryStore() if kind == "memory" else await _redis_store(namespace)
+    now = time.time()
+    results = await asyncio.gather(*(store.reserve("acme", 0.1, 1.0, None, now) for _ in range(50)))
+    granted = [r for r, _, _ in results if r is not None]
+    assert len(granted) == 10  # $1.00 a day at $0.10 each, whatever the interleaving
+    await store.settle(granted[0], 0.0)  # that request failed: its reservation is returned
+    spend = await store.spend(now)
+    assert spend["acme"]["day"] == pytest.approx(0.9) and spend["acme"]["month"] == pytest.approx(0.9)
+    await store.close()
+
+
+async def test_redis_store_shares_outcomes_and_breakers(namespace):
+    a, b = await _redis_store(namespace), await _redis_store(namespace)
+    await a.add_outcome("reve", 812.0, True, time.time())
+    assert (await b.outcomes(["reve"]))["reve"][0][1] == 812.0
+    await a.open_breaker("reve", 5.0, "5 consecutive failures")
+    seconds, reason = (await b.open_breakers(["reve", "bria"]))["reve"]
+    assert 4 < seconds <= 5 and "consecutive" in reason
+    await a.close()
+    await b.close()
+
+
+FAST = {"p50_ms": 100, "p95_ms": 500}
+
+
+def _policy(objective="min_cost", **budgets) -> Policy:
+    return Policy.model_validate({
+        "objective": objective,
+        "defaults": {"tier": "standard", "sla_ms": 20_000},
+        "tiers": {"standard": {"min_quality": 0.5}, "cheap": {"min_quality": 0.0}},
+        "backends": {"local": {"quality": 0.6, "latency_prior": {"p50_ms": 1000, "p95_ms": 2000}},
+                     "reve": {"quality": 0.8, "price_per_image_usd": 0.024, "latency_prior": FAST},
+                     "gemini": {"quality": 0.9, "price_per_image_usd": 0.134, "latency_prior": FAST}},
+        "rules": [] if objective == "min_latency" else [
+            {"name": "apis-only", "match": {"tiers": ["standard"]}, "deny": ["local"]}],
+        "budgets": budgets,
+    })
+
+
+def _backends(fail_reve=False):
+    return {"local": ScriptedBackend("local", kind=BackendKind.LOCAL, models=("tiny",)),
+            "reve": ScriptedBackend("reve", models=("reve-create",),
+                                    fail=(lambda j: BackendTransientError("500")) if fail_reve else None),
+            "gemini": ScriptedBackend("gemini", models=("g",))}
+
+
+def _post(server, **body):
+    return httpx.post(server.base_url + "/v1/images/generations", json={"prompt": "x", "size": "256x256", **body})
+
+
+def test_a_budget_is_enforced_across_replicas(settings, serve, namespace):
+    settings.redis_url, settings.redis_namespace = REDIS_URL, namespace
+    policy = _policy(default={"daily_usd": 0.1}, on_limit="reject")
+    a, b = serve(settings, policy, _backends()), serve(settings, policy, _backends())
+    served = [_post(server) for server in (a, b, a, b, a, b)]
+    codes = [r.status_code for r in served]
+    assert codes.count(200) == 4 and codes.count(429) == 2  # 4 x $0.024 fits in $0.10; the 5th does not
+    err = served[codes.index(429)].json()["error"]
+    assert err["code"] == "budget_exceeded" and "over its budget" in err["message"]
+    admin = httpx.get(a.base_url + "/admin/spend", headers={"authorization": "Bearer k"})
+    assert admin.status_code == 401  # spend is an admin route
+
+
+def test_at_the_limit_local_only_and_downgrade_tier_keep_serving(settings, serve):
+    # min_latency: the faster API first, until the budget runs out
+    local_only = serve(settings, _policy("min_latency", default={"daily_usd": 0.03}, on_limit="local_only"),
+                       _backends())
+    assert _post(local_only).headers["x-gateway-backend"] == "reve"
+    over = _post(local_only)
+    assert over.status_code == 200 and over.headers["x-gateway-backend"] == "local"
+    downgrade = serve(settings, _policy(default={"daily_usd": 0.03}, on_limit="downgrade_tier",
+                                        downgrade_to="cheap"), _backends())
+    assert _post(downgrade).headers["x-gateway-backend"] == "reve"
+    assert _post(downgrade).headers["x-gateway-backend"] == "local"  # cheap tier allows the pool
+
+
+def test_a_policy_change_on_one_replica_reaches_the_others(settings, serve, namespace, monkeypatch):
+    monkeypatch.setenv("IMAGEGW_ADMIN_KEY", "adm")
+    settings.redis_url, settings.redis_namespace = REDIS_URL, namespace
+    a, b = serve(settings, _policy(), _backends()), serve(settings, _policy(), _backends())
+    changed = {**_policy().model_dump(mode="json"), "objective": "max_quality"}
+    put = httpx.put(a.base_url + "/admin/policy", content=yaml.safe_dump(changed),
+                    headers={"authorization": "Bearer adm"})
+    assert put.status_code == 200
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and _post(b).headers["x-gateway-policy-version"] != put.json()["fingerprint"]:
+        time.sleep(0.05)
+    assert _post(b).headers["x-gateway-backend"] == "gemini"  # max_quality, applied on B too
+    c = serve(settings, _policy(), _backends())  # a replica that starts later adopts the current policy
+    assert _post(c).headers["x-gateway-policy-version"] == put.json()["fingerprint"]
+
+
+def test_a_breaker_opened_on_one_replica_is_respected_by_the_others(settings, serve, namespace):
+    settings.redis_url, settings.redis_namespace = REDIS_URL, namespace
+    settings.breaker.consecutive_failures = 2
+    settings.state_sync_interval_s = 0.1
+    from gateway.breaker import BreakerConfig
+    from gateway.guard import BackendGuard
+    from gateway.registry import Backends
+
+    def built(fail):
+        backends = _backends(fail_reve=fail)
+        guards = {n: BackendGuard(breaker=BreakerConfig(consecutive_failures=2, cooldown_s=30)) for n in backends}
+        return Backends(backends, guards)
+
+    a, b = serve(settings, _policy(), built(True)), serve(settings, _policy(), built(False))
+    assert _post(a).headers["x-gateway-backend"] == "gemini"  # reve failed twice (retry): breaker opens
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and _post(b).headers["x-gateway-backend"] == "reve":
+        time.sleep(0.1)
+    reve = next(x for x in httpx.get(b.base_url + "/v1/backends").json()["data"] if x["name"] == "reve")
+    assert reve["circuit"] == "open" and "shared" in reve["detail"]
+
+
+def test_without_redis_a_replica_keeps_serving_and_says_it_is_degraded(settings, serve):
+    settings.redis_url = "redis://127.0.0.1:1/0"  # nothing listens there
+    policy = _policy(default={"daily_usd": 1.0})
+    server = serve(settings, policy, _backends())
+    assert _post(server).status_code == 200
+    ready = httpx.get(server.base_url + "/readyz").json()
+    assert ready["status"] == "degraded" and "unreachable" in ready["shared_state"]
+    assert "imagegw_state_degraded 1.0" in httpx.get(server.base_url + "/metrics").text
