@@ -112,7 +112,16 @@ def create_app(settings: Settings, policy: Policy,
         local = backends.get("local")
         return local.load().pool if local is not None else None
 
-    metrics = Metrics(built.guards, pool_model, lambda: audit.backlog, lambda: store.degraded)
+    def budget_use():
+        budgets = policy_holder.current.budgets
+        rows = []
+        for tenant, used in sync.spend.items():
+            limit = budgets.for_tenant(tenant)
+            rows.append((tenant, "day", used["day"], limit.daily_usd if limit else None))
+            rows.append((tenant, "month", used["month"], limit.monthly_usd if limit else None))
+        return rows
+
+    metrics = Metrics(built.guards, pool_model, lambda: audit.backlog, lambda: store.degraded, budget_use)
     service.observers += [sync.observe_record, metrics.observe]
 
     @contextlib.asynccontextmanager

@@ -84,9 +84,11 @@ class Dispatcher:
 
     def __init__(self, backends: Mapping[str, Backend], guards: Mapping[str, BackendGuard] | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep):
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                 take_token: Callable[[str, float], Awaitable[bool]] | None = None):
         self._backends = backends
         self._guards = guards or {}
+        self._take_token = take_token  # shared requests-per-minute buckets (StateStore), when guards ask
         self._clock = clock
         self._sleep = sleep
 
@@ -147,6 +149,11 @@ class Dispatcher:
         attempts.append(attempt)
         guard = self._guards.get(candidate.backend)
         refusal = guard.admit() if guard else None
+        if refusal is None and guard is not None and guard.bucket is None and guard.requests_per_minute \
+                and self._take_token is not None \
+                and not await self._take_token(candidate.backend, guard.requests_per_minute):
+            guard.release_unused()
+            refusal = "requests-per-minute limit reached (shared)"
         if refusal is not None:
             self._close(attempt, began, "skipped", _Skipped(refusal))
             raise _Skipped(f"{candidate.backend}: {refusal}")

@@ -44,10 +44,14 @@ class BackendGuard:
     """Says whether a backend may take a call now, and learns from each call's outcome."""
 
     def __init__(self, *, breaker: BreakerConfig = BreakerConfig(), max_concurrency: int | None = None,
-                 requests_per_minute: float | None = None, clock: Callable[[], float] = time.monotonic):
+                 requests_per_minute: float | None = None, clock: Callable[[], float] = time.monotonic,
+                 shared_rate_limit: bool = False):
         self.breaker = CircuitBreaker(breaker, clock)
         self.max_concurrency = max_concurrency
-        self.bucket = TokenBucket(requests_per_minute, clock) if requests_per_minute else None
+        self.requests_per_minute = requests_per_minute
+        # With a shared store the dispatcher takes tokens from it (every replica draws on one bucket).
+        local = requests_per_minute and not shared_rate_limit
+        self.bucket = TokenBucket(requests_per_minute, clock) if local else None
         self.inflight = 0
 
     def health(self) -> tuple[Health, str]:
@@ -72,6 +76,11 @@ class BackendGuard:
             return "requests-per-minute limit reached"
         self.inflight += 1
         return None
+
+    def release_unused(self) -> None:
+        """An admitted call that was never sent (no shared token): frees its slot, says nothing of health."""
+        self.inflight -= 1
+        self.breaker.on_neutral()
 
     def release(self, error: BaseException | None) -> None:
         """Close one admitted call with its outcome (None for success)."""

@@ -21,7 +21,8 @@ _BREAKER_VALUE = {"closed": 0, "half_open": 1, "open": 2}
 
 class Metrics:
     def __init__(self, guards: Mapping[str, BackendGuard], pool_model: Callable[[], object | None],
-                 audit_backlog: Callable[[], int], degraded: Callable[[], bool] = lambda: False):
+                 audit_backlog: Callable[[], int], degraded: Callable[[], bool] = lambda: False,
+                 budget_use: Callable[[], list[tuple[str, str, float, float | None]]] = list):
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter("imagegw_requests", "Requests by serving backend and outcome",
                                 ["backend", "outcome", "status"], registry=self.registry)
@@ -36,6 +37,7 @@ class Metrics:
         self.fallbacks = Counter("imagegw_fallbacks", "Requests served by other than the first candidate",
                                  registry=self.registry)
         self._guards, self._pool_model, self._backlog, self._degraded = guards, pool_model, audit_backlog, degraded
+        self._budget_use = budget_use
         self.registry.register(self)  # scrape-time gauges via collect()
 
     def observe(self, record: dict) -> None:
@@ -74,6 +76,15 @@ class Metrics:
             yield GaugeMetricFamily("imagegw_local_workers_ready", "Ready pool workers", value=pool.workers)
         yield GaugeMetricFamily("imagegw_audit_backlog", "Audit records waiting to be written",
                                 value=self._backlog())
+        labels = ["tenant", "period"]
+        spend = GaugeMetricFamily("imagegw_budget_spend_usd", "Tenant spend this period", labels=labels)
+        used = GaugeMetricFamily("imagegw_budget_used_ratio", "Tenant spend over its limit", labels=labels)
+        for tenant, period, usd, limit in self._budget_use():
+            spend.add_metric([tenant, period], usd)
+            if limit:
+                used.add_metric([tenant, period], usd / limit)
+        yield spend
+        yield used
         yield GaugeMetricFamily("imagegw_state_degraded", "1 while the shared state store is unreachable",
                                 value=float(self._degraded()))
 

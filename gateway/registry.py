@@ -108,5 +108,6 @@ def build_backends(settings: Settings) -> Backends:
     for name, provider in settings.backends.items():
         backends[name] = _provider(name, provider, settings, sandbox_url)
         guards[name] = BackendGuard(breaker=breaker, max_concurrency=provider.max_concurrency,
-                                    requests_per_minute=provider.requests_per_minute)
+                                    requests_per_minute=provider.requests_per_minute,
+                                    shared_rate_limit=bool(settings.redis_url))
     return Backends(backends, guards, sandbox_url)

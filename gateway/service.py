@@ -87,7 +87,7 @@ class GenerationService:
         self._limits = limits
         self._public_url = public_url.rstrip("/") if public_url else None
         self.snapshots = SnapshotSource(backends, guards)
-        self._dispatcher = Dispatcher(backends, guards)
+        self._dispatcher = Dispatcher(backends, guards, take_token=self.store.take_token)
 
     def _route_request(self, req: GenerationRequest, policy: Policy, ctx: RequestContext) -> RouteRequest:
         if len(req.prompt) > self._limits.prompt_max_chars:

@@ -18,6 +18,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from .guard import TokenBucket
+
 __all__ = ["MemoryStore", "RedisStore", "Reservation", "StateStore", "period_keys"]
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,10 @@ class StateStore(ABC):
     async def open_breakers(self, backends: list[str]) -> dict[str, tuple[float, str]]:
         """{backend: (seconds left, reason)} for breakers some replica opened."""
 
+    @abstractmethod
+    async def take_token(self, backend: str, per_minute: float) -> bool:
+        """One request's worth of the backend's requests-per-minute, shared by every replica."""
+
     async def publish_policy(self, payload: dict) -> None:  # noqa: B027 (optional hook)
         """Tell other replicas a policy was applied (no-op for one replica)."""
 
@@ -81,6 +87,7 @@ class StateStore(ABC):
 
 class MemoryStore(StateStore):
     def __init__(self, max_samples: int = 1000):
+        self._buckets: dict[str, TokenBucket] = {}
         self._spend: dict[tuple[str, str], float] = {}
         self._samples: dict[str, list[tuple[float, float, bool]]] = {}
         self._breakers: dict[str, tuple[float, str]] = {}
@@ -118,6 +125,12 @@ class MemoryStore(StateStore):
     async def open_breaker(self, backend, seconds, reason):
         self._breakers[backend] = (time.monotonic() + seconds, reason)
 
+    async def take_token(self, backend, per_minute):
+        bucket = self._buckets.get(backend)
+        if bucket is None or bucket.capacity != per_minute:
+            bucket = self._buckets[backend] = TokenBucket(per_minute)
+        return bucket.try_take()
+
     async def open_breakers(self, backends):
         now = time.monotonic()
         return {b: (until - now, reason) for b, (until, reason) in self._breakers.items()
@@ -139,6 +152,21 @@ return {1, tostring(day + amount), tostring(month + amount)}
 """
 
 
+_TAKE_TOKEN = """
+local now_parts = redis.call('TIME')
+local now = tonumber(now_parts[1]) + tonumber(now_parts[2]) / 1e6
+local capacity, rate = tonumber(ARGV[1]), tonumber(ARGV[1]) / 60
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local tokens, at = tonumber(state[1]) or capacity, tonumber(state[2]) or now
+tokens = math.min(capacity, tokens + (now - at) * rate)
+local ok = 0
+if tokens >= 1 then tokens = tokens - 1; ok = 1 end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(now))
+redis.call('EXPIRE', KEYS[1], 3600)
+return ok
+"""
+
+
 class RedisStore(StateStore):
     """The same operations over Redis; a MemoryStore stands in while Redis is unreachable."""
 
@@ -148,6 +176,7 @@ class RedisStore(StateStore):
         self._max = max_samples
         self._local = MemoryStore(max_samples)
         self._reserve = client.register_script(_RESERVE)
+        self._take = client.register_script(_TAKE_TOKEN)
         self._offline_spend: dict[tuple[str, str, str], float] = {}  # (tenant, day, month) -> usd while degraded
         self.replica_id = replica_id
         self.degraded = False
@@ -274,6 +303,12 @@ class RedisStore(StateStore):
             return out
 
         return await self._guard(op, lambda: self._local.open_breakers(backends))
+
+    async def take_token(self, backend, per_minute):
+        async def op():
+            return bool(await self._take(keys=[self._k("tokens", backend)], args=[per_minute]))
+
+        return await self._guard(op, lambda: self._local.take_token(backend, per_minute))
 
     async def publish_policy(self, payload):
         async def op():

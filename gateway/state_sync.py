@@ -2,7 +2,8 @@
 
 Pushes: each finished request's attempts (latency samples) and every breaker this
 replica opens. Pulls, every `interval_s`: everyone's samples (into OutcomeStats,
-which the snapshot reads) and breakers other replicas opened (applied locally).
+which the snapshot reads), breakers other replicas opened (applied locally), and
+per-tenant spend (for metrics).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class StateSync:
         self.stats = stats
         self.guards = guards
         self.interval_s = interval_s
+        self.spend: dict[str, dict[str, float]] = {}  # last pulled per-tenant spend (for metrics)
         self._task: asyncio.Task | None = None
         self._pending: set[asyncio.Task] = set()
         for name, guard in guards.items():
@@ -57,6 +59,7 @@ class StateSync:
                 self.stats.replace(backend, samples)
         for backend, (seconds, reason) in (await self.store.open_breakers(names)).items():
             self.guards[backend].breaker.open_for(seconds, f"{reason} (shared)", shared=True)
+        self.spend = await self.store.spend(time.time())
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="state-sync")

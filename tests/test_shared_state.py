@@ -153,3 +153,26 @@ def test_without_redis_a_replica_keeps_serving_and_says_it_is_degraded(settings,
     ready = httpx.get(server.base_url + "/readyz").json()
     assert ready["status"] == "degraded" and "unreachable" in ready["shared_state"]
     assert "imagegw_state_degraded 1.0" in httpx.get(server.base_url + "/metrics").text
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_requests_per_minute_is_one_bucket_for_all_replicas(kind, namespace):
+    a = MemoryStore() if kind == "memory" else await _redis_store(namespace)
+    b = a if kind == "memory" else await _redis_store(namespace)
+    taken = await asyncio.gather(*(store.take_token("bria", 10) for store in [a, b] * 10))
+    assert sum(taken) == 10  # 10 per minute between them, not 10 each
+    await a.close()
+    if b is not a:
+        await b.close()
+
+
+def test_budget_use_is_a_metric(settings, serve):
+    server = serve(settings, _policy(default={"daily_usd": 1.0}), _backends())
+    _post(server)
+    deadline = time.monotonic() + 5
+    text = ""
+    while time.monotonic() < deadline and "imagegw_budget_used_ratio{" not in text:
+        time.sleep(0.1)
+        text = httpx.get(server.base_url + "/metrics").text
+    assert 'imagegw_budget_spend_usd{period="day",tenant="anonymous"} 0.024' in text
+    assert 'imagegw_budget_used_ratio{period="day",tenant="anonymous"} 0.024' in text
