@@ -109,11 +109,13 @@ class LatencyModel:
     p95_ms: float
     ms_per_unit: float = 0.0
     queue_ms: float = 0.0
+    pool_p95_factor: float = 1.25  # the pool's queue model predicts a mean; p95 allows for jobs that overtake
 
     def predict(self, request: RouteRequest, steps: int, quantile: str, pool: PoolModel | None = None) -> float:
         fixed = self.p95_ms if quantile == "p95" else self.p50_ms
         if pool is not None:
-            return fixed + pool.completion_s(request, steps) * 1000
+            factor = self.pool_p95_factor if quantile == "p95" else 1.0
+            return fixed + pool.completion_s(request, steps) * 1000 * factor
         work = self.ms_per_unit * steps * request.megapixels * request.n
         return fixed + work + self.queue_ms
 
@@ -131,8 +133,10 @@ class PoolModel:
     has_headroom: bool = True  # an idle worker and nothing queued: the marginal image costs ~0
 
     def completion_s(self, request: RouteRequest, steps: int) -> float:
-        """Predicted seconds until a new job of this shape is done: its share of the work ahead, then its batch."""
-        own = self.profile.seconds(self.model, request.width, request.height, steps, request.n)
+        """Predicted seconds until a new job of this shape is done: its share of the work ahead, then its
+        batch, as big as the batches the pool is running now (alone when idle, full when busy)."""
+        batch = max(request.n, round(self.typical_batch)) if self.work_ahead_s > 0 else request.n
+        own = self.profile.seconds(self.model, request.width, request.height, steps, batch)
         return self.work_ahead_s / max(self.workers, 1) + own
 
     def gpu_seconds_per_image(self, request: RouteRequest, steps: int) -> float:

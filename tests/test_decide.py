@@ -175,5 +175,8 @@ def test_backend_missing_from_policy_is_never_chosen():
 
 def test_local_latency_is_its_share_of_the_work_ahead_plus_its_own_batch():
     d = decide(REQ, POLICY, Snapshot((local(queue_ms=3_000, workers=2),)))
-    # 3 s ahead per worker + 1.0 s own batch + 100 ms fixed p95
-    assert d.candidates[0].predicted_latency_ms == pytest.approx(3_000 + 1_000 + 100)
+    # (3 s ahead per worker + 1.0 s own batch) x 1.25 for p95 + 100 ms fixed p95
+    assert d.candidates[0].predicted_latency_ms == pytest.approx((3_000 + 1_000) * 1.25 + 100)
+    busy = decide(REQ, POLICY, Snapshot((local(queue_ms=3_000, workers=2, typical_batch=8),)))
+    # a busy pool runs full batches: the new job's own batch is a batch of 8 (4.8 s)
+    assert busy.candidates[0].predicted_latency_ms == pytest.approx((3_000 + 4_800) * 1.25 + 100)

@@ -1,0 +1,291 @@
+"""Discrete-event simulation of the gateway on a request trace, routed by the real `decide()`.
+
+The local pool is the real batching rule (`policies.batching.SLABatcher`) over
+`gpus` workers timed by the throughput profile; each API is a lognormal latency
+(fitted to p50/p95) with a failure rate, and a failed attempt falls back to the
+next candidate as the dispatcher does. Snapshots are rebuilt from the simulated
+state at every arrival. Pure: no I/O, no wall clock; deterministic for a seed.
+
+Cost: what the APIs charge, plus the reserved GPUs for the whole horizon (paid
+busy or idle; this is the local pool's real cost).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .batching import QueuedJob, SLABatcher
+from .decide import decide
+from .profile import ThroughputProfile
+from .schema import Policy
+from .traces import TraceRequest
+from .types import BackendKind, BackendView, Health, LatencyModel, PoolModel, RouteRequest, SizeSupport, Snapshot
+
+__all__ = ["ApiModel", "PoolSpec", "SimResult", "Strategy", "World", "simulate", "with_rule"]
+
+
+@dataclass(frozen=True, slots=True)
+class ApiModel:
+    name: str
+    p50_ms: float
+    p95_ms: float
+    failure_rate: float = 0.0
+    max_n: int = 10
+
+    def sample_s(self, rng: random.Random) -> float:
+        sigma = math.log(max(self.p95_ms, self.p50_ms) / self.p50_ms) / 1.645
+        return rng.lognormvariate(math.log(self.p50_ms), sigma) / 1000
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSpec:
+    profile: ThroughputProfile
+    model: str
+    gpus: int = 1
+    max_batch: int = 8
+    max_wait_s: float = 0.1
+    gpu_hour_usd: float = 2.0
+    default_steps: int = 30
+    fixed_p50_ms: float = 50
+    fixed_p95_ms: float = 250
+
+
+@dataclass(frozen=True, slots=True)
+class World:
+    apis: tuple[ApiModel, ...]
+    pool: PoolSpec | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Strategy:
+    """How to route: a policy for `decide()`, optionally a per-request tweak (e.g. a random split)."""
+
+    name: str
+    policy: Policy
+    tweak: Callable[[RouteRequest, random.Random], RouteRequest] | None = None
+    queue_blind: bool = False  # routes as if the pool never had work queued (as gateways without a queue model)
+
+
+@dataclass(slots=True)
+class Outcome:
+    request: TraceRequest
+    tier: str
+    sla_ms: int
+    backend: str | None = None
+    done_at: float | None = None
+    cost_usd: float = 0.0
+    attempts: int = 0
+
+    @property
+    def latency_s(self) -> float | None:
+        return None if self.done_at is None else self.done_at - self.request.t
+
+    @property
+    def sla_met(self) -> bool:
+        return self.latency_s is not None and self.latency_s * 1000 <= self.sla_ms
+
+
+@dataclass(slots=True)
+class SimResult:
+    strategy: str
+    outcomes: list[Outcome]
+    horizon_s: float
+    api_spend_usd: float
+    gpu_cost_usd: float
+    gpu_busy_s: float
+    gpus: int
+    timeline: list[dict] = field(default_factory=list)
+
+    @property
+    def images(self) -> int:
+        return sum(o.request.n for o in self.outcomes if o.done_at is not None)
+
+    def summary(self) -> dict:
+        served = [o for o in self.outcomes if o.done_at is not None]
+        latencies = sorted(o.latency_s for o in served)
+        tiers = sorted({o.tier for o in self.outcomes})
+        total = self.api_spend_usd + self.gpu_cost_usd
+        return {
+            "strategy": self.strategy, "requests": len(self.outcomes), "served": len(served),
+            "refused_or_failed": len(self.outcomes) - len(served), "images": self.images,
+            "api_spend_usd": round(self.api_spend_usd, 4), "gpu_cost_usd": round(self.gpu_cost_usd, 4),
+            "total_cost_usd": round(total, 4), "cost_per_image_usd": total / self.images if self.images else None,
+            "sla_attainment": sum(o.sla_met for o in self.outcomes) / max(1, len(self.outcomes)),
+            "sla_by_tier": {t: sum(o.sla_met for o in self.outcomes if o.tier == t)
+                            / max(1, sum(1 for o in self.outcomes if o.tier == t)) for t in tiers},
+            "backend_mix": dict(Counter(o.backend or "none" for o in self.outcomes)),
+            "latency_s": {q: _pct(latencies, p) for q, p in (("p50", .5), ("p95", .95), ("p99", .99))},
+            "gpu_utilisation": self.gpu_busy_s / max(1e-9, self.gpus * self.horizon_s),
+        }
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    return round(values[min(len(values) - 1, int(q * len(values)))], 3) if values else None
+
+
+class _Sim:
+    def __init__(self, trace, strategy: Strategy, world: World, seed: int):
+        self.trace, self.strategy, self.world = trace, strategy, world
+        self.policy = strategy.policy
+        self.rng = random.Random(seed)
+        self.now = 0.0
+        self.events: list = []
+        self.seq = 0
+        self.apis = {a.name: a for a in world.apis}
+        pool = world.pool
+        self.batcher = SLABatcher(lambda: pool.profile, max_batch=pool.max_batch, max_wait_s=pool.max_wait_s,
+                                  clock=lambda: self.now) if pool else None
+        self.gpu_free_at = [0.0] * (pool.gpus if pool else 0)
+        self.occupancy = 1.0
+        self.busy_s = 0.0
+        self.api_spend = 0.0
+        self.wake_at: float | None = None
+        self.outcomes: list[Outcome] = []
+
+    def push(self, at: float, kind: str, data) -> None:
+        self.seq += 1
+        heapq.heappush(self.events, (at, self.seq, kind, data))
+
+    # --- the world as decide() sees it ---------------------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        views = [BackendView(name=a.name, kind=BackendKind.API, health=Health.OK, models=(a.name,),
+                             sizes=SizeSupport(), max_n=a.max_n, default_steps=30,
+                             latency=LatencyModel(a.p50_ms, a.p95_ms)) for a in self.world.apis]
+        pool = self.world.pool
+        if pool is not None:
+            running = sum(max(0.0, t - self.now) for t in self.gpu_free_at)
+            idle = any(t <= self.now for t in self.gpu_free_at)
+            model = PoolModel(pool.profile, pool.model, pool.gpu_hour_usd, workers=pool.gpus,
+                              work_ahead_s=0.0 if self.strategy.queue_blind else running + self.batcher.backlog_seconds(),
+                              typical_batch=self.occupancy,
+                              has_headroom=idle and len(self.batcher) == 0)
+            views.append(BackendView(name="local", kind=BackendKind.LOCAL, health=Health.OK, models=(pool.model,),
+                                     sizes=SizeSupport(max_side=2048, multiple_of=8), max_n=10,
+                                     default_steps=pool.default_steps,
+                                     latency=LatencyModel(pool.fixed_p50_ms, pool.fixed_p95_ms), pool=model))
+        return Snapshot(tuple(views))
+
+    # --- events -------------------------------------------------------------------------
+
+    def arrive(self, req: TraceRequest) -> None:
+        tier = req.tier or self.policy.defaults.tier
+        tier_sla = self.policy.tiers[tier].sla_ms if tier in self.policy.tiers else None
+        outcome = Outcome(req, tier, req.sla_ms or tier_sla or self.policy.defaults.sla_ms)
+        self.outcomes.append(outcome)
+        route = RouteRequest(width=req.width, height=req.height, n=req.n, steps=req.steps, tenant=req.tenant,
+                             tier=req.tier, sla_ms=req.sla_ms)
+        if self.strategy.tweak is not None:
+            route = self.strategy.tweak(route, self.rng)
+        decision = decide(route, self.policy, self.snapshot())
+        self.attempt(outcome, list(decision.candidates))
+
+    def attempt(self, outcome: Outcome, candidates: list) -> None:
+        if not candidates:
+            return  # refused: no images, SLA missed
+        candidate, rest = candidates[0], candidates[1:]
+        outcome.attempts += 1
+        if candidate.backend == "local":
+            pool = self.world.pool
+            key = (pool.model, outcome.request.width, outcome.request.height, candidate.steps, 5.0)
+            self.batcher.put(QueuedJob(key, outcome.request.n, outcome.request.t + outcome.sla_ms / 1000,
+                                       self.now, (outcome, rest)))
+            self.pump()
+            return
+        api = self.apis[candidate.backend]
+        took = api.sample_s(self.rng)
+        if self.rng.random() < api.failure_rate:
+            self.push(self.now + took * 0.5, "retry", (outcome, rest))
+        else:
+            self.push(self.now + took, "api_done", (outcome, candidate))
+
+    def pump(self) -> None:
+        pool = self.world.pool
+        while True:
+            free = [i for i, t in enumerate(self.gpu_free_at) if t <= self.now]
+            if not free:
+                return
+            batch, wake = self.batcher.next_batch()
+            if batch is None:
+                if wake is not None and (self.wake_at is None or wake < self.wake_at or self.wake_at <= self.now):
+                    self.wake_at = wake
+                    self.push(wake, "wake", None)
+                return
+            seconds = pool.profile.seconds(*batch.key[:4], batch.slots)
+            gpu = free[0]
+            self.gpu_free_at[gpu] = self.now + seconds
+            self.busy_s += seconds
+            self.occupancy = 0.8 * self.occupancy + 0.2 * batch.slots
+            self.push(self.now + seconds, "batch_done", (batch, seconds))
+
+    def run(self, progress: Callable[[float], None] | None) -> SimResult:
+        for i, req in enumerate(self.trace):
+            self.push(req.t, "arrive", req)
+        step = max(1, len(self.trace) // 50)
+        arrived = 0
+        while self.events:
+            self.now, _, kind, data = heapq.heappop(self.events)
+            if kind == "arrive":
+                self.arrive(data)
+                arrived += 1
+                if progress is not None and arrived % step == 0:
+                    progress(arrived / len(self.trace))
+            elif kind == "api_done":
+                outcome, candidate = data
+                outcome.backend, outcome.done_at = candidate.backend, self.now
+                outcome.cost_usd = candidate.predicted_cost_usd
+                self.api_spend += candidate.predicted_cost_usd
+            elif kind == "retry":
+                self.attempt(*data)
+            elif kind == "batch_done":
+                batch, seconds = data
+                for job in batch.jobs:
+                    outcome, _ = job.payload
+                    outcome.backend, outcome.done_at = "local", self.now
+                    outcome.cost_usd = self.world.pool.gpu_hour_usd / 3600 * seconds * job.slots / batch.slots
+                self.pump()
+            elif kind == "wake":
+                self.pump()
+        horizon = max([self.trace[-1].t if self.trace else 0.0] + [o.done_at or 0 for o in self.outcomes])
+        pool = self.world.pool
+        gpu_cost = pool.gpus * horizon / 3600 * pool.gpu_hour_usd if pool else 0.0
+        result = SimResult(self.strategy.name, self.outcomes, horizon, self.api_spend, gpu_cost, self.busy_s,
+                           pool.gpus if pool else 0)
+        result.timeline = _timeline(self.outcomes, horizon)
+        return result
+
+
+def _timeline(outcomes: list[Outcome], horizon: float, bucket_s: float = 60.0) -> list[dict]:
+    rows: dict[int, dict] = {}
+    for o in outcomes:
+        b = int(o.request.t // bucket_s)
+        row = rows.setdefault(b, {"t": b * bucket_s, "requests": 0, "api_spend_usd": 0.0, "sla_met": 0,
+                                  "mix": Counter()})
+        row["requests"] += 1
+        row["sla_met"] += o.sla_met
+        row["mix"][o.backend or "none"] += 1
+        if o.backend not in (None, "local"):
+            row["api_spend_usd"] += o.cost_usd
+    return [{**r, "mix": dict(r["mix"])} for _, r in sorted(rows.items())]
+
+
+def simulate(trace: list[TraceRequest], strategy: Strategy | Policy, world: World, *, seed: int = 0,
+             progress: Callable[[float], None] | None = None) -> SimResult:
+    """Replay `trace` under a strategy (or a plain policy) in `world`."""
+    if isinstance(strategy, Policy):
+        strategy = Strategy("policy", strategy)
+    return _Sim(sorted(trace, key=lambda r: r.t), strategy, world, seed).run(progress)
+
+
+def with_rule(policy: Policy, rule: dict, **changes) -> Policy:
+    """A copy of `policy` whose only rule is `rule` (baselines are policies too)."""
+    data = policy.model_dump(mode="json")
+    data.update(changes, rules=[rule])
+    return Policy.model_validate(data)
+
+

@@ -1,0 +1,79 @@
+"""Request traces for the simulator: the JSON-lines format, and synthetic generators.
+
+One request per line: {"t": seconds from start, "tenant": "...", "tier": "...",
+"sla_ms": int, "width": int, "height": int, "steps": int, "n": int}
+(all but "t" optional). Generators are deterministic for a seed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+__all__ = ["SHAPES", "TraceRequest", "dump_jsonl", "parse_jsonl", "synthetic"]
+
+
+@dataclass(frozen=True, slots=True)
+class TraceRequest:
+    t: float
+    tenant: str = "default"
+    tier: str | None = None
+    sla_ms: int | None = None
+    width: int = 1024
+    height: int = 1024
+    steps: int | None = None
+    n: int = 1
+
+
+def parse_jsonl(lines: Iterable[str]) -> list[TraceRequest]:
+    out = []
+    for i, line in enumerate(lines):
+        if line.strip():
+            data = json.loads(line)
+            try:
+                out.append(TraceRequest(**data))
+            except TypeError as exc:
+                raise ValueError(f"trace line {i + 1}: {exc}") from exc
+    return sorted(out, key=lambda r: r.t)
+
+
+def dump_jsonl(trace: list[TraceRequest]) -> str:
+    return "".join(json.dumps({k: v for k, v in asdict(r).items() if v is not None}) + "\n" for r in trace)
+
+
+# (tier, sla_ms, share): a product mix of interactive drafts, standard and premium work
+MIX = [("draft", 15_000, 0.25), ("standard", 30_000, 0.6), ("premium", 60_000, 0.15)]
+SHAPES = [(1024, 1024, 0.8), (1152, 896, 0.1), (896, 1152, 0.1)]
+
+
+def _rate(kind: str, t: float, base: float, duration: float) -> float:
+    if kind == "steady":
+        return base
+    if kind == "diurnal":  # one compressed "day": trough at the ends, peak in the middle (3x the trough)
+        return base * (1 + math.sin(math.pi * t / duration) * 2) / 2
+    if kind == "bursty":  # one minute in five at 4x
+        return base * (4 if (t // 60) % 5 == 0 else 0.5)
+    if kind == "flash_crowd":  # steady, then ten times the load for 5 minutes from the middle
+        mid = duration / 2
+        return base * (10 if mid <= t < mid + 300 else 1)
+    raise ValueError(f"unknown trace kind {kind!r}: steady, diurnal, bursty, flash_crowd")
+
+
+def synthetic(kind: str, duration_s: float = 3600, rate_per_s: float = 0.5, seed: int = 0) -> list[TraceRequest]:
+    """A non-homogeneous Poisson trace (thinning), with the MIX of tiers and SHAPES of sizes."""
+    rng = random.Random(seed)
+    peak = max(_rate(kind, t, rate_per_s, duration_s) for t in range(0, int(duration_s) + 1, 10))
+    t, out = 0.0, []
+    while True:
+        t += rng.expovariate(peak)
+        if t >= duration_s:
+            return out
+        if rng.random() > _rate(kind, t, rate_per_s, duration_s) / peak:
+            continue
+        tier, sla, _ = rng.choices(MIX, weights=[m[2] for m in MIX])[0]
+        w, h, _ = rng.choices(SHAPES, weights=[s[2] for s in SHAPES])[0]
+        out.append(TraceRequest(t=round(t, 3), tenant=f"app{rng.randrange(3)}", tier=tier, sla_ms=sla,
+                                width=w, height=h, n=1 if rng.random() < 0.85 else 2))
