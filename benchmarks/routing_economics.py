@@ -54,7 +54,7 @@ def strategies(policy: Policy) -> list[Strategy]:
         Strategy("cheapest API only", with_rule(policy, {"name": "b", "deny": ["local"], **blind})),
         Strategy("cost-based, blind to queue and SLA", with_rule(policy, {"name": "b", **blind}), queue_blind=True),
         Strategy("latency-based (fastest recent)", with_rule(policy, {"name": "b", "objective": "min_latency",
-                                                                       **blind}), queue_blind=True),
+                                                                       **blind}), recent_latency=True),
         Strategy("static 50/50 split", with_rule(policy, {"name": "b", **blind}), tweak=split),
     ]
 

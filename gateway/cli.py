@@ -162,6 +162,41 @@ def cmd_pool_calibrate(args) -> int:
     return 0
 
 
+def cmd_policy_simulate(args) -> int:
+    from .config import parse_policy
+    from .simulation import audit_records, build_world, compare, load_trace, render_html, render_text
+
+    settings, current = _load(args)
+    if args.current:
+        current = parse_policy(Path(args.current).read_text(), args.current)
+    candidate = parse_policy(Path(args.candidate).read_text(), args.candidate)
+    records = audit_records(settings, args.since, args.until) if (args.audit or args.fit_from_audit) else None
+    if args.trace:
+        spec = {"file": args.trace}
+    elif args.audit:
+        spec = {"audit": {}}
+    else:
+        spec = {"synthetic": args.synthetic, "duration_s": args.duration, "rate_per_s": args.rate, "seed": args.seed}
+    trace = load_trace(spec, settings, records)
+    if not trace:
+        print("the trace is empty", file=sys.stderr)
+        return 2
+    world = build_world(settings, current, args.gpus, records)
+    from tqdm import tqdm
+
+    with tqdm(total=100, unit="%", desc=f"simulating {len(trace)} requests") as bar:
+        def progress(fraction):
+            bar.update(max(0, int(fraction * 100) - bar.n))
+
+        a, b = compare(current, candidate, trace, world, args.seed, progress)
+        bar.update(100 - bar.n)
+    print(render_text(a, b))
+    if args.report:
+        Path(args.report).write_text(render_html(a, b, f"{args.candidate} vs current policy"))
+        print(f"report: {args.report}")
+    return 0
+
+
 def _parse_shape(text: str) -> tuple[int, int, int]:
     size, _, steps = text.partition(":")
     w, h = size.lower().split("x")
@@ -203,6 +238,22 @@ def _parser() -> argparse.ArgumentParser:
 
     policy = sub.add_parser("policy", help="policy tools").add_subparsers(dest="policy_cmd", required=True)
     policy.add_parser("schema", help="print the policy's JSON Schema").set_defaults(func=cmd_policy_schema)
+    sim = policy.add_parser("simulate", help="replay a trace under the current and a candidate policy")
+    sim.add_argument("candidate")
+    sim.add_argument("--config")
+    sim.add_argument("--current", help="policy to compare against (default: the configured one)")
+    sim.add_argument("--trace", help="JSON-lines trace file (docs: policies/traces.py)")
+    sim.add_argument("--audit", action="store_true", help="replay the audit log (with --since/--until)")
+    sim.add_argument("--fit-from-audit", action="store_true", help="fit API latency and failures from the audit")
+    sim.add_argument("--since", type=float)
+    sim.add_argument("--until", type=float)
+    sim.add_argument("--synthetic", default="diurnal", help="steady | diurnal | bursty | flash_crowd")
+    sim.add_argument("--duration", type=float, default=3600)
+    sim.add_argument("--rate", type=float, default=0.5)
+    sim.add_argument("--gpus", type=int)
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--report", help="write an HTML report with plots")
+    sim.set_defaults(func=cmd_policy_simulate)
     validate = policy.add_parser("validate", help="check a policy file")
     validate.add_argument("file")
     validate.set_defaults(func=cmd_policy_validate)

@@ -69,6 +69,7 @@ class Strategy:
     policy: Policy
     tweak: Callable[[RouteRequest, random.Random], RouteRequest] | None = None
     queue_blind: bool = False  # routes as if the pool never had work queued (as gateways without a queue model)
+    recent_latency: bool = False  # predicts each backend by its recent observed latency (EWMA), nothing else
 
 
 @dataclass(slots=True)
@@ -146,6 +147,7 @@ class _Sim:
         self.api_spend = 0.0
         self.wake_at: float | None = None
         self.outcomes: list[Outcome] = []
+        self.recent: dict[str, float] = {}  # backend -> EWMA of observed latency, ms
 
     def push(self, at: float, kind: str, data) -> None:
         self.seq += 1
@@ -153,22 +155,31 @@ class _Sim:
 
     # --- the world as decide() sees it ---------------------------------------------------
 
+    def _latency(self, name: str, p50: float, p95: float) -> LatencyModel:
+        if self.strategy.recent_latency and name in self.recent:
+            return LatencyModel(self.recent[name], self.recent[name])
+        return LatencyModel(p50, p95)
+
+    def observe(self, backend: str, outcome: Outcome) -> None:
+        ms = outcome.latency_s * 1000
+        self.recent[backend] = ms if backend not in self.recent else 0.8 * self.recent[backend] + 0.2 * ms
+
     def snapshot(self) -> Snapshot:
         views = [BackendView(name=a.name, kind=BackendKind.API, health=Health.OK, models=(a.name,),
                              sizes=SizeSupport(), max_n=a.max_n, default_steps=30,
-                             latency=LatencyModel(a.p50_ms, a.p95_ms)) for a in self.world.apis]
+                             latency=self._latency(a.name, a.p50_ms, a.p95_ms)) for a in self.world.apis]
         pool = self.world.pool
         if pool is not None:
             running = sum(max(0.0, t - self.now) for t in self.gpu_free_at)
             idle = any(t <= self.now for t in self.gpu_free_at)
-            model = PoolModel(pool.profile, pool.model, pool.gpu_hour_usd, workers=pool.gpus,
-                              work_ahead_s=0.0 if self.strategy.queue_blind else running + self.batcher.backlog_seconds(),
-                              typical_batch=self.occupancy,
-                              has_headroom=idle and len(self.batcher) == 0)
+            ahead = 0.0 if self.strategy.queue_blind else running + self.batcher.backlog_seconds()
+            model = PoolModel(pool.profile, pool.model, pool.gpu_hour_usd, workers=pool.gpus, work_ahead_s=ahead,
+                              typical_batch=self.occupancy, has_headroom=idle and len(self.batcher) == 0)
             views.append(BackendView(name="local", kind=BackendKind.LOCAL, health=Health.OK, models=(pool.model,),
                                      sizes=SizeSupport(max_side=2048, multiple_of=8), max_n=10,
                                      default_steps=pool.default_steps,
-                                     latency=LatencyModel(pool.fixed_p50_ms, pool.fixed_p95_ms), pool=model))
+                                     latency=self._latency("local", pool.fixed_p50_ms, pool.fixed_p95_ms),
+                                     pool=None if self.strategy.recent_latency and "local" in self.recent else model))
         return Snapshot(tuple(views))
 
     # --- events -------------------------------------------------------------------------
@@ -224,7 +235,7 @@ class _Sim:
             self.push(self.now + seconds, "batch_done", (batch, seconds))
 
     def run(self, progress: Callable[[float], None] | None) -> SimResult:
-        for i, req in enumerate(self.trace):
+        for req in self.trace:
             self.push(req.t, "arrive", req)
         step = max(1, len(self.trace) // 50)
         arrived = 0
@@ -239,6 +250,7 @@ class _Sim:
                 outcome, candidate = data
                 outcome.backend, outcome.done_at = candidate.backend, self.now
                 outcome.cost_usd = candidate.predicted_cost_usd
+                self.observe(candidate.backend, outcome)
                 self.api_spend += candidate.predicted_cost_usd
             elif kind == "retry":
                 self.attempt(*data)
@@ -248,6 +260,7 @@ class _Sim:
                     outcome, _ = job.payload
                     outcome.backend, outcome.done_at = "local", self.now
                     outcome.cost_usd = self.world.pool.gpu_hour_usd / 3600 * seconds * job.slots / batch.slots
+                    self.observe("local", outcome)
                 self.pump()
             elif kind == "wake":
                 self.pump()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Mapping
 
@@ -17,6 +18,7 @@ from ..auth import admin_only
 from ..config import ConfigError, parse_policy
 from ..errors import InvalidRequest, NotFound
 from ..policy_admin import PolicyRegistry
+from ..settings import Settings
 from ..state import StateStore
 
 __all__ = ["admin_router"]
@@ -63,6 +65,27 @@ async def replace_policy(request: Request, policy: PolicyRegistry, backends: Map
     candidate = await _policy_body(request)
     entry = policy.apply(candidate, _who(request), request.query_params.get("note", ""))
     return {**entry.summary(), "warnings": policy_warnings(candidate, set(backends))}
+
+
+@post("/policy/simulate", status_code=200)
+async def simulate_policy(request: Request, policy: PolicyRegistry, settings: Settings) -> dict:
+    """Body: {"policy": candidate (object or YAML text; default: current), "trace": {...}, "gpus", "seed"}."""
+    from ..simulation import build_world, compare, load_trace
+
+    try:
+        body = msgspec.json.decode(await request.body())
+        candidate = policy.current if body.get("policy") is None else parse_policy(body["policy"], "policy")
+        trace = await asyncio.to_thread(load_trace, body.get("trace") or {"synthetic": "diurnal", "duration_s": 600},
+                                        settings)
+    except ConfigError as exc:
+        raise PolicyRejected("the candidate policy is invalid", extra={"errors": exc.errors}) from exc
+    except (msgspec.DecodeError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise InvalidRequest(f"bad simulation request: {exc}", param="trace") from exc
+    if len(trace) > 200_000:
+        raise InvalidRequest("trace: at most 200000 requests", param="trace")
+    world = build_world(settings, policy.current, body.get("gpus"))
+    current, cand = await asyncio.to_thread(compare, policy.current, candidate, trace, world, int(body.get("seed", 0)))
+    return {"requests": len(trace), "current": current.summary(), "candidate": cand.summary()}
 
 
 @get("/policy/history")
@@ -144,6 +167,6 @@ async def stats(audit: AuditLog, window_s: float = 3600.0) -> dict:
 
 
 admin_router = Router(path="/admin", guards=[admin_only], include_in_schema=True, route_handlers=[
-    get_policy, validate_policy, replace_policy, policy_history, policy_diff, rollback_policy,
+    get_policy, validate_policy, replace_policy, simulate_policy, policy_history, policy_diff, rollback_policy,
     query_audit, export_audit, get_audit, stats, spend,
 ])
