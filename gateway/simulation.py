@@ -89,7 +89,8 @@ def audit_records(settings: Settings, since: float | None, until: float | None, 
 
 
 def load_trace(spec: dict, settings: Settings, records: list[dict] | None = None) -> list[TraceRequest]:
-    """{"file": path} | {"synthetic": kind, "duration_s", "rate_per_s", "seed"} | {"audit": {...}} | {"requests": [...]}"""
+    """A trace from {"file": path}, {"synthetic": kind, "duration_s", "rate_per_s", "seed"},
+    {"audit": {"since", "until"}} or {"requests": [...]}."""
     if "file" in spec:
         return parse_jsonl(Path(spec["file"]).read_text().splitlines())
     if "synthetic" in spec:
