@@ -95,3 +95,46 @@ def test_admin_simulate_endpoint_returns_both_summaries(settings, shipped_policy
     bad = httpx.post(server.base_url + "/admin/policy/simulate", json={"trace": {"nope": 1}},
                      headers={"authorization": "Bearer adm"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "trace"
+
+
+def test_a_small_trace_gives_the_same_mix_and_cost_in_the_simulator_and_the_live_gateway(settings, serve, tmp_path):
+    """Tolerance: the same backend mix, and API spend within 1%."""
+    import asyncio
+
+    import httpx
+
+    from backends.sandbox import SandboxConfig
+    from gateway.settings import WarmShapeSettings
+    from gateway.simulation import build_world
+
+    fast = {"latency_p50_ms": 50, "latency_p95_ms": 150}
+    faults = tmp_path / "sandbox.json"
+    faults.write_text(SandboxConfig.model_validate({p: fast for p in ("seedream", "gemini", "reve", "bria")})
+                      .model_dump_json())
+    settings.sandbox.mode, settings.sandbox.config_file = "on", faults
+    settings.local.warm_shapes = [WarmShapeSettings(width=64, height=64, steps=2)]
+    policy = Policy.model_validate({**POLICY.model_dump(mode="json"), "rules": []})
+    trace = [TraceRequest(t=i * 0.2, tier="premium" if i % 3 == 0 else "standard", sla_ms=30_000,
+                          width=64, height=64, steps=2, n=1 + (i % 4 == 0)) for i in range(18)]
+    server = serve(settings, policy)
+
+    async def replay():
+        started = asyncio.get_running_loop().time()
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=60) as client:
+            async def one(r):
+                await asyncio.sleep(max(0.0, started + r.t - asyncio.get_running_loop().time()))
+                return await client.post("/v1/images/generations", json={
+                    "prompt": "p", "size": f"{r.width}x{r.height}", "n": r.n, "tier": r.tier, "sla_ms": r.sla_ms,
+                    "steps": r.steps})
+            return await asyncio.gather(*(one(r) for r in trace))
+
+    live = asyncio.run(replay())
+    assert all(r.status_code == 200 for r in live)
+    live_mix = {}
+    for r in live:
+        live_mix[r.headers["x-gateway-backend"]] = live_mix.get(r.headers["x-gateway-backend"], 0) + 1
+    live_api_spend = sum(float(r.headers["x-gateway-cost-usd"]) for r in live
+                         if r.headers["x-gateway-backend"] != "local")
+    sim = simulate(trace, policy, build_world(settings, policy)).summary()
+    assert sim["backend_mix"] == live_mix
+    assert sim["api_spend_usd"] == pytest.approx(live_api_spend, rel=0.01)
