@@ -50,13 +50,13 @@ def _provider(name: str, provider: ProviderSettings, settings: Settings, sandbox
 
     cls = PROVIDERS[provider.kind]
     base_url, key = provider.base_url, provider.api_key()
-    if sandbox_url is not None:
+    if sandbox_url is not None and provider.kind in SANDBOX_PREFIX:
         base_url, key = sandbox_url + SANDBOX_PREFIX[provider.kind], SecretStr("sandbox")
     config = ProviderConfig(
         name=name, base_url=base_url, api_key=key, model=provider.model or provider.kind,
         timeout_s=provider.timeout_s, connect_timeout_s=provider.connect_timeout_s,
         max_download_bytes=settings.images.max_download_bytes, max_n=provider.max_n,
-        sandbox=sandbox_url is not None, options=provider.options,
+        sandbox=sandbox_url is not None and provider.kind in SANDBOX_PREFIX, options=provider.options,
     )
     return cls(config)
 

@@ -306,3 +306,25 @@ async def test_n_images_are_parallel_calls_with_distinct_seeds(spec):
     seeds = [json.loads(c.request.content).get("seed") for c in r.calls]
     if spec[0] in ("seedream", "bria"):
         assert sorted(seeds) == [42, 43, 44]
+
+
+@respx.mock
+async def test_openai_compatible_backend_sends_n_in_one_call_and_maps_to_listed_sizes():
+    from backends.maas import OpenAIImagesBackend
+
+    r = respx.post("https://oai.test/v1/images/generations").respond(
+        200, json={"created": 1, "data": [{"b64_json": B64}, {"b64_json": B64}]}, headers={"x-request-id": "oai-1"})
+    backend = OpenAIImagesBackend(config("openai", "https://oai.test/v1", "gpt-image-1",
+                                         sizes=["1024x1024", "1536x1024", "1024x1536"],
+                                         send_response_format=False))
+    import dataclasses
+
+    result = await backend.generate(dataclasses.replace(JOB, n=2, width=1920, height=1080), soon())
+    body = json.loads(r.calls.last.request.content)
+    assert body == {"model": "gpt-image-1", "prompt": JOB.prompt, "n": 2, "size": "1536x1024"}
+    assert r.calls.last.request.headers["authorization"] == "Bearer sk-test-secret"
+    assert len(result.images) == 2 and result.provider_request_id == "oai-1" and r.call_count == 1
+    respx.post("https://oai.test/v1/images/generations").respond(
+        400, json={"error": {"message": "blocked", "code": "content_policy_violation"}})
+    with pytest.raises(ContentRefused):
+        await backend.generate(JOB, soon())

@@ -4,6 +4,7 @@ from ._http import ProviderConfig
 from .base import ApiBackend
 from .bria import BriaBackend
 from .gemini import GeminiBackend
+from .openai_images import OpenAIImagesBackend
 from .reve import ReveBackend
 from .seedream import SeedreamBackend
 
@@ -12,7 +13,8 @@ PROVIDERS: dict[str, type[ApiBackend]] = {
     "gemini": GeminiBackend,
     "reve": ReveBackend,
     "bria": BriaBackend,
+    "openai": OpenAIImagesBackend,
 }
 
-__all__ = ["PROVIDERS", "ApiBackend", "BriaBackend", "GeminiBackend", "ProviderConfig", "ReveBackend",
-           "SeedreamBackend"]
+__all__ = ["PROVIDERS", "ApiBackend", "BriaBackend", "GeminiBackend", "OpenAIImagesBackend", "ProviderConfig",
+           "ReveBackend", "SeedreamBackend"]
