@@ -1,0 +1,218 @@
+"""Gateway overhead: direct to a minimal OpenAI-compatible upstream, and through imagegw, side by side.
+
+Each target runs as its own process on loopback; the load comes from this process
+(closed loop at concurrency 16 and 64, fixed rate at 20 and 100 req/s, each bounded
+in time). Reported per target: max req/s, CPU seconds per request (the target
+process's own CPU time, from /proc), added p50/p99 latency against direct, errors.
+
+    .venv/bin/python benchmarks/gateway_overhead.py [--seconds 8] [--delay-ms 0]
+
+LiteLLM's proxy and Portkey's gateway (issue 7) are not run by this version: see
+docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+PNG_1PX = base64.b64encode(bytes.fromhex(
+    "89504e470d0a1a0a0000000d4948445200000001000000010802000000907753de0000000c4944415408d763f8cfc0"
+    "00000301010018dd8db00000000049454e44ae426082")).decode()
+
+
+# --- the upstream: a raw ASGI app, as cheap as a server can be -----------------------------
+
+def upstream_app(delay_s: float):
+    body = json.dumps({"created": 0, "data": [{"b64_json": PNG_1PX}]}).encode()
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        while (await receive()).get("more_body"):
+            pass
+        if delay_s:
+            await asyncio.sleep(delay_s)
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
+def serve_upstream(port: int, delay_ms: float) -> None:
+    import uvicorn
+
+    uvicorn.run(upstream_app(delay_ms / 1000), host="127.0.0.1", port=port, log_level="error", access_log=False,
+                loop="uvloop", http="httptools")
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def wait_up(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def start_imagegw(upstream_port: int, tmp: Path) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    config = tmp / "config"
+    config.mkdir()
+    backends = {f"up{i}": {"kind": "openai", "base_url": f"http://127.0.0.1:{upstream_port}/v1",
+                           "api_key_env": "BENCH_UPSTREAM_KEY", "model": "bench"} for i in (1, 2)}
+    (config / "gateway.yaml").write_text(json.dumps({
+        "server": {"host": "127.0.0.1", "port": port, "log_level": "warning"}, "data_dir": str(tmp / "data"),
+        "local": {"enabled": False}, "backends": backends, "sandbox": {"mode": "off"},
+        "policy_reload_interval_s": 0}))
+    (config / "policy.yaml").write_text(json.dumps({
+        "defaults": {"tier": "standard", "sla_ms": 30000}, "tiers": {"standard": {"min_quality": 0.5}},
+        "backends": {n: {"quality": 0.8, "price_per_image_usd": 0.01, "latency_prior": {"p50_ms": 50, "p95_ms": 300}}
+                     for n in backends}}))
+    env = {**os.environ, "BENCH_UPSTREAM_KEY": "k", "IMAGEGW_ADMIN_KEY": "bench-admin"}
+    proc = subprocess.Popen([str(ROOT / ".venv/bin/imagegw"), "serve", "--config", str(config)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_up(f"http://127.0.0.1:{port}/healthz")
+    return proc, port
+
+
+# --- load -----------------------------------------------------------------------------------
+
+BODY = {"prompt": "a red fox in snow", "size": "1024x1024", "response_format": "b64_json"}
+
+
+async def closed_loop(url: str, concurrency: int, seconds: float) -> tuple[list[float], int]:
+    latencies, errors = [], 0
+    stop = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(limits=limits, timeout=30) as client:
+        async def worker():
+            nonlocal errors
+            while time.perf_counter() < stop:
+                t = time.perf_counter()
+                try:
+                    r = await client.post(url, json=BODY)
+                    ok = r.status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                if ok:
+                    latencies.append(time.perf_counter() - t)
+                else:
+                    errors += 1
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return latencies, errors
+
+
+async def fixed_rate(url: str, rate: float, seconds: float) -> tuple[list[float], int]:
+    latencies, errors = [], 0
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=256), timeout=30) as client:
+        async def one():
+            nonlocal errors
+            t = time.perf_counter()
+            try:
+                r = await client.post(url, json=BODY)
+                if r.status_code == 200:
+                    latencies.append(time.perf_counter() - t)
+                    return
+            except httpx.HTTPError:
+                pass
+            errors += 1
+
+        tasks, start = [], time.perf_counter()
+        for i in range(int(rate * seconds)):
+            await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
+            tasks.append(asyncio.create_task(one()))
+        await asyncio.gather(*tasks)
+    return latencies, errors
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] * 1000 if values else float("nan")
+
+
+def measure(name: str, url: str, pid: int, load: str, seconds: float) -> dict:
+    kind, value = load.split("=")
+    before, started = cpu_seconds(pid), time.perf_counter()
+    if kind == "c":
+        latencies, errors = asyncio.run(closed_loop(url, int(value), seconds))
+    else:
+        latencies, errors = asyncio.run(fixed_rate(url, float(value), seconds))
+    elapsed, cpu = time.perf_counter() - started, cpu_seconds(pid) - before
+    n = len(latencies)
+    return {"target": name, "load": load, "requests": n, "errors": errors, "req_per_s": n / elapsed,
+            "cpu_ms_per_request": cpu / max(n, 1) * 1000, "p50_ms": pct(latencies, 0.5), "p99_ms": pct(latencies, 0.99)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seconds", type=float, default=8)
+    p.add_argument("--delay-ms", type=float, default=0)
+    p.add_argument("--loads", default="c=16,c=64,r=20,r=100")
+    args = p.parse_args()
+    up_port = free_port()
+    upstream = subprocess.Popen([sys.executable, __file__, "--upstream", str(up_port), "--delay-ms",
+                                 str(args.delay_ms)])
+    wait_up(f"http://127.0.0.1:{up_port}/")
+    with tempfile.TemporaryDirectory() as tmp:
+        gateway, gw_port = start_imagegw(up_port, Path(tmp))
+        targets = [("direct", f"http://127.0.0.1:{up_port}/v1/images/generations", upstream.pid),
+                   ("imagegw", f"http://127.0.0.1:{gw_port}/v1/images/generations", gateway.pid)]
+        rows = []
+        try:
+            for load in args.loads.split(","):
+                for name, url, pid in targets:
+                    measure(name, url, pid, load, 1.0)  # warm connections and caches
+                    rows.append(measure(name, url, pid, load, args.seconds))
+        finally:
+            gateway.terminate()
+            upstream.terminate()
+    direct = {r["load"]: r for r in rows if r["target"] == "direct"}
+    print(f"\nupstream delay {args.delay_ms:.0f} ms; {args.seconds:.0f} s per load; load generator in this "
+          f"process on the same {os.cpu_count()}-core machine")
+    print("| target | load | req/s | CPU ms/request | p50 ms | p99 ms | added p50 ms | added p99 ms | errors |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        d = direct[r["load"]]
+        print(f"| {r['target']} | {r['load']} | {r['req_per_s']:.0f} | {r['cpu_ms_per_request']:.2f} "
+              f"| {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['p50_ms'] - d['p50_ms']:+.1f} "
+              f"| {r['p99_ms'] - d['p99_ms']:+.1f} | {r['errors']} |")
+    print(f"\ncommand: .venv/bin/python benchmarks/gateway_overhead.py --seconds {args.seconds:.0f} "
+          f"--delay-ms {args.delay_ms:.0f} --loads {args.loads}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--upstream":
+        serve_upstream(int(sys.argv[2]), float(sys.argv[4]) if len(sys.argv) > 4 else 0.0)
+    else:
+        main()
