@@ -16,21 +16,9 @@ from typing import Literal
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 
-from .errors import GatewayError
+from .errors import Forbidden, Unauthorized
 
-__all__ = ["KeyRing", "Principal", "Unauthorized", "admin_only", "hash_key"]
-
-
-class Unauthorized(GatewayError):
-    status = 401
-    type = "invalid_request_error"
-    code = "invalid_api_key"
-
-
-class Forbidden(GatewayError):
-    status = 403
-    type = "invalid_request_error"
-    code = "permission_denied"
+__all__ = ["KeyRing", "Principal", "admin_only", "hash_key"]
 
 
 @dataclass(frozen=True, slots=True)

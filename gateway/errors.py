@@ -3,6 +3,8 @@
     GatewayError                 base: status, OpenAI error type, code, param
     ├── InvalidRequest           400, names the offending field in `param`
     │   └── ContentPolicyViolation   400, every backend refused the content
+    ├── Unauthorized             401, missing or unknown API key
+    ├── Forbidden                403, an app key on an admin route
     ├── NotFound                 404
     ├── BudgetExceeded           429, the tenant is over its budget (policy: reject)
     ├── NoBackendAvailable       503, lists every rejected backend and why
@@ -22,10 +24,12 @@ __all__ = [
     "BudgetExceeded",
     "ContentPolicyViolation",
     "DeadlineExceeded",
+    "Forbidden",
     "GatewayError",
     "InvalidRequest",
     "NoBackendAvailable",
     "NotFound",
+    "Unauthorized",
     "error_body",
 ]
 
@@ -56,6 +60,18 @@ class InvalidRequest(GatewayError):
 
 class ContentPolicyViolation(InvalidRequest):
     code = "content_policy_violation"
+
+
+class Unauthorized(GatewayError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class Forbidden(GatewayError):
+    status = 403
+    type = "invalid_request_error"
+    code = "permission_denied"
 
 
 class NotFound(GatewayError):

@@ -84,9 +84,8 @@ class DiffusionEngine:
         if self.spec.weights_dir is not None:
             from diffusers import DiffusionPipeline
 
-            pipe = DiffusionPipeline.from_pretrained(
-                str(self.spec.weights_dir), local_files_only=True, torch_dtype=dtype
-            )
+            folder = str(self.spec.weights_dir)
+            pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True, torch_dtype=dtype)
         else:
             pipe = build_preset_pipeline(self.spec.preset, seed=self.spec.seed, device=str(self.device))
         pipe = pipe.to(self.device) if dtype == torch.float32 else pipe.to(self.device, dtype)
