@@ -66,6 +66,7 @@ class GeneratedImage:
     data: bytes | None = None
     url: str | None = None
     media_type: str = "image/png"
+    b64: str | None = None  # the provider's own base64 text, kept so b64_json answers skip re-encoding
 
 
 @dataclass(frozen=True, slots=True)

@@ -225,7 +225,7 @@ class GenerationService:
             if image.data is None:
                 raise GatewayError("backend returned an image without bytes")
             if response_format == "b64_json":
-                out.append({"b64_json": base64.b64encode(image.data).decode("ascii")})
+                out.append({"b64_json": image.b64 or base64.b64encode(image.data).decode("ascii")})
             else:
                 name = await self._images.put(image.data, image.media_type)
                 out.append({"url": f"{self._public_url or ctx.base_url.rstrip('/')}/v1/images/files/{name}"})

@@ -167,3 +167,10 @@ def error_json(response: httpx.Response) -> dict:
     except (ValueError, UnicodeDecodeError):
         return {}
     return body if isinstance(body, dict) else {}
+
+
+def b64_image(value: str, provider: str, media_type: str = "image/png"):
+    """An image from provider base64: decoded once (which validates it), the text kept for the client."""
+    from ..protocol import GeneratedImage
+
+    return GeneratedImage(data=decode_b64(value, provider), media_type=media_type, b64=value)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from policies.types import SizeSupport
 
-from ..protocol import GeneratedImage, GenerationJob
-from ._http import decode_b64, error_for_status, error_json, parse_json, retry_after_seconds, send
+from ..protocol import GenerationJob
+from ._http import b64_image, error_for_status, error_json, parse_json, retry_after_seconds, send
 from .base import ApiBackend, Piece
 from .sizes import nearest_aspect_ratio
 
@@ -55,7 +55,7 @@ class GeminiBackend(ApiBackend):
             raise error_for_status(502, "Gemini answered 200 with a non-object body")
         data, mime = _first_image(payload)
         usage = payload.get("usageMetadata") or {}
-        return Piece(image=GeneratedImage(data=decode_b64(data, "Gemini"), media_type=mime),
+        return Piece(image=b64_image(data, "Gemini", mime),
                      request_id=payload.get("responseId"), billed_units=usage.get("candidatesTokenCount"),
                      model=payload.get("modelVersion"))
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 from ..protocol import GeneratedImage, GenerationJob, GenerationResult
-from ._http import decode_b64, error_for_status, error_json, parse_json, retry_after_seconds, send
+from ._http import b64_image, error_for_status, error_json, parse_json, retry_after_seconds, send
 from .base import ApiBackend
 
 __all__ = ["OpenAIImagesBackend"]
@@ -60,7 +60,7 @@ class OpenAIImagesBackend(ApiBackend):
         images = []
         for item in items:
             if isinstance(item, dict) and item.get("b64_json"):
-                images.append(GeneratedImage(data=decode_b64(item["b64_json"], self.config.name)))
+                images.append(b64_image(item["b64_json"], self.config.name))
             elif isinstance(item, dict) and item.get("url"):
                 images.append(GeneratedImage(url=item["url"]))
             else:

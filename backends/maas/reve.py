@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from policies.types import SizeSupport
 
-from ..protocol import GeneratedImage, GenerationJob
-from ._http import decode_b64, error_for_status, error_json, parse_json, retry_after_seconds, send
+from ..protocol import GenerationJob
+from ._http import b64_image, error_for_status, error_json, parse_json, retry_after_seconds, send
 from .base import ApiBackend, Piece
 from .sizes import nearest_aspect_ratio
 
@@ -47,7 +47,7 @@ class ReveBackend(ApiBackend):
             raise error_for_status(400, "Reve flagged a content violation", content=True, code="content_violation")
         if not payload.get("image"):
             raise error_for_status(502, "Reve answered 200 without an image")
-        return Piece(image=GeneratedImage(data=decode_b64(payload["image"], "Reve"), media_type="image/png"),
+        return Piece(image=b64_image(payload["image"], "Reve"),
                      request_id=payload.get("request_id") or response.headers.get("x-reve-request-id"),
                      billed_units=payload.get("credits_used"), model=payload.get("version"))
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from policies.types import SizeSupport
 
 from ..protocol import GeneratedImage, GenerationJob
-from ._http import decode_b64, error_for_status, error_json, parse_json, retry_after_seconds, send
+from ._http import b64_image, error_for_status, error_json, parse_json, retry_after_seconds, send
 from .base import ApiBackend, Piece
 from .sizes import scale_into_pixel_range
 
@@ -76,7 +76,7 @@ class SeedreamBackend(ApiBackend):
 
 def _image(item: dict, media_type: str) -> GeneratedImage:
     if item.get("b64_json"):
-        return GeneratedImage(data=decode_b64(item["b64_json"], "Seedream"), media_type=media_type)
+        return b64_image(item["b64_json"], "Seedream", media_type)
     if item.get("url"):
         return GeneratedImage(url=item["url"], media_type=media_type)
     raise error_for_status(502, "Seedream data[0] holds neither b64_json nor url")
