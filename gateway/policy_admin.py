@@ -55,6 +55,7 @@ class PolicyRegistry:
         self.path = path
         self.last_reload_error: str | None = None
         self._digest = self._read_digest()
+        self._pending: str | None = None  # a changed digest seen once; applied when seen again (editor done)
         self._watcher: asyncio.Task | None = None
         self.on_apply = None  # called with each locally applied version (to share it with other replicas)
 
@@ -105,10 +106,17 @@ class PolicyRegistry:
         """Apply policy.yaml if it changed and is valid; an invalid file is refused and the policy stays."""
         digest = self._read_digest()
         if digest is None or digest == self._digest:
+            self._pending = None
             return None
-        self._digest = digest
+        if digest != self._pending:  # still being written? wait for the same content on the next poll
+            self._pending = digest
+            return None
+        self._digest, self._pending = digest, None
         try:
-            policy = parse_policy(self.path.read_text(), str(self.path))
+            text = self.path.read_text()
+            if not text.strip():
+                raise ConfigError(str(self.path), ["(root): the file is empty"])
+            policy = parse_policy(text, str(self.path))
         except ConfigError as exc:
             self.last_reload_error = exc.render()
             log.error("policy file edit refused, v%d stays in force:\n%s", self.version.version, exc.render())
