@@ -189,25 +189,26 @@ class RedisStore(StateStore):
         from redis.exceptions import RedisError
 
         try:
-            result = await op()
+            if self.degraded:
+                await self._catch_up()  # first fold in what this replica did meanwhile, then answer
+            return await op()
         except (RedisError, OSError) as exc:
             if not self.degraded:
                 log.error("Redis unreachable (%s): serving on this replica's local view", type(exc).__name__)
             self.degraded = True
             return await fallback()
-        if self.degraded:
-            await self._catch_up()
-        return result
 
     async def _catch_up(self) -> None:
         """Redis is back: add the spend this replica accumulated meanwhile."""
-        pending, self._offline_spend = self._offline_spend, {}
+        pending = dict(self._offline_spend)
         async with self._redis.pipeline(transaction=True) as pipe:
             for (tenant, day, month), usd in pending.items():
                 pipe.incrbyfloat(self._k("spend", tenant, day), usd)
                 pipe.incrbyfloat(self._k("spend", tenant, month), usd)
                 pipe.sadd(self._k("tenants", month), tenant)
+            pipe.ping()  # a round trip even when there is nothing to fold in
             await pipe.execute()
+        self._offline_spend.clear()  # only once Redis has it
         self.degraded = False
         log.warning("Redis reachable again; %d tenants' offline spend folded in", len(pending))
 
