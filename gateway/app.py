@@ -72,9 +72,11 @@ def _policy_payload(entry) -> dict:
 async def _join_replicas(store: StateStore, registry: PolicyRegistry) -> None:
     """Adopt the policy the other replicas run, then follow their changes."""
     if isinstance(store, RedisStore):
-        current = await store.current_policy()
-        if current is not None:
-            registry.adopt(current)
+        history = await store.policy_history()
+        if history:
+            registry.restore(history)  # versions and who/when survive restarts and reach new replicas
+        elif not store.degraded:
+            await store.publish_policy(_policy_payload(registry.version))  # the first replica seeds it
         async def adopt(payload: dict) -> None:
             registry.adopt(payload)
 

@@ -76,6 +76,15 @@ class PolicyRegistry:
             self.on_apply(entry)
         return entry
 
+    def restore(self, payloads: list[dict]) -> None:
+        """Take the shared history (oldest first) as this replica's, ending with the policy in force."""
+        restored = []
+        for i, p in enumerate(payloads, start=1):
+            restored.append(PolicyVersion(i, Policy.model_validate(p["policy"]), p.get("author", "?"),
+                                          p.get("at", 0.0), p.get("note", "")))
+        if restored:
+            self.history = restored
+
     def adopt(self, payload: dict) -> PolicyVersion | None:
         """Apply a policy another replica published, unless it is already in force."""
         policy = Policy.model_validate(payload["policy"])

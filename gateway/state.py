@@ -314,13 +314,28 @@ class RedisStore(StateStore):
     async def publish_policy(self, payload):
         async def op():
             body = json.dumps({**payload, "origin": self.replica_id})
-            await self._redis.set(self._k("policy", "current"), body)
-            await self._redis.publish(self._k("policy", "changes"), body)
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.set(self._k("policy", "current"), body)
+                pipe.rpush(self._k("policy", "history"), body)
+                pipe.ltrim(self._k("policy", "history"), -500, -1)
+                pipe.publish(self._k("policy", "changes"), body)
+                await pipe.execute()
 
         async def offline():
             log.error("policy change not shared: Redis unreachable (other replicas keep their version)")
 
         await self._guard(op, offline)
+
+    async def policy_history(self) -> list[dict]:
+        """Every policy applied by any replica, oldest first (the last 500)."""
+
+        async def op():
+            return [json.loads(x) for x in await self._redis.lrange(self._k("policy", "history"), 0, -1)]
+
+        async def offline():
+            return []
+
+        return await self._guard(op, offline)
 
     async def current_policy(self) -> dict | None:
         async def op():

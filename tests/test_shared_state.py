@@ -121,6 +121,9 @@ def test_a_policy_change_on_one_replica_reaches_the_others(settings, serve, name
     assert _post(b).headers["x-gateway-backend"] == "gemini"  # max_quality, applied on B too
     c = serve(settings, _policy(), _backends())  # a replica that starts later adopts the current policy
     assert _post(c).headers["x-gateway-policy-version"] == put.json()["fingerprint"]
+    history = httpx.get(c.base_url + "/admin/policy/history", headers={"authorization": "Bearer adm"}).json()
+    assert [v["version"] for v in history["versions"]] == [2, 1]  # and the shared history, same numbers
+    assert history["versions"][0]["fingerprint"] == put.json()["fingerprint"]
 
 
 def test_a_breaker_opened_on_one_replica_is_respected_by_the_others(settings, serve, namespace):
