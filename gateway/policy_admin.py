@@ -2,9 +2,10 @@
 
 Every change is validated first and kept in history with who and when; requests
 already in flight finish under the version they started with (they hold a
-reference to it). With Redis, each applied policy is published and every other
-replica adopts it (`adopt`); a replica that starts later adopts the current one.
-Version numbers are per replica; the fingerprint identifies a policy everywhere.
+reference to it). With Redis, each applied policy is published and appended to a
+shared history; every other replica adopts it (`adopt`), and a replica that
+(re)starts takes the shared history (`restore`). The fingerprint identifies a
+policy everywhere; version numbers follow the shared history's order.
 """
 
 from __future__ import annotations
