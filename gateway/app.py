@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 
 from litestar import Litestar, MediaType, Request, Response, get
 from litestar.datastructures import State
@@ -77,24 +78,41 @@ async def _join_replicas(store: StateStore, registry: PolicyRegistry) -> None:
             registry.restore(history)  # versions and who/when survive restarts and reach new replicas
         elif not store.degraded:
             await store.publish_policy(_policy_payload(registry.version))  # the first replica seeds it
+
         async def adopt(payload: dict) -> None:
             registry.adopt(payload)
 
         await store.subscribe_policy(adopt)
 
 
-def create_app(settings: Settings, policy: Policy,
-               backends: Mapping[str, Backend] | Backends | None = None) -> Litestar:
-    """Everything the gateway serves; resources open and close in the lifespan."""
+@dataclass
+class Components:
+    """Everything one gateway process holds, built from settings (no globals)."""
+
+    settings: Settings
+    built: Backends
+    policy: PolicyRegistry
+    keyring: KeyRing
+    audit: AuditLog
+    images: ImageStore
+    store: StateStore
+    service: GenerationService
+    sync: StateSync
+    metrics: Metrics
+    sandbox: SandboxServer | None
+
+    @property
+    def backends(self) -> dict[str, Backend]:
+        return self.built.backends
+
+
+def assemble(settings: Settings, policy: Policy, backends: Mapping[str, Backend] | Backends | None = None
+             ) -> Components:
+    """Build and wire the parts; nothing starts until the app's lifespan runs."""
     if backends is None:
         backends = build_backends(settings)
-    elif not isinstance(backends, Backends):
-        backends = Backends(dict(backends))
-    built, backends = backends, backends.backends
-    sandbox = (SandboxServer(built.sandbox_url, load_sandbox_config(settings.sandbox.config_file))
-               if built.sandbox_url else None)
-    policy_file = settings.config_dir / settings.policy_file if settings.config_dir else None
-    policy_holder = PolicyRegistry(policy, path=policy_file)
+    built = backends if isinstance(backends, Backends) else Backends(dict(backends))
+    registry = PolicyRegistry(policy, path=settings.config_dir / settings.policy_file if settings.config_dir else None)
     keyring, generated_admin_key = KeyRing.from_settings(settings.auth)
     if generated_admin_key:
         # Shown once, like a notebook server's token: only its hash is kept.
@@ -104,85 +122,92 @@ def create_app(settings: Settings, policy: Policy,
                      flush_interval_s=settings.audit.flush_interval_s)
     images = ImageStore(settings.resolve(settings.images.dir), settings.images.url_ttl_s)
     store = _state_store(settings)
-    service = GenerationService(backends=backends, policy=policy_holder, audit=audit, images=images,
+    service = GenerationService(backends=built.backends, policy=registry, audit=audit, images=images,
                                 limits=settings.limits, public_url=settings.server.public_url,
                                 guards=built.guards, store=store)
     sync = StateSync(store, service.snapshots.stats, built.guards, settings.state_sync_interval_s)
-    policy_holder.on_apply = lambda entry: sync._spawn(store.publish_policy(_policy_payload(entry)))
-
-    def pool_model():
-        local = backends.get("local")
-        return local.load().pool if local is not None else None
-
-    def budget_use():
-        budgets = policy_holder.current.budgets
-        rows = []
-        for tenant, used in sync.spend.items():
-            limit = budgets.for_tenant(tenant)
-            rows.append((tenant, "day", used["day"], limit.daily_usd if limit else None))
-            rows.append((tenant, "month", used["month"], limit.monthly_usd if limit else None))
-        return rows
-
-    metrics = Metrics(built.guards, pool_model, lambda: audit.backlog, lambda: store.degraded, budget_use)
+    registry.on_apply = lambda entry: sync.spawn(store.publish_policy(_policy_payload(entry)))
+    local = built.backends.get("local")
+    metrics = Metrics(built.guards, lambda: local.load().pool if local is not None else None,
+                      lambda: audit.backlog, lambda: store.degraded, lambda: _budget_use(registry, sync))
     service.observers += [sync.observe_record, metrics.observe]
+    sandbox = (SandboxServer(built.sandbox_url, load_sandbox_config(settings.sandbox.config_file))
+               if built.sandbox_url else None)
+    return Components(settings, built, registry, keyring, audit, images, store, service, sync, metrics, sandbox)
 
+
+def _budget_use(registry: PolicyRegistry, sync: StateSync) -> list[tuple[str, str, float, float | None]]:
+    budgets, rows = registry.current.budgets, []
+    for tenant, used in sync.spend.items():
+        limit = budgets.for_tenant(tenant)
+        rows.append((tenant, "day", used["day"], limit.daily_usd if limit else None))
+        rows.append((tenant, "month", used["month"], limit.monthly_usd if limit else None))
+    return rows
+
+
+def _lifespan(c: Components):
     @contextlib.asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
-        await audit.start()
-        await images.start()
-        if settings.policy_reload_interval_s > 0:
-            await policy_holder.watch(settings.policy_reload_interval_s)
-        await _join_replicas(store, policy_holder)
-        await sync.start()
-        if sandbox is not None:
-            await sandbox.start()
-        for backend in backends.values():
+        await c.audit.start()
+        await c.images.start()
+        if c.settings.policy_reload_interval_s > 0:
+            await c.policy.watch(c.settings.policy_reload_interval_s)
+        await _join_replicas(c.store, c.policy)
+        await c.sync.start()
+        if c.sandbox is not None:
+            await c.sandbox.start()
+        for backend in c.backends.values():
             await backend.start()
         try:
             yield
-        finally:
-            for backend in backends.values():
+        finally:  # backends drain first, so their last requests are still audited
+            for backend in c.backends.values():
                 with contextlib.suppress(Exception):
                     await backend.aclose()
-            await images.close()
-            await policy_holder.close()
-            await sync.close()
-            await store.close()
-            if sandbox is not None:
-                await sandbox.stop()
-            await audit.close()
-            log.info("shut down; audit records written: %d", audit.written)
+            for closer in (c.images.close, c.policy.close, c.sync.close, c.store.close):
+                await closer()
+            if c.sandbox is not None:
+                await c.sandbox.stop()
+            await c.audit.close()
+            log.info("shut down; audit records written: %d", c.audit.written)
 
-    @get("/openapi.json", include_in_schema=False, sync_to_thread=False)
-    def openapi_json(request: Request) -> dict:
-        # Litestar's schema plus the generation body, which the handler parses itself
-        # (to answer OpenAI-shaped errors).
-        schema = request.app.openapi_schema.to_schema()
-        op = schema["paths"]["/v1/images/generations"]["post"]
-        op["requestBody"] = {"required": True, "content": {"application/json": {
-            "schema": GenerationRequest.model_json_schema()}}}
-        return schema
+    return lifespan
 
-    @get("/metrics", include_in_schema=False, sync_to_thread=False)
-    def metrics_endpoint() -> Response:
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    def _const(value):
-        return Provide(lambda: value, sync_to_thread=False)
+@get("/openapi.json", include_in_schema=False, sync_to_thread=False)
+def openapi_json(request: Request) -> dict:
+    # Litestar's schema plus the generation body, which the handler parses itself (to answer
+    # OpenAI-shaped errors).
+    schema = request.app.openapi_schema.to_schema()
+    op = schema["paths"]["/v1/images/generations"]["post"]
+    op["requestBody"] = {"required": True, "content": {"application/json": {
+        "schema": GenerationRequest.model_json_schema()}}}
+    return schema
 
+
+@get("/metrics", include_in_schema=False, sync_to_thread=False)
+def metrics_endpoint(metrics: Metrics) -> Response:
+    return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def _const(value) -> Provide:
+    return Provide(lambda: value, sync_to_thread=False)
+
+
+def create_app(settings: Settings, policy: Policy,
+               backends: Mapping[str, Backend] | Backends | None = None) -> Litestar:
+    """Everything the gateway serves; resources open and close in the lifespan."""
+    c = assemble(settings, policy, backends)
     return Litestar(
         route_handlers=[create_image, get_image_file, list_models, list_backends, healthz, readyz,
                         openapi_json, metrics_endpoint, admin_router],
-        dependencies={
-            "service": _const(service), "image_store": _const(images), "backends": _const(backends),
-            "policy": _const(policy_holder), "audit": _const(audit),
-            "snapshots": _const(service.snapshots), "guards": _const(built.guards), "store": _const(store),
-            "settings": _const(settings),
-        },
-        exception_handlers={GatewayError: _gateway_error, HTTPException: _http_error,
-                            Exception: _unexpected},
-        lifespan=[lifespan],
-        state=State({"keyring": keyring}),
+        dependencies={name: _const(value) for name, value in {
+            "service": c.service, "image_store": c.images, "backends": c.backends, "policy": c.policy,
+            "audit": c.audit, "snapshots": c.service.snapshots, "guards": c.built.guards, "store": c.store,
+            "settings": settings, "metrics": c.metrics}.items()},
+        exception_handlers={GatewayError: _gateway_error, HTTPException: _http_error, Exception: _unexpected},
+        lifespan=[_lifespan(c)],
+        state=State({"keyring": c.keyring}),
         openapi_config=OpenAPIConfig(title="imagegw", version="0.1.0", path="/schema"),
         request_max_body_size=settings.server.max_body_bytes,
         debug=False,

@@ -34,10 +34,10 @@ class StateSync:
         self._task: asyncio.Task | None = None
         self._pending: set[asyncio.Task] = set()
         for name, guard in guards.items():
-            guard.breaker.on_open = lambda seconds, reason, name=name: self._spawn(
+            guard.breaker.on_open = lambda seconds, reason, name=name: self.spawn(
                 store.open_breaker(name, seconds, reason))
 
-    def _spawn(self, coro) -> None:
+    def spawn(self, coro) -> None:
         try:
             task = asyncio.get_running_loop().create_task(coro)
         except RuntimeError:  # no loop (a test driving the breaker synchronously)
@@ -50,7 +50,7 @@ class StateSync:
         """Observer: share this request's attempt outcomes (fire and forget)."""
         now = time.time()
         for backend, latency_ms, ok in self.stats.attempts(record):
-            self._spawn(self.store.add_outcome(backend, latency_ms, ok, now))
+            self.spawn(self.store.add_outcome(backend, latency_ms, ok, now))
 
     async def pull(self) -> None:
         names = list(self.guards)
