@@ -104,7 +104,7 @@ class GenerationService:
         if req.tier is not None and req.tier not in policy.tiers:
             raise InvalidRequest(f"tier: unknown tier {req.tier!r}; known: {sorted(policy.tiers)}",
                                  param="tier", code="unknown_tier")
-        backend, model = _model_target(req.model, self._backends)
+        backend, model = _model_target(self._limits.model_aliases.get(req.model, req.model), self._backends)
         return RouteRequest(
             width=width, height=height, n=req.n, steps=req.steps, tenant=ctx.tenant, tier=req.tier,
             sla_ms=req.sla_ms, max_cost_usd=req.max_cost_usd, backend=backend, model=model,

@@ -57,6 +57,9 @@ class ImageSettings(_Section):
 
 
 class LimitSettings(_Section):
+    model_aliases: dict[str, str] = Field(
+        default_factory=lambda: {m: "auto" for m in ("dall-e-2", "dall-e-3", "gpt-image-1", "gpt-image-1-mini")},
+        description="Model names clients send (OpenAI SDK defaults) and what they mean here.")
     prompt_max_chars: int = Field(32_000, gt=0)
     max_n: int = Field(10, ge=1, le=10)
     max_side: int = Field(4096, ge=64)

@@ -101,3 +101,8 @@ def test_openapi_describes_the_generation_body(client):
     spec = client.get("/openapi.json").json()
     body = spec["paths"]["/v1/images/generations"]["post"]["requestBody"]["content"]["application/json"]
     assert "prompt" in body["schema"]["properties"]
+
+
+def test_openai_model_names_route_automatically(client):
+    r = client.post("/v1/images/generations", json={"prompt": "x", "size": "256x256", "model": "dall-e-3"})
+    assert r.status_code == 200 and r.headers["x-gateway-backend"] == "local"

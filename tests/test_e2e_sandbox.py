@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import time
 
 import httpx
 import pytest
@@ -127,3 +128,34 @@ def test_every_provider_serves_through_the_sandbox_by_name(sandboxed):
             item = r.json()["data"][0]
             data = base64.b64decode(item["b64_json"]) if fmt == "b64_json" else httpx.get(item["url"]).content
             assert Image.open(io.BytesIO(data)).format == "PNG"
+
+
+def test_sandbox_speaks_like_the_providers_sdks_call_it():
+    """Nulls for unset fields (BytePlus SDK), Accept: image/png with metadata headers (Reve SDK),
+    the v1 API path (google-genai's default), and Bria's absolute status_url."""
+    from litestar.testing import TestClient
+
+    from backends.sandbox import create_sandbox_app
+
+    fast = {"latency_p50_ms": 1, "latency_p95_ms": 2}
+    app = create_sandbox_app(SandboxConfig.model_validate({p: fast for p in ("seedream", "gemini", "reve", "bria")}))
+    with TestClient(app) as c:
+        r = c.post("/seedream/api/v3/images/generations", headers={"authorization": "Bearer k"},
+                   json={"model": "seedream-4-0-250828", "prompt": "p", "size": "1024x1024", "seed": None,
+                         "image": None, "response_format": "b64_json", "watermark": None})
+        assert r.status_code == 200 and r.json()["data"][0]["b64_json"]
+        r = c.post("/reve/v1/image/create", headers={"authorization": "Bearer k", "accept": "image/png"},
+                   json={"prompt": "p", "aspect_ratio": "16:9"})
+        assert r.headers["content-type"] == "image/png" and r.content.startswith(b"\x89PNG")
+        assert r.headers["x-reve-credits-used"] == "18" and r.headers["x-reve-content-violation"] == "false"
+        r = c.post("/gemini/v1/models/gemini-2.5-flash-image:generateContent", headers={"x-goog-api-key": "k"},
+                   json={"contents": [{"parts": [{"text": "p"}]}]})
+        assert r.status_code == 200 and r.json()["candidates"][0]["content"]["parts"][1]["inlineData"]["data"]
+        submitted = c.post("/bria/v2/image/generate", headers={"api_token": "k"}, json={"prompt": "p"}).json()
+        status_path = "/" + submitted["status_url"].split("/", 3)[3]
+        for _ in range(100):
+            status = c.get(status_path, headers={"api_token": "k"}).json()
+            if status["status"] != "IN_PROGRESS":
+                break
+            time.sleep(0.01)
+        assert status["status"] == "COMPLETED" and status["result"]["image_url"]

@@ -96,11 +96,10 @@ async def seedream_generate(request: Request, state: State) -> Response:
     body = await _body(request)
     if body is None:
         return _seedream_error(400, "InvalidParameter", "body must be a JSON object")
+    body = {k: v for k, v in body.items() if v is not None}  # the official SDK sends null for unset fields
     for key in ("model", "prompt"):
         if not body.get(key):
             return _seedream_error(400, "MissingParameter", f"the parameter `{key}` is required", key)
-    if any(v is None for v in body.values()):
-        return _seedream_error(400, "InvalidParameter", "null values are not accepted; omit the field")
     try:
         width, height = (int(x) for x in str(body.get("size", "2048x2048")).lower().split("x"))
     except ValueError:
@@ -207,10 +206,15 @@ async def reve_create(request: Request, state: State) -> Response:
         return _malformed()
     width, height = _ratio_size("3:2" if ratio == "auto" else ratio, 1.0)
     violation = v.fault == "content_violation"
-    image = "" if violation else base64.b64encode(placeholder_png("reve", body["prompt"], None, width, height)).decode()
-    return _json({"image": image, "version": "reve-create@sandbox", "content_violation": violation,
-                  "request_id": f"rsid-{secrets.token_hex(6)}", "credits_used": 18, "credits_remaining": 982},
-                 headers={"x-reve-content-violation": str(violation).lower()})
+    png = b"" if violation else placeholder_png("reve", body["prompt"], None, width, height)
+    meta = {"x-reve-request-id": f"rsid-{secrets.token_hex(6)}", "x-reve-credits-used": "18",
+            "x-reve-credits-remaining": "982", "x-reve-version": "reve-create@sandbox",
+            "x-reve-content-violation": str(violation).lower()}
+    if request.headers.get("accept", "").startswith("image/"):  # the SDK's way: raw bytes, metadata in headers
+        return Response(png, media_type="image/png", headers=meta)
+    return _json({"image": base64.b64encode(png).decode(), "version": meta["x-reve-version"],
+                  "content_violation": violation, "request_id": meta["x-reve-request-id"], "credits_used": 18,
+                  "credits_remaining": 982}, headers=meta)
 
 
 # --- Bria -------------------------------------------------------------------
