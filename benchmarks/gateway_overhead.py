@@ -7,8 +7,12 @@ process's own CPU time, from /proc), added p50/p99 latency against direct, error
 
     .venv/bin/python benchmarks/gateway_overhead.py [--seconds 8] [--delay-ms 0]
 
-LiteLLM's proxy and Portkey's gateway (issue 7) are not run by this version: see
-docs/benchmarks.md.
+With --peers DIR, LiteLLM's proxy (litellm[proxy] 1.108.7, two deployments behind one
+model) and Portkey's gateway (@portkey-ai/gateway 1.15.2, a load-balance config over two
+targets) run beside them; --install-peers installs both into DIR (a scratch folder, never
+into the project's dependencies):
+
+    .venv/bin/python benchmarks/gateway_overhead.py --install-peers /tmp/peers --peers /tmp/peers
 """
 
 from __future__ import annotations
@@ -104,16 +108,53 @@ def start_imagegw(upstream_port: int, tmp: Path) -> tuple[subprocess.Popen, int]
     return proc, port
 
 
+def install_peers(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    venv = folder / "litellm-venv"
+    if not (venv / "bin" / "litellm").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(venv / "bin/pip"), "install", "-q", "litellm[proxy]==1.108.7"], check=True)
+    portkey = folder / "portkey"
+    if not (portkey / "node_modules/@portkey-ai/gateway").exists():
+        portkey.mkdir(exist_ok=True)
+        subprocess.run(["npm", "init", "-y"], cwd=portkey, check=True, capture_output=True)
+        subprocess.run(["npm", "install", "@portkey-ai/gateway@1.15.2"], cwd=portkey, check=True)
+
+
+def start_litellm(folder: Path, upstream_port: int, tmp: Path) -> tuple[subprocess.Popen, int, dict]:
+    port = free_port()
+    deployment = {"model": "openai/bench", "api_base": f"http://127.0.0.1:{upstream_port}/v1", "api_key": "k"}
+    (tmp / "litellm.yaml").write_text(json.dumps({
+        "model_list": [{"model_name": "bench", "litellm_params": deployment}] * 2,
+        "litellm_settings": {"drop_params": True}}))
+    key = "sk-bench-master-key-0123456789"
+    proc = subprocess.Popen([str(folder / "litellm-venv/bin/litellm"), "--config", str(tmp / "litellm.yaml"),
+                             "--port", str(port)], env={**os.environ, "LITELLM_MASTER_KEY": key},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_up(f"http://127.0.0.1:{port}/health/liveliness", timeout=120)
+    return proc, port, {"authorization": f"Bearer {key}"}
+
+
+def start_portkey(folder: Path, upstream_port: int) -> tuple[subprocess.Popen, int, dict]:
+    port = free_port()
+    target = {"provider": "openai", "api_key": "k", "custom_host": f"http://127.0.0.1:{upstream_port}/v1"}
+    config = {"strategy": {"mode": "loadbalance"}, "targets": [target, target]}
+    proc = subprocess.Popen(["node", str(folder / "portkey/node_modules/@portkey-ai/gateway/build/start-server.js"),
+                             f"--port={port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_up(f"http://127.0.0.1:{port}/", timeout=60)
+    return proc, port, {"x-portkey-config": json.dumps(config)}
+
+
 # --- load -----------------------------------------------------------------------------------
 
-BODY = {"prompt": "a red fox in snow", "size": "1024x1024", "response_format": "b64_json"}
+BODY = {"prompt": "a red fox in snow", "size": "1024x1024", "response_format": "b64_json", "model": "bench"}
 
 
-async def closed_loop(url: str, concurrency: int, seconds: float) -> tuple[list[float], int]:
+async def closed_loop(url: str, concurrency: int, seconds: float, headers: dict) -> tuple[list[float], int]:
     latencies, errors = [], 0
     stop = time.perf_counter() + seconds
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(limits=limits, timeout=30) as client:
+    async with httpx.AsyncClient(limits=limits, timeout=30, headers=headers) as client:
         async def worker():
             nonlocal errors
             while time.perf_counter() < stop:
@@ -132,9 +173,9 @@ async def closed_loop(url: str, concurrency: int, seconds: float) -> tuple[list[
     return latencies, errors
 
 
-async def fixed_rate(url: str, rate: float, seconds: float) -> tuple[list[float], int]:
+async def fixed_rate(url: str, rate: float, seconds: float, headers: dict) -> tuple[list[float], int]:
     latencies, errors = [], 0
-    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=256), timeout=30) as client:
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=256), timeout=30, headers=headers) as client:
         async def one():
             nonlocal errors
             t = time.perf_counter()
@@ -160,13 +201,13 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] * 1000 if values else float("nan")
 
 
-def measure(name: str, url: str, pid: int, load: str, seconds: float) -> dict:
+def measure(name: str, url: str, pid: int, load: str, seconds: float, headers: dict | None = None) -> dict:
     kind, value = load.split("=")
     before, started = cpu_seconds(pid), time.perf_counter()
     if kind == "c":
-        latencies, errors = asyncio.run(closed_loop(url, int(value), seconds))
+        latencies, errors = asyncio.run(closed_loop(url, int(value), seconds, headers or {}))
     else:
-        latencies, errors = asyncio.run(fixed_rate(url, float(value), seconds))
+        latencies, errors = asyncio.run(fixed_rate(url, float(value), seconds, headers or {}))
     elapsed, cpu = time.perf_counter() - started, cpu_seconds(pid) - before
     n = len(latencies)
     return {"target": name, "load": load, "requests": n, "errors": errors, "req_per_s": n / elapsed,
@@ -178,24 +219,36 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=8)
     p.add_argument("--delay-ms", type=float, default=0)
     p.add_argument("--loads", default="c=16,c=64,r=20,r=100")
+    p.add_argument("--peers", help="folder with LiteLLM and Portkey installed (see --install-peers)")
+    p.add_argument("--install-peers", help="install LiteLLM and Portkey into this scratch folder first")
     args = p.parse_args()
+    if args.install_peers:
+        install_peers(Path(args.install_peers))
     up_port = free_port()
     upstream = subprocess.Popen([sys.executable, __file__, "--upstream", str(up_port), "--delay-ms",
                                  str(args.delay_ms)])
     wait_up(f"http://127.0.0.1:{up_port}/")
     with tempfile.TemporaryDirectory() as tmp:
         gateway, gw_port = start_imagegw(up_port, Path(tmp))
-        targets = [("direct", f"http://127.0.0.1:{up_port}/v1/images/generations", upstream.pid),
-                   ("imagegw", f"http://127.0.0.1:{gw_port}/v1/images/generations", gateway.pid)]
+        procs = [gateway, upstream]
+        path = "/v1/images/generations"
+        targets = [("direct", f"http://127.0.0.1:{up_port}{path}", upstream.pid, {}),
+                   ("imagegw", f"http://127.0.0.1:{gw_port}{path}", gateway.pid, {})]
         rows = []
         try:
+            if args.peers:
+                litellm, ll_port, ll_headers = start_litellm(Path(args.peers), up_port, Path(tmp))
+                portkey, pk_port, pk_headers = start_portkey(Path(args.peers), up_port)
+                procs += [litellm, portkey]
+                targets += [("litellm", f"http://127.0.0.1:{ll_port}{path}", litellm.pid, ll_headers),
+                            ("portkey", f"http://127.0.0.1:{pk_port}{path}", portkey.pid, pk_headers)]
             for load in args.loads.split(","):
-                for name, url, pid in targets:
-                    measure(name, url, pid, load, 1.0)  # warm connections and caches
-                    rows.append(measure(name, url, pid, load, args.seconds))
+                for name, url, pid, headers in targets:
+                    measure(name, url, pid, load, 1.0, headers)  # warm connections and caches
+                    rows.append(measure(name, url, pid, load, args.seconds, headers))
         finally:
-            gateway.terminate()
-            upstream.terminate()
+            for proc in procs:
+                proc.terminate()
     direct = {r["load"]: r for r in rows if r["target"] == "direct"}
     print(f"\nupstream delay {args.delay_ms:.0f} ms; {args.seconds:.0f} s per load; load generator in this "
           f"process on the same {os.cpu_count()}-core machine")
@@ -207,7 +260,7 @@ def main() -> None:
               f"| {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['p50_ms'] - d['p50_ms']:+.1f} "
               f"| {r['p99_ms'] - d['p99_ms']:+.1f} | {r['errors']} |")
     print(f"\ncommand: .venv/bin/python benchmarks/gateway_overhead.py --seconds {args.seconds:.0f} "
-          f"--delay-ms {args.delay_ms:.0f} --loads {args.loads}")
+          f"--delay-ms {args.delay_ms:.0f} --loads {args.loads}" + (f" --peers {args.peers}" if args.peers else ""))
 
 
 if __name__ == "__main__":
