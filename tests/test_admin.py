@@ -131,6 +131,10 @@ def test_audit_query_filters_pages_exports_and_stats(gateway):
                                                           "cursor": first["next_cursor"]}).json()
     ids = [r["id"] for r in first["data"] + rest["data"]]
     assert len(ids) == 7 == len(set(ids)) and rest["next_cursor"] is None
+    missed = admin(gateway, "GET", "/admin/audit", params={"sla_missed": "true"}).json()["data"]
+    assert missed == []  # everything met its SLA
+    version = first["data"][0]["policy_version"]
+    assert len(admin(gateway, "GET", "/admin/audit", params={"policy_version": version}).json()["data"]) == 8
     lines = admin(gateway, "GET", "/admin/audit/export").text.strip().splitlines()
     assert len(lines) == 8 and all(json.loads(line)["id"] for line in lines)
     stats = {s["backend"]: s for s in admin(gateway, "GET", "/admin/stats").json()["backends"]}

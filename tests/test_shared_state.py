@@ -81,7 +81,8 @@ def _post(server, **body):
     return httpx.post(server.base_url + "/v1/images/generations", json={"prompt": "x", "size": "256x256", **body})
 
 
-def test_a_budget_is_enforced_across_replicas(settings, serve, namespace):
+def test_a_budget_is_enforced_across_replicas(settings, serve, namespace, monkeypatch):
+    monkeypatch.setenv("IMAGEGW_ADMIN_KEY", "adm")
     settings.redis_url, settings.redis_namespace = REDIS_URL, namespace
     policy = _policy(default={"daily_usd": 0.1}, on_limit="reject")
     a, b = serve(settings, policy, _backends()), serve(settings, policy, _backends())
@@ -90,8 +91,10 @@ def test_a_budget_is_enforced_across_replicas(settings, serve, namespace):
     assert codes.count(200) == 4 and codes.count(429) == 2  # 4 x $0.024 fits in $0.10; the 5th does not
     err = served[codes.index(429)].json()["error"]
     assert err["code"] == "budget_exceeded" and "over its budget" in err["message"]
-    admin = httpx.get(a.base_url + "/admin/spend", headers={"authorization": "Bearer k"})
-    assert admin.status_code == 401  # spend is an admin route
+    assert httpx.get(a.base_url + "/admin/spend", headers={"authorization": "Bearer k"}).status_code == 401
+    spend = httpx.get(b.base_url + "/admin/spend", headers={"authorization": "Bearer adm"}).json()
+    row = next(r for r in spend["data"] if r["tenant"] == "anonymous")
+    assert row["day_usd"] == pytest.approx(4 * 0.024) and row["daily_limit_usd"] == 0.1 and spend["shared"]
 
 
 def test_at_the_limit_local_only_and_downgrade_tier_keep_serving(settings, serve):
