@@ -161,6 +161,13 @@ def _plots(a: SimResult, b: SimResult) -> list[str]:
     ax.legend()
     out.append(fig)
     fig, ax = plt.subplots(figsize=(7, 3))
+    for r, label in ((a, "current"), (b, "candidate")):
+        ax.plot([row["t"] / 60 for row in r.timeline], [row.get("gpu_utilisation", 0) for row in r.timeline],
+                label=label)
+    ax.set(xlabel="minutes", ylabel="GPU utilisation", title="GPU utilisation over time", ylim=(0, 1.05))
+    ax.legend()
+    out.append(fig)
+    fig, ax = plt.subplots(figsize=(7, 3))
     backends = sorted(set(a.summary()["backend_mix"]) | set(b.summary()["backend_mix"]))
     for i, (r, label) in enumerate(((a, "current"), (b, "candidate"))):
         mix = r.summary()["backend_mix"]

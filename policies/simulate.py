@@ -144,6 +144,7 @@ class _Sim:
         self.gpu_free_at = [0.0] * (pool.gpus if pool else 0)
         self.occupancy = 1.0
         self.busy_s = 0.0
+        self.busy_by_minute: dict[int, float] = {}  # GPU-seconds started in each minute (utilisation over time)
         self.api_spend = 0.0
         self.wake_at: float | None = None
         self.outcomes: list[Outcome] = []
@@ -231,6 +232,8 @@ class _Sim:
             gpu = free[0]
             self.gpu_free_at[gpu] = self.now + seconds
             self.busy_s += seconds
+            minute = int(self.now // 60)
+            self.busy_by_minute[minute] = self.busy_by_minute.get(minute, 0.0) + seconds
             self.occupancy = 0.8 * self.occupancy + 0.2 * batch.slots
             self.push(self.now + seconds, "batch_done", (batch, seconds))
 
@@ -270,6 +273,9 @@ class _Sim:
         result = SimResult(self.strategy.name, self.outcomes, horizon, self.api_spend, gpu_cost, self.busy_s,
                            pool.gpus if pool else 0)
         result.timeline = _timeline(self.outcomes, horizon)
+        for row in result.timeline:
+            busy = self.busy_by_minute.get(int(row["t"] // 60), 0.0)
+            row["gpu_utilisation"] = min(1.0, busy / (60.0 * max(1, result.gpus)))
         return result
 
 

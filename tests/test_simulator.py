@@ -58,6 +58,9 @@ def test_an_overloaded_pool_overflows_to_apis_instead_of_missing_slas():
                      WORLD).summary()
     assert ours["sla_attainment"] > 0.95 > blind["sla_attainment"]
     assert ours["gpu_utilisation"] > 0.8
+    timeline = simulate(trace, POLICY, WORLD).timeline  # per minute: requests, spend, SLA, mix, GPU use
+    assert len(timeline) == 10 and all(0 <= row["gpu_utilisation"] <= 1 for row in timeline)
+    assert sum(row["requests"] for row in timeline) == len(trace)
 
 
 def test_simulate_command_prints_both_policies_side_by_side_and_writes_a_report(settings, tmp_path, capsys,
