@@ -108,6 +108,8 @@ class ProviderSettings(_Section):
     max_n: int = Field(10, ge=1, description="Images per request (sent as parallel calls).")
     max_concurrency: int | None = Field(None, ge=1, description="Calls in flight at once.")
     requests_per_minute: float | None = Field(None, gt=0)
+    transport: Literal["fast", "httpx"] = Field(
+        "fast", description="fast: the gateway's lean HTTP/1.1 keep-alive transport; httpx: httpx's own pool.")
     options: dict = Field(default_factory=dict, description="Provider-specific knobs (see docs/providers.md).")
 
     @field_validator("kind")

@@ -34,8 +34,9 @@ JOB = GenerationJob(id="job1", prompt="a red fox in snow", width=1024, height=10
 
 
 def config(name, base, model, **options):
+    # respx mocks httpx's own transport
     return ProviderConfig(name=name, base_url=base, api_key=SecretStr("sk-test-secret"), model=model,
-                          timeout_s=5, options=options)
+                          timeout_s=5, options=options, transport="httpx")
 
 
 SEEDREAM = ("seedream", "https://ark.test/api/v3", "seedream-4-0-250828", SeedreamBackend)
@@ -109,7 +110,8 @@ async def test_download_over_the_size_cap_is_refused():
     route(respx, "seedream").respond(200, json={"data": [{"url": "https://cdn.test/big.png"}]})
     respx.get("https://cdn.test/big.png").respond(200, content=b"x" * 2000)
     backend = SeedreamBackend(ProviderConfig(name="seedream", base_url="https://ark.test/api/v3",
-                                             api_key=SecretStr("k"), model="m", max_download_bytes=1000))
+                                             api_key=SecretStr("k"), model="m", max_download_bytes=1000,
+                                             transport="httpx"))
     with pytest.raises(BackendTransientError, match="cap"):
         await backend.generate(JOB, soon())
 
@@ -282,7 +284,7 @@ async def test_connect_errors_and_timeouts_are_transient(spec):
 @pytest.mark.parametrize("spec", ALL, ids=[s[0] for s in ALL])
 async def test_backend_without_a_key_is_unconfigured_and_never_calls_out(spec):
     name, base, model, cls = spec
-    backend = cls(ProviderConfig(name=name, base_url=base, api_key=None, model=model))
+    backend = cls(ProviderConfig(name=name, base_url=base, api_key=None, model=model, transport="httpx"))
     assert backend.load().health is Health.UNCONFIGURED
     with pytest.raises(BackendUnavailable):
         await backend.generate(JOB, soon())

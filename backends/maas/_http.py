@@ -47,14 +47,21 @@ class ProviderConfig:
     max_n: int = 10
     sandbox: bool = False
     options: dict[str, Any] = field(default_factory=dict)
+    transport: str = "fast"  # fast: backends.maas.transport (lean keep-alive pool); httpx: httpx's own
 
     def timeout(self) -> httpx.Timeout:
         return httpx.Timeout(self.timeout_s, connect=self.connect_timeout_s)
 
     def make_client(self, **headers: str) -> httpx.AsyncClient:
         """One pooled client per backend, for its whole life."""
+        transport = None
+        if self.transport == "fast":
+            from .transport import FastTransport
+
+            transport = FastTransport(max_connections=100, max_body_bytes=self.max_download_bytes + 1024 * 1024)
         return httpx.AsyncClient(base_url=self.base_url.rstrip("/"), timeout=self.timeout(), headers=headers,
-                                 limits=httpx.Limits(max_connections=100, max_keepalive_connections=20))
+                                 limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
+                                 transport=transport)
 
 
 def remaining(deadline: float) -> float:

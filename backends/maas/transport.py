@@ -1,0 +1,177 @@
+"""A lean HTTP/1.1 transport for httpx: keep-alive connections over asyncio streams, parsed by httptools.
+
+httpx's default pool checks every pooled connection's socket on every request (a
+select() each); on the gateway's hot path that bookkeeping cost more than the
+request itself (docs/benchmarks.md). This transport keeps one stack of idle
+connections per origin and touches only the one it uses. Bodies are read whole,
+up to `max_body_bytes`. Behind httpx's two-method transport interface, so
+clients, timeouts, errors and tests (respx) work as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections import defaultdict
+
+import httptools
+import httpx
+
+__all__ = ["FastTransport"]
+
+
+class _Reply:
+    def __init__(self, limit: int):
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body = bytearray()
+        self.done = False
+        self.limit = limit
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_body(self, body: bytes) -> None:
+        self.body += body
+        if len(self.body) > self.limit:
+            raise httpx.RemoteProtocolError(f"response body over {self.limit} bytes")
+
+    def on_message_complete(self) -> None:
+        self.done = True
+
+
+class _Stale(Exception):
+    """The server had closed this kept-alive connection: nothing was answered, so a retry is safe."""
+
+
+class _Connection:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader, self.writer = reader, writer
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.close()
+
+    @property
+    def usable(self) -> bool:
+        return not self.writer.is_closing() and not self.reader.at_eof()
+
+    async def exchange(self, head: bytes, body: bytes, limit: int) -> tuple[_Reply, bool]:
+        self.writer.write(head + body if len(body) < 65536 else head)
+        if len(body) >= 65536:
+            self.writer.write(body)
+        await self.writer.drain()
+        reply = _Reply(limit)
+        parser = httptools.HttpResponseParser(reply)
+        received = False
+        while not reply.done:
+            try:
+                data = await self.reader.read(65536)
+            except ConnectionResetError as exc:
+                if not received:
+                    raise _Stale() from exc
+                raise
+            if not data:
+                if not received:
+                    raise _Stale()
+                raise httpx.RemoteProtocolError("server closed the connection before the response ended")
+            received = True
+            try:
+                parser.feed_data(data)
+            except httptools.HttpParserError as exc:
+                raise httpx.RemoteProtocolError(f"malformed HTTP response: {exc}") from exc
+        reply.status = parser.get_status_code()
+        # HTTP/1.1 keeps the connection unless the server says otherwise (httptools resets its own flag
+        # once the message completes).
+        closing = any(k.lower() == b"connection" and b"close" in v.lower() for k, v in reply.headers)
+        return reply, parser.get_http_version() == "1.1" and not closing
+
+
+class FastTransport(httpx.AsyncBaseTransport):
+    def __init__(self, max_connections: int = 100, max_idle_per_origin: int = 64,
+                 max_body_bytes: int = 64 * 1024 * 1024, ssl_context: ssl.SSLContext | None = None):
+        self._idle: dict[tuple, list[_Connection]] = defaultdict(list)
+        self._slots: dict[tuple, asyncio.Semaphore] = defaultdict(lambda: asyncio.Semaphore(max_connections))
+        self._max_idle = max_idle_per_origin
+        self._limit = max_body_bytes
+        self._ssl = ssl_context
+
+    async def _connect(self, origin: tuple, timeout: float | None) -> _Connection:
+        scheme, host, port = origin
+        context = (self._ssl or ssl.create_default_context()) if scheme == "https" else None
+        try:
+            async with asyncio.timeout(timeout):
+                reader, writer = await asyncio.open_connection(host, port, ssl=context,
+                                                               server_hostname=host if context else None)
+        except TimeoutError as exc:
+            raise httpx.ConnectTimeout(f"connect to {host}:{port} timed out") from exc
+        except OSError as exc:
+            raise httpx.ConnectError(f"connect to {host}:{port} failed: {exc}") from exc
+        return _Connection(reader, writer)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        url = request.url
+        origin = (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
+        timeouts = request.extensions.get("timeout", {})
+        slots = self._slots[origin]
+        try:
+            async with asyncio.timeout(timeouts.get("pool")):
+                await slots.acquire()
+        except TimeoutError as exc:
+            raise httpx.PoolTimeout("no connection slot free before the pool timeout") from exc
+        try:
+            return await self._exchange(request, origin, timeouts)
+        finally:
+            slots.release()
+
+    async def _exchange(self, request: httpx.Request, origin: tuple, timeouts: dict) -> httpx.Response:
+        url = request.url
+        body = await request.aread()
+        target = url.raw_path.decode("ascii")
+        head = b"%s %s HTTP/1.1\r\n" % (request.method.encode(), target.encode()) + b"".join(
+            b"%s: %s\r\n" % (k, v) for k, v in request.headers.raw) + b"\r\n"
+        idle = self._idle[origin]
+        for attempt in (0, 1):  # a kept-alive connection the server already closed: one fresh retry
+            reused = False
+            conn = None
+            while idle and conn is None:
+                candidate = idle.pop()
+                if candidate.usable:
+                    conn, reused = candidate, True
+                else:
+                    candidate.close()
+            if conn is None:
+                conn = await self._connect(origin, timeouts.get("connect"))
+            try:
+                async with asyncio.timeout(timeouts.get("read")):
+                    reply, keep_alive = await conn.exchange(head, body, self._limit)
+            except TimeoutError as exc:
+                conn.close()
+                raise httpx.ReadTimeout("no response before the read timeout") from exc
+            except _Stale as exc:
+                conn.close()
+                if reused and attempt == 0:
+                    continue
+                raise httpx.RemoteProtocolError("server closed the connection without answering") from exc
+            except httpx.RemoteProtocolError:
+                conn.close()
+                raise
+            except OSError as exc:
+                conn.close()
+                raise httpx.ReadError(str(exc)) from exc
+            except BaseException:  # cancelled mid-exchange: the connection's state is unknown
+                conn.close()
+                raise
+            if keep_alive and len(idle) < self._max_idle:
+                idle.append(conn)
+            else:
+                conn.close()
+            return httpx.Response(reply.status, headers=reply.headers, content=bytes(reply.body), request=request)
+        raise httpx.RemoteProtocolError("connection failed twice")
+
+    async def aclose(self) -> None:
+        for conns in self._idle.values():
+            for conn in conns:
+                conn.close()
+        self._idle.clear()
