@@ -34,14 +34,19 @@ class OutcomeStats:
         self.max_samples = max_samples
         self._clock = clock
         self._outcomes: dict[str, deque[tuple[float, float, bool]]] = {}
+        # Quantiles are read on every request and change only with new samples: cache them per backend,
+        # recomputed after a change or once a second (so the window still slides).
+        self._cache: dict[str, tuple[float, BackendStats | None]] = {}
 
     def add(self, backend: str, latency_ms: float, ok: bool) -> None:
         window = self._outcomes.setdefault(backend, deque(maxlen=self.max_samples))
         window.append((self._clock(), latency_ms, ok))
+        self._cache.pop(backend, None)
 
     def replace(self, backend: str, samples: list[tuple[float, float, bool]]) -> None:
         """Adopt the shared samples (wall-clock time, latency ms, ok) every replica contributed."""
         self._outcomes[backend] = deque(sorted(samples), maxlen=self.max_samples)
+        self._cache.pop(backend, None)
 
     def attempts(self, record: dict) -> list[tuple[str, float, bool]]:
         return [(a["backend"], a["latency_ms"], a["outcome"] == "ok") for a in record.get("attempts") or ()
@@ -53,6 +58,15 @@ class OutcomeStats:
             self.add(backend, latency_ms, ok)
 
     def get(self, backend: str) -> BackendStats | None:
+        now = self._clock()
+        cached = self._cache.get(backend)
+        if cached is not None and now - cached[0] < 1.0:
+            return cached[1]
+        stats = self._compute(backend)
+        self._cache[backend] = (now, stats)
+        return stats
+
+    def _compute(self, backend: str) -> BackendStats | None:
         window = self._outcomes.get(backend)
         if not window:
             return None
