@@ -101,14 +101,11 @@ class SizeSupport:
 
 @dataclass(frozen=True, slots=True)
 class LatencyModel:
-    """Predicted completion time in ms: a fixed part (the prior, or observed quantiles), plus,
-    for the local pool, its queue model; for a plain linear model, work in units of
-    steps x megapixels x images and the queue ahead."""
+    """Predicted completion time in ms: the prior or observed quantile, plus, for the local
+    pool, its queue model (work ahead and its own batch)."""
 
     p50_ms: float
     p95_ms: float
-    ms_per_unit: float = 0.0
-    queue_ms: float = 0.0
     pool_p95_factor: float = 1.25  # the pool's queue model predicts a mean; p95 allows for jobs that overtake
 
     def predict(self, request: RouteRequest, steps: int, quantile: str, pool: PoolModel | None = None) -> float:
@@ -116,8 +113,7 @@ class LatencyModel:
         if pool is not None:
             factor = self.pool_p95_factor if quantile == "p95" else 1.0
             return fixed + pool.completion_s(request, steps) * 1000 * factor
-        work = self.ms_per_unit * steps * request.megapixels * request.n
-        return fixed + work + self.queue_ms
+        return fixed
 
 
 @dataclass(frozen=True, slots=True)
