@@ -86,19 +86,34 @@ def count_flops(pipe, size: int) -> tuple[float, float]:
     return unet_counter.get_total_flops() / 2 / 1e12, vae_counter.get_total_flops() / 1e12
 
 
-def unet_error(pipe, reference_unet, size: int) -> float:
-    """Relative error of this pipeline's UNet output against the eager bf16 reference, fresh random inputs."""
+def capture_unet_inputs(pipe) -> dict:
+    """Arms a hook that keeps the UNet's first call's inputs (the pipeline's own shapes, dtypes and
+    kwargs, so calling the compiled UNet with them again needs no recompile)."""
+    captured: dict = {}
+
+    def hook(module, args, kwargs):
+        if "args" not in captured:
+            captured.update(args=args, kwargs=kwargs)
+            captured["handle"].remove()
+
+    captured["handle"] = pipe.unet.register_forward_pre_hook(hook, with_kwargs=True)
+    return captured
+
+
+def unet_error(pipe, reference_unet, captured: dict) -> float:
+    """Relative error of this pipeline's UNet output against the eager bf16 reference on the same inputs."""
     import torch
 
     from backends.local.optimize import relative_error
 
-    x, t, kw = unet_inputs(pipe, 1, size)
+    args, kwargs = captured["args"], captured["kwargs"]
     with torch.inference_mode():
-        return relative_error(pipe.unet(x, t, **kw)[0], reference_unet(x, t, **kw)[0])
+        return relative_error(pipe.unet(*args, **kwargs)[0], reference_unet(*args, **kwargs)[0])
 
 
 def time_batches(engine, batch: int, size: int, steps: int, repeats: int) -> dict:
-    """Compile/warm-up time, then the median batch latency over `repeats` runs."""
+    """Compile/warm-up time, then the median batch latency over `repeats` runs, and the median
+    time to the last latent (no VAE decode): the rest is decoding and turning tensors into images."""
     import torch
 
     prompts = [f"a photograph of subject {i}" for i in range(batch)]
@@ -108,28 +123,42 @@ def time_batches(engine, batch: int, size: int, steps: int, repeats: int) -> dic
     warm_s = time.perf_counter() - started
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    runs = []
-    for r in range(repeats):
-        started = time.perf_counter()
-        engine.generate(prompts, width=size, height=size, steps=steps, seeds=[r * 1000 + i for i in range(batch)])
-        sync()
-        runs.append(time.perf_counter() - started)
+
+    def timed(**kw) -> list[float]:
+        runs = []
+        for r in range(repeats):
+            started = time.perf_counter()
+            engine.generate(prompts, width=size, height=size, steps=steps,
+                            seeds=[r * 1000 + i for i in range(batch)], **kw)
+            sync()
+            runs.append(time.perf_counter() - started)
+        return runs
+
+    runs = timed()
+    denoise = timed(output_type="latent")
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
     return {"batch": batch, "latency_s": statistics.median(runs), "runs": runs, "warm_s": warm_s,
-            "peak_gib": peak}
+            "denoise_s": statistics.median(denoise), "peak_gib": peak}
 
 
 def naive_loop(engine, images: int, size: int, steps: int) -> dict:
-    """Eager diffusers, one image at a time (after one untimed warm-up image)."""
-    engine.generate(["warm-up"], width=size, height=size, steps=steps, seeds=[0])
-    sync()
-    runs = []
-    for i in range(images):
+    """Plain diffusers, eager, one image at a time, PIL output (after one untimed warm-up image)."""
+    import torch
+
+    def once(i: int, output_type: str = "pil") -> float:
         started = time.perf_counter()
-        engine.generate([f"a photograph of subject {i}"], width=size, height=size, steps=steps, seeds=[i])
+        with torch.inference_mode():
+            engine.pipe(prompt=[f"a photograph of subject {i}"], width=size, height=size, num_inference_steps=steps,
+                        guidance_scale=engine.spec.guidance_scale, output_type=output_type,
+                        generator=[torch.Generator("cpu").manual_seed(i)])
         sync()
-        runs.append(time.perf_counter() - started)
-    return {"batch": 1, "latency_s": statistics.median(runs), "runs": runs, "warm_s": 0.0, "peak_gib": float("nan")}
+        return time.perf_counter() - started
+
+    once(0)
+    runs = [once(i) for i in range(images)]
+    denoise = [once(i, "latent") for i in range(max(1, images // 2))]
+    return {"batch": 1, "latency_s": statistics.median(runs), "runs": runs, "warm_s": 0.0,
+            "denoise_s": statistics.median(denoise), "peak_gib": float("nan")}
 
 
 def derive(row: dict, flops_per_image: float, unet_tflop: float, steps: int, ceiling: float) -> dict:
@@ -174,34 +203,56 @@ def run(args) -> dict:
         out["rows"].append({"variant": "naive eager bf16", **row})
         _save(args, out)
         print(f"naive: {row['latency_s']:.3f} s/image", flush=True)
-    reference_unet = copy.deepcopy(naive.pipe.unet) if args.fp8_batches and not args.skip_error else naive.pipe.unet
-    variants = [("ours bf16 compiled", False, args.batches)]
-    if args.fp8_batches:
-        variants.append(("ours fp8 compiled", True, args.fp8_batches))
+    reference_unet = copy.deepcopy(naive.pipe.unet) if not args.skip_error else None
     del naive
-    for name, fp8, batches in variants:
+    for name, fp8, batches, overrides in _variants(args):
         if not batches or time.perf_counter() - began > args.budget_s:
             continue
-        engine = DiffusionEngine(EngineSpec(preset=args.model, device=device, fp8=fp8,
-                                            compile=None if device == "cuda" else False))
+        spec = EngineSpec(preset=args.model, device=device, fp8=fp8,
+                          compile=None if device == "cuda" else False, **overrides)
+        engine = DiffusionEngine(spec)
         started = time.perf_counter()
         engine.load()
-        load_s = time.perf_counter() - started
-        err = float("nan") if args.skip_error else unet_error(engine.pipe, reference_unet, size)
-        print(f"{name}: loaded in {load_s:.0f}s; UNet relative error vs eager bf16 {err:.2e}", flush=True)
-        for b in batches:
+        print(f"{name}: loaded in {time.perf_counter() - started:.0f}s", flush=True)
+        err = float("nan")
+        for i, b in enumerate(batches):
             if time.perf_counter() - began > args.budget_s:
                 print(f"  batch {b}: skipped, past the {args.budget_s:.0f}s budget", flush=True)
                 continue
+            captured = capture_unet_inputs(engine.pipe) if i == 0 and reference_unet is not None else None
             row = derive(time_batches(engine, b, size, steps, args.repeats), per_image, unet_tflop, steps, ceiling)
+            if captured:
+                err = unet_error(engine.pipe, reference_unet, captured)
             out["rows"].append({"variant": name, "unet_rel_error": err, **row})
             _save(args, out)
-            print(f"  batch {b}: {row['latency_s']:.3f} s/batch, {row['gpu_s_per_image']:.3f} GPU-s/image, "
-                  f"compile+warm {row['warm_s']:.0f}s, peak {row['peak_gib']:.1f} GiB", flush=True)
+            print(f"  batch {b}: {row['latency_s']:.3f} s/batch (denoise {row['denoise_s']:.3f}), "
+                  f"{row['gpu_s_per_image']:.3f} GPU-s/image, compile+warm {row['warm_s']:.0f}s, "
+                  f"peak {row['peak_gib']:.1f} GiB, UNet rel. err {err:.1e}", flush=True)
         del engine
         if device == "cuda":
             torch.cuda.empty_cache()
     return out
+
+
+def _variants(args):
+    """(name, fp8, batches, EngineSpec overrides) for each engine variant the run asked for."""
+    base = {"compile_mode": args.compile_mode, "compile_vae": args.compile_vae}
+    yield "ours bf16 compiled" + _suffix(args), False, args.batches, base
+    yield "ours fp8 compiled" + _suffix(args), True, args.fp8_batches, base
+    if args.plain_batches:  # the same compile without fused QKV and channels-last, to isolate them
+        yield "bf16 compiled, no layout tuning" + _suffix(args), False, args.plain_batches, \
+            {**base, "tune_layout": False}
+    if args.cudnn_batches:
+        yield "bf16 compiled, cuDNN attention" + _suffix(args), False, args.cudnn_batches, \
+            {**base, "attention": "cudnn"}
+    if args.autotune_batches:
+        yield "bf16 max-autotune" + (" +VAE" if args.compile_vae else ""), False, args.autotune_batches, \
+            {**base, "compile_mode": "max-autotune"}
+
+
+def _suffix(args) -> str:
+    parts = [args.compile_mode] if args.compile_mode != "reduce-overhead" else []
+    return (" (" + ", ".join(parts + ["+VAE"] * args.compile_vae) + ")") if parts or args.compile_vae else ""
 
 
 def table(results: list[dict]) -> str:
@@ -213,15 +264,15 @@ def table(results: list[dict]) -> str:
                      f"{res['tflop_per_image']:.1f} TFLOP/image (UNet {res['unet_tflop_per_forward']:.2f}/forward, "
                      f"VAE {res['vae_tflop']:.2f})\n")
         lines.append("| variant | batch | batch latency s | images/s | GPU-s/image | x naive | UNet TFLOP/s | MFU "
-                     "| peak GiB | compile+warm s | $/image @ $2/h | UNet rel. err |")
-        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+                     "| peak GiB | compile+warm s | $/image @ $2/h | UNet rel. err | denoise s |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in res["rows"]:
             speedup = r["images_per_s"] / naive["images_per_s"] if naive else float("nan")
             lines.append(
                 f"| {r['variant']} | {r['batch']} | {r['latency_s']:.3f} | {r['images_per_s']:.2f} "
                 f"| {r['gpu_s_per_image']:.3f} | {speedup:.2f} | {r['unet_tflops']:.0f} | {r['mfu']:.0%} "
                 f"| {r['peak_gib']:.1f} | {r['warm_s']:.0f} | {r['cost_per_image_usd']:.5f} "
-                f"| {r.get('unet_rel_error', float('nan')):.1e} |")
+                f"| {r.get('unet_rel_error', float('nan')):.1e} | {r.get('denoise_s', float('nan')):.3f} |")
         lines.append(f"\ncommand: `{res['command']}`")
     return "\n".join(lines)
 
@@ -235,7 +286,12 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", type=int)
     p.add_argument("--out")
-    p.add_argument("--skip-error", action="store_true", help="skip the UNet relative-error check (saves a compile)")
+    p.add_argument("--skip-error", action="store_true", help="skip the UNet relative-error check")
+    p.add_argument("--compile-mode", default="reduce-overhead")
+    p.add_argument("--compile-vae", action="store_true", help="compile the VAE decoder too")
+    p.add_argument("--plain-batches", default="", help="also run these batches without fused QKV/channels-last")
+    p.add_argument("--cudnn-batches", default="", help="also run these batches with cuDNN attention")
+    p.add_argument("--autotune-batches", default="", help="also run these batches compiled with max-autotune")
     p.add_argument("--budget-s", type=float, default=1e9, help="start no new shape after this many seconds")
     p.add_argument("--report", nargs="*", help="print the combined table of earlier --out files")
     args = p.parse_args()
@@ -243,7 +299,8 @@ def main() -> None:
         print(table([json.loads(Path(f).read_text()) for f in args.report]))
         return
     args.batches = [int(b) for b in args.batches.split(",") if b]
-    args.fp8_batches = [int(b) for b in args.fp8_batches.split(",") if b]
+    for name in ("fp8_batches", "plain_batches", "cudnn_batches", "autotune_batches"):
+        setattr(args, name, [int(b) for b in getattr(args, name).split(",") if b])
     result = run(args)
     _save(args, result)
     print(table([result]))

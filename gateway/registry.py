@@ -82,7 +82,8 @@ def build_local_pool(settings: Settings) -> Backend:
     workers = []
     for i, device in enumerate(devices):
         spec = EngineSpec(preset=local.preset, weights_dir=local.weights_dir, device=device, dtype=local.dtype,
-                          compile=local.compile, compile_mode=local.compile_mode, fp8=local.fp8,
+                          compile=local.compile, compile_mode=local.compile_mode, compile_vae=local.compile_vae,
+                          tune_layout=local.tune_layout, attention=local.attention, fp8=local.fp8,
                           cache_dir=settings.resolve(local.compile_cache))
         worker_cls = ProcessWorker if use_processes else ThreadWorker
         workers.append(worker_cls(spec, f"local-{i}({device})", warm))

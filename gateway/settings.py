@@ -83,7 +83,12 @@ class LocalPoolSettings(_Section):
         "auto", description="process: one child process per device (crash isolation); auto: process on multi-GPU.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     compile: bool | None = Field(None, description="torch.compile; default on for CUDA.")
-    compile_mode: str = "reduce-overhead"
+    compile_mode: Literal["reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "default"] = \
+        "reduce-overhead"
+    attention: Literal["auto", "cudnn", "flash"] = Field(
+        "auto", description="Scaled-dot-product attention kernel: torch's choice, or cuDNN's / FlashAttention-2's.")
+    compile_vae: bool = Field(False, description="Also compile the VAE decoder (more compile time per shape).")
+    tune_layout: bool = Field(True, description="Fused QKV projections and channels-last weights on CUDA.")
     fp8: bool = Field(False, description="FP8 UNet Linear layers (Hopper).")
     gpu_hour_usd: float = Field(2.0, ge=0)
     max_n: int = Field(10, ge=1)

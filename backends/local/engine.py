@@ -28,8 +28,10 @@ class EngineSpec:
     seed: int = 0  # for random-weight builds
     compile: bool | None = None  # None: on for CUDA, off for CPU
     compile_mode: str = "reduce-overhead"  # CUDA graphs, one static graph per batch shape
+    compile_vae: bool = False  # the VAE decoder too: a few % at large batches, twice the compile time
     fp8: bool = False  # FP8 Linear layers in the UNet (Hopper); check the error with benchmarks/local_pool.py
     tune_layout: bool = True  # fused QKV and channels-last on CUDA
+    attention: str = "auto"  # auto | cudnn | flash: the SDPA kernel (cuDNN's is Hopper-tuned)
     cache_dir: Path | None = None  # compile cache kept between restarts
 
 
@@ -104,11 +106,12 @@ class DiffusionEngine:
 
         if self.spec.tune_layout:
             optimize.tune_layout(pipe)
+        optimize.prefer_attention(self.spec.attention)
         if self.spec.fp8:
             swapped = optimize.apply_fp8(pipe.unet)
             log.info("fp8: %d UNet Linear layers swapped", swapped)
         if self.spec.compile is not False:
-            optimize.compile_pipeline(pipe, self.spec.compile_mode, self.spec.cache_dir)
+            optimize.compile_pipeline(pipe, self.spec.compile_mode, self.spec.cache_dir, self.spec.compile_vae)
 
     def generate(
         self,
@@ -120,8 +123,10 @@ class DiffusionEngine:
         seeds: list[int],
         negative_prompts: list[str] | None = None,
         guidance_scale: float | None = None,
+        output_type: str = "pil",
     ) -> list:
-        """One pipeline call for len(prompts) images; one seed per image."""
+        """One pipeline call for len(prompts) images; one seed per image. output_type="latent" stops
+        before the VAE (benchmarks use it to split denoising from decoding)."""
         import torch
 
         if self.pipe is None:
@@ -136,6 +141,17 @@ class DiffusionEngine:
                 num_inference_steps=steps,
                 guidance_scale=self.spec.guidance_scale if guidance_scale is None else guidance_scale,
                 generator=generators,
-                output_type="pil",
+                output_type="pt" if output_type == "pil" else output_type,
             )
-        return list(out.images)
+        return _to_pil(out.images) if output_type == "pil" else list(out.images)
+
+
+def _to_pil(images) -> list:
+    """(B, 3, H, W) floats in [0, 1] on the device -> PIL images. Quantised to uint8 on the device, so a
+    quarter of the bytes cross to the host and numpy does no float work (diffusers' own "pil" output
+    costs ~20 ms per 1024x1024 image on the CPU)."""
+    import torch
+    from PIL import Image
+
+    pixels = (images * 255).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(p) for p in pixels]

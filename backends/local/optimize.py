@@ -10,7 +10,7 @@ import logging
 import os
 from pathlib import Path
 
-__all__ = ["Float8Linear", "apply_fp8", "compile_pipeline", "relative_error", "tune_layout"]
+__all__ = ["Float8Linear", "apply_fp8", "compile_pipeline", "prefer_attention", "relative_error", "tune_layout"]
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,22 @@ def tune_layout(pipe) -> None:
             log.info("fuse_qkv_projections skipped: %s", exc)
     pipe.unet.to(memory_format=torch.channels_last)
     pipe.vae.to(memory_format=torch.channels_last)
+
+
+def prefer_attention(kernel: str) -> None:
+    """Steer scaled_dot_product_attention to one kernel family, process-wide (a worker owns its GPU).
+    Set before compiling: the compiled graph keeps the kernel chosen while tracing. The math kernel
+    stays enabled as the fallback for shapes the chosen one cannot take."""
+    import torch
+
+    if kernel == "auto":
+        return
+    if kernel not in ("cudnn", "flash"):
+        raise ValueError(f"unknown attention kernel {kernel!r} (auto, cudnn, flash)")
+    torch.backends.cuda.enable_cudnn_sdp(kernel == "cudnn")
+    torch.backends.cuda.enable_flash_sdp(kernel == "flash")
+    torch.backends.cuda.enable_mem_efficient_sdp(False)
+    torch.backends.cuda.enable_math_sdp(True)
 
 
 def compile_pipeline(pipe, mode: str = "reduce-overhead", cache_dir: Path | None = None,
