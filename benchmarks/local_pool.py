@@ -208,6 +208,7 @@ def run(args) -> dict:
     for name, fp8, batches, overrides in _variants(args):
         if not batches or time.perf_counter() - began > args.budget_s:
             continue
+        torch._dynamo.reset()  # else a variant of the same module structure reuses the last one's compiled graph
         spec = EngineSpec(preset=args.model, device=device, fp8=fp8,
                           compile=None if device == "cuda" else False, **overrides)
         engine = DiffusionEngine(spec)
