@@ -52,6 +52,19 @@ def test_prompt_and_seed_change_the_pixels_and_batching_does_not(tiny_engine):
     assert batched[1] != batched[0]
 
 
+def test_images_quantised_on_the_device_equal_diffusers_own_pil_conversion():
+    import torch
+    from diffusers.image_processor import VaeImageProcessor
+
+    from backends.local.engine import _to_pil
+
+    images = torch.rand(2, 3, 16, 24, generator=torch.Generator().manual_seed(0))
+    ours = _to_pil(images.clone())
+    theirs = VaeImageProcessor.numpy_to_pil(images.permute(0, 2, 3, 1).numpy())
+    assert [im.size for im in ours] == [(24, 16), (24, 16)]
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(ours, theirs, strict=True))
+
+
 def test_weights_folder_loads_locally_without_the_hub(tiny_engine, tmp_path):
     tiny_engine.pipe.save_pretrained(tmp_path / "tiny-weights")
     engine = DiffusionEngine(EngineSpec(weights_dir=tmp_path / "tiny-weights"))
