@@ -79,17 +79,26 @@ def build_local_pool(settings: Settings) -> Backend:
     devices = _devices(local.devices)
     use_processes = local.workers == "process" or (local.workers == "auto" and len(devices) > 1)
     warm = [WarmShape(s.width, s.height, s.steps, b) for s in local.warm_shapes for b in s.batch_sizes]
+    compiled = local.compile is True or (local.compile is None and any(d.startswith("cuda") for d in devices))
+    # A compiled engine has one static graph per (size, batch size): serve only warmed ones, so no request
+    # ever waits for a compile; smaller batches pad up to a warmed size.
+    run_sizes = tuple(sorted({w.batch for w in warm})) if compiled else ()
+    only_sizes = frozenset((w.width, w.height) for w in warm) if compiled else frozenset()
+    if compiled and max(run_sizes, default=1) < local.max_batch:
+        log.warning("local.max_batch %d capped at %d, the largest warmed batch size (local.warm_shapes)",
+                    local.max_batch, max(run_sizes, default=1))
     workers = []
     for i, device in enumerate(devices):
         spec = EngineSpec(preset=local.preset, weights_dir=local.weights_dir, device=device, dtype=local.dtype,
                           compile=local.compile, compile_mode=local.compile_mode, compile_vae=local.compile_vae,
                           tune_layout=local.tune_layout, attention=local.attention, fp8=local.fp8,
-                          cache_dir=settings.resolve(local.compile_cache))
+                          cache_dir=settings.resolve(local.compile_cache), run_sizes=run_sizes)
         worker_cls = ProcessWorker if use_processes else ThreadWorker
         workers.append(worker_cls(spec, f"local-{i}({device})", warm))
     config = PoolConfig(name="local", max_n=local.max_n, max_batch=local.max_batch,
                         max_wait_s=local.max_wait_ms / 1000, gpu_hour_usd=local.gpu_hour_usd,
-                        profile_path=settings.resolve(local.profile_file))
+                        profile_path=settings.resolve(local.profile_file), run_sizes=run_sizes,
+                        only_sizes=only_sizes)
     return LocalPool(workers[0].spec, workers, config)
 
 

@@ -25,9 +25,16 @@ class ThroughputProfile:
     prior_fixed_s: float = 0.05
     prior_unit_s: float = 0.5
     max_batch: int = 8
+    # Batch sizes the device runs (a compiled engine has one static graph per size): a batch is padded
+    # up to the smallest that holds it, and takes that size's time. Empty: every size runs as it is.
+    run_sizes: tuple[int, ...] = ()
+
+    def run_size(self, batch: int) -> int:
+        return next((size for size in self.run_sizes if size >= batch), batch)
 
     def seconds(self, model: str, width: int, height: int, steps: int, batch: int) -> float:
         """Predicted wall time of one batch of `batch` images of this shape."""
+        batch = self.run_size(batch)
         exact = self.table.get((model, width, height, steps))
         if exact:
             return _interpolate(exact, batch)
@@ -52,11 +59,12 @@ class ThroughputProfile:
     def observe(self, model: str, width: int, height: int, steps: int, batch: int, seconds: float,
                 weight: float = 0.3) -> ThroughputProfile:
         """A new profile with this observed batch folded in (EWMA on measured points)."""
-        key = (model, width, height, steps)
+        key, batch = (model, width, height, steps), self.run_size(batch)
         row = dict(self.table.get(key, {}))
         prior = row.get(batch)
         row[batch] = seconds if prior is None else (1 - weight) * prior + weight * seconds
-        return ThroughputProfile({**self.table, key: row}, self.prior_fixed_s, self.prior_unit_s, self.max_batch)
+        return ThroughputProfile({**self.table, key: row}, self.prior_fixed_s, self.prior_unit_s, self.max_batch,
+                                 self.run_sizes)
 
     def to_json(self) -> dict:
         return {"max_batch": self.max_batch, "prior_fixed_s": self.prior_fixed_s, "prior_unit_s": self.prior_unit_s,

@@ -128,3 +128,21 @@ def test_profile_interpolates_and_scales_unmeasured_shapes():
     assert updated.seconds("sdxl", 1024, 1024, 30, 1) == pytest.approx(0.7 * 1.1 + 0.3 * 2.1)
     assert PROFILE.seconds("sdxl", 1024, 1024, 30, 1) == 1.1  # immutable
     assert type(PROFILE).from_json(PROFILE.to_json()) == PROFILE
+
+
+def test_with_compiled_batch_sizes_a_batch_costs_the_size_it_pads_up_to():
+    compiled = ThroughputProfile(PROFILE.table, run_sizes=(1, 4, 8))
+    assert compiled.seconds("sdxl", 1024, 1024, 30, 3) == 3.8  # runs as a batch of 4
+    assert compiled.seconds("sdxl", 1024, 1024, 30, 5) == 7.5
+    assert compiled.observe("sdxl", 1024, 1024, 30, 3, 4.0).table[("sdxl", 1024, 1024, 30)][4] == \
+        pytest.approx(0.7 * 3.8 + 0.3 * 4.0)
+
+
+def test_padding_shapes_the_batch_the_deadlines_allow(clock):
+    # 3 jobs due in 3 s: unpadded, a batch of 2 or 3 (2.0-2.9 s) would fit; padded to 4 it takes 3.8 s.
+    compiled = ThroughputProfile(PROFILE.table, run_sizes=(1, 4, 8))
+    b = SLABatcher(lambda: compiled, max_batch=8, max_wait_s=0.1, clock=clock)
+    for _ in range(3):
+        b.put(job(clock, 3.0))
+    batch, _ = b.next_batch()
+    assert batch.slots == 1 and batch.predicted_s == 1.1

@@ -52,6 +52,27 @@ def test_prompt_and_seed_change_the_pixels_and_batching_does_not(tiny_engine):
     assert batched[1] != batched[0]
 
 
+def test_a_compiled_engine_pads_a_batch_up_to_a_compiled_size_and_returns_only_what_was_asked():
+    engine = DiffusionEngine(EngineSpec(preset="tiny", run_sizes=(1, 4)))
+    engine.load()
+    calls = []
+    real_pipe = engine.pipe
+    engine.pipe = lambda **kw: calls.append(len(kw["prompt"])) or real_pipe(**kw)
+    engine.compiled = True  # as on CUDA, where the engine has one graph per batch size
+    padded = engine.generate(["a", "b", "c"], width=64, height=64, steps=2, seeds=[1, 2, 3])
+    engine.compiled = False
+    plain = engine.generate(["a", "b", "c"], width=64, height=64, steps=2, seeds=[1, 2, 3])
+    assert calls == [4, 3]
+    assert [im.tobytes() for im in padded] == [im.tobytes() for im in plain]
+
+
+def test_a_compiled_pool_offers_only_warmed_sizes_and_batches_no_larger_than_warmed():
+    config = PoolConfig(max_batch=8, run_sizes=(1, 4), only_sizes=frozenset({(1024, 1024)}))
+    pool = LocalPool(EngineSpec(preset="sdxl"), [FakeWorker(seconds=lambda b: 0.1)], config)
+    assert pool.offer.sizes.allows(1024, 1024) and not pool.offer.sizes.allows(768, 768)
+    assert pool.batcher.max_batch == 4 and pool.profile.run_size(3) == 4
+
+
 def test_images_quantised_on_the_device_equal_diffusers_own_pil_conversion():
     import torch
     from diffusers.image_processor import VaeImageProcessor

@@ -33,6 +33,7 @@ class EngineSpec:
     tune_layout: bool = True  # fused QKV and channels-last on CUDA
     attention: str = "auto"  # auto | cudnn | flash: the SDPA kernel (cuDNN's is Hopper-tuned)
     cache_dir: Path | None = None  # compile cache kept between restarts
+    run_sizes: tuple[int, ...] = ()  # compiled batch sizes: a smaller batch is padded up (no compile mid-serving)
 
 
 def _resolve_device(spec: EngineSpec):
@@ -71,6 +72,7 @@ class DiffusionEngine:
         self.pipe = None
         self.device = None
         self.load_seconds: float | None = None
+        self.compiled = False
 
     @property
     def default_steps(self) -> int:
@@ -112,6 +114,7 @@ class DiffusionEngine:
             log.info("fp8: %d UNet Linear layers swapped", swapped)
         if self.spec.compile is not False:
             optimize.compile_pipeline(pipe, self.spec.compile_mode, self.spec.cache_dir, self.spec.compile_vae)
+            self.compiled = True
 
     def generate(
         self,
@@ -131,6 +134,11 @@ class DiffusionEngine:
 
         if self.pipe is None:
             raise RuntimeError("engine not loaded")
+        wanted = len(prompts)
+        pad = self._padding(wanted)
+        if pad:  # a compiled engine runs only its static batch shapes; the padding images are thrown away
+            prompts, seeds = prompts + prompts[-1:] * pad, seeds + seeds[-1:] * pad
+            negative_prompts = negative_prompts + negative_prompts[-1:] * pad if negative_prompts else None
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         with torch.inference_mode():
             out = self.pipe(
@@ -143,7 +151,13 @@ class DiffusionEngine:
                 generator=generators,
                 output_type="pt" if output_type == "pil" else output_type,
             )
-        return _to_pil(out.images) if output_type == "pil" else list(out.images)
+        images = _to_pil(out.images) if output_type == "pil" else list(out.images)
+        return images[:wanted]
+
+    def _padding(self, batch: int) -> int:
+        if not self.compiled:
+            return 0
+        return next((size for size in self.spec.run_sizes if size >= batch), batch) - batch
 
 
 def _to_pil(images) -> list:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -40,6 +41,8 @@ class PoolConfig:
     max_wait_s: float = 0.1
     gpu_hour_usd: float = 2.0
     profile_path: Path | None = None  # where calibrate wrote it; observed batches are saved back on close
+    run_sizes: tuple[int, ...] = ()  # the workers' compiled batch sizes (batches pad up to one of them)
+    only_sizes: frozenset[tuple[int, int]] = frozenset()  # when set, the only (width, height) offered (warmed)
 
 
 def load_profile(path: Path | None, max_batch: int) -> ThroughputProfile:
@@ -67,12 +70,15 @@ class LocalPool:
         self.model = spec.preset if spec.weights_dir is None else Path(spec.weights_dir).name
         self._offer = Offer(
             name=config.name, kind=BackendKind.LOCAL, models=(self.model,),
-            sizes=SizeSupport(min_side=preset.min_side, max_side=preset.max_side, multiple_of=preset.multiple_of),
+            sizes=SizeSupport(min_side=preset.min_side, max_side=preset.max_side, multiple_of=preset.multiple_of,
+                              exact=config.only_sizes),
             max_n=config.max_n, default_steps=preset.default_steps if spec.weights_dir is None else 30,
             gpu_hour_usd=config.gpu_hour_usd,
         )
-        self.profile = profile or load_profile(config.profile_path, config.max_batch)
-        self.batcher = SLABatcher(lambda: self.profile, max_batch=config.max_batch, max_wait_s=config.max_wait_s)
+        profile = profile or load_profile(config.profile_path, config.max_batch)
+        self.profile = dataclasses.replace(profile, run_sizes=tuple(sorted(config.run_sizes)))
+        max_batch = min(config.max_batch, max(config.run_sizes)) if config.run_sizes else config.max_batch
+        self.batcher = SLABatcher(lambda: self.profile, max_batch=max_batch, max_wait_s=config.max_wait_s)
         self._wakeup = asyncio.Event()
         self._scheduler: asyncio.Task | None = None
         self._running: set[asyncio.Task] = set()
