@@ -175,7 +175,8 @@ class _Sim:
             idle = any(t <= self.now for t in self.gpu_free_at)
             ahead = 0.0 if self.strategy.queue_blind else running + self.batcher.backlog_seconds()
             model = PoolModel(pool.profile, pool.model, pool.gpu_hour_usd, workers=pool.gpus, work_ahead_s=ahead,
-                              typical_batch=self.occupancy, has_headroom=idle and len(self.batcher) == 0)
+                              typical_batch=self.occupancy, has_headroom=idle and len(self.batcher) == 0,
+                              max_wait_s=pool.max_wait_s)
             views.append(BackendView(name="local", kind=BackendKind.LOCAL, health=Health.OK, models=(pool.model,),
                                      sizes=SizeSupport(max_side=2048, multiple_of=8), max_n=10,
                                      default_steps=pool.default_steps,

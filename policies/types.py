@@ -127,13 +127,18 @@ class PoolModel:
     work_ahead_s: float = 0.0  # queued + still-running batch seconds, summed over workers
     typical_batch: float = 1.0  # observed images per batch (occupancy)
     has_headroom: bool = True  # an idle worker and nothing queued: the marginal image costs ~0
+    max_wait_s: float = 0.0  # how long the batcher holds a lone job for company
 
     def completion_s(self, request: RouteRequest, steps: int) -> float:
         """Predicted seconds until a new job of this shape is done: its share of the work ahead, then its
-        batch, as big as the batches the pool is running now (alone when idle, full when busy)."""
+        batch, as big as the batches the pool is running now (alone when idle, full when busy). A job
+        that finds nothing ahead waits for company first (the batcher's max_wait, cut short by its SLA)."""
         batch = max(request.n, round(self.typical_batch)) if self.work_ahead_s > 0 else request.n
         own = self.profile.seconds(self.model, request.width, request.height, steps, batch)
-        return self.work_ahead_s / max(self.workers, 1) + own
+        if self.work_ahead_s > 0:
+            return self.work_ahead_s / max(self.workers, 1) + own
+        slack = request.sla_ms / 1000 - own if request.sla_ms else self.max_wait_s
+        return own + max(0.0, min(self.max_wait_s, slack))
 
     def gpu_seconds_per_image(self, request: RouteRequest, steps: int) -> float:
         batch = max(request.n, round(self.typical_batch))

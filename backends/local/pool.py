@@ -107,7 +107,7 @@ class LocalPool:
         pool = PoolModel(
             profile=self.profile, model=self.model, gpu_hour_usd=self.config.gpu_hour_usd, workers=len(ready),
             work_ahead_s=running_s + self.batcher.backlog_seconds(), typical_batch=self._occupancy,
-            has_headroom=idle and len(self.batcher) == 0,
+            has_headroom=idle and len(self.batcher) == 0, max_wait_s=self.config.max_wait_s,
         )
         warming = [w.name for w in self.workers if not w.ready]
         detail = f"{len(ready)} worker(s) ready" + (f"; warming: {', '.join(warming)}" if warming else "")

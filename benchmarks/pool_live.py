@@ -1,0 +1,145 @@
+"""The local pool serving live traffic on a GPU: deadline-aware batches, and how well its predicted
+completion (what `decide()` reads in the snapshot) matches what then happens.
+
+Poisson arrivals at each rate; every job gets an SLA drawn from --slas. As the gateway does, a job is
+sent to the pool only when the pool's predicted completion meets its SLA, else it counts as overflow
+(the policy would send it to an API). Prints, per rate: admitted / overflow, deadlines met, prediction
+error, the batch sizes formed, GPU busy share and images/s.
+
+    python benchmarks/pool_live.py --model sd15 --batches 1,4,8 --rates 4,10 --duration 30
+    python benchmarks/pool_live.py --model tiny --batches 1,4 --rates 4 --duration 5   # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import dataclasses
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from backends.local import EngineSpec, LocalPool, PoolConfig, ThreadWorker, WarmShape  # noqa: E402
+from backends.local.calibrate import calibrate  # noqa: E402
+from backends.protocol import GenerationJob  # noqa: E402
+from policies.types import RouteRequest  # noqa: E402
+
+SHAPES = {"sdxl": (1024, 30), "sd15": (512, 30), "tiny": (64, 4)}
+
+
+async def start_pool(args) -> tuple[LocalPool, float]:
+    size, steps = SHAPES[args.model]
+    spec = EngineSpec(preset=args.model, run_sizes=tuple(args.batches))
+    worker = ThreadWorker(spec, "gpu-0", [WarmShape(size, size, steps, b) for b in args.batches])
+    config = PoolConfig(max_batch=max(args.batches), max_wait_s=args.max_wait_ms / 1000, run_sizes=tuple(args.batches))
+    pool = LocalPool(spec, [worker], config)
+    started = time.perf_counter()
+    await pool.start()
+    await pool.wait_ready(timeout=900)
+    warm_s = time.perf_counter() - started
+    # Calibrate on the serving thread (CUDA graphs belong to the thread that recorded them).
+    profile = await asyncio.get_running_loop().run_in_executor(
+        worker._executor, lambda: calibrate(worker.engine, args.model, [(size, size, steps)], args.batches, repeats=2))
+    pool.profile = dataclasses.replace(profile, run_sizes=tuple(args.batches))
+    row = {b: round(s, 3) for b, s in sorted(next(iter(profile.table.values())).items())}
+    print(f"warm-up (load + compile {args.batches}) {warm_s:.0f}s; calibrated seconds per batch {row}", flush=True)
+    return pool, warm_s
+
+
+async def drive(pool: LocalPool, args, rate: float, rng: random.Random) -> dict:
+    size, steps = SHAPES[args.model]
+    records, overflow, tasks = [], 0, []
+    batches_before = pool.batches_run
+
+    async def one(i: int, sla: float, predicted: float) -> None:
+        started = time.monotonic()
+        job = GenerationJob(id=f"r{rate}-{i}", prompt=f"prompt {i}", width=size, height=size, steps=steps)
+        try:
+            result = await pool.generate(job, started + sla)
+            records.append({"sla": sla, "predicted": predicted, "observed": time.monotonic() - started,
+                            "batch": result.extra["batch_size"], "gpu_s": result.gpu_seconds, "ok": True})
+        except Exception as exc:  # a deadline the pool could not meet
+            records.append({"sla": sla, "predicted": predicted, "observed": time.monotonic() - started,
+                            "batch": 0, "gpu_s": 0.0, "ok": False, "error": type(exc).__name__})
+
+    began = time.monotonic()
+    i = 0
+    while time.monotonic() - began < args.duration:
+        await asyncio.sleep(rng.expovariate(rate))
+        sla = rng.choice(args.slas)
+        model = pool.load().pool
+        predicted = model.completion_s(RouteRequest(width=size, height=size, sla_ms=int(sla * 1000)), steps)
+        if predicted > sla:
+            overflow += 1
+        else:
+            tasks.append(asyncio.create_task(one(i, sla, predicted)))
+        i += 1
+    await asyncio.gather(*tasks)
+    wall = time.monotonic() - began
+    done = [r for r in records if r["ok"]]
+    errors = [abs(r["predicted"] - r["observed"]) / r["observed"] for r in done]
+    met = [r for r in done if r["observed"] <= r["sla"]]
+    return {
+        "rate": rate, "offered": i, "admitted": len(records), "overflow": overflow,
+        "deadlines_met": len(met) / max(len(records), 1), "failed": len(records) - len(done),
+        "pred_err_p50": statistics.median(errors) if errors else float("nan"),
+        "pred_err_p90": statistics.quantiles(errors, n=10)[-1] if len(errors) >= 10 else float("nan"),
+        "batch_sizes": dict(sorted(collections.Counter(r["batch"] for r in done).items())),
+        "batches": pool.batches_run - batches_before,
+        "gpu_busy": sum(r["gpu_s"] for r in done) / wall, "images_per_s": len(done) / wall,
+        "latency_p50": statistics.median(r["observed"] for r in done) if done else float("nan"),
+    }
+
+
+async def main_async(args) -> dict:
+    rng = random.Random(args.seed)
+    pool, warm_s = await start_pool(args)
+    out = {"model": args.model, "command": " ".join(sys.argv), "warm_s": warm_s, "rows": []}
+    try:
+        import torch
+
+        out["card"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        for rate in args.rates:
+            row = await drive(pool, args, rate, rng)
+            out["rows"].append(row)
+            print(json.dumps(row), flush=True)
+            if args.out:
+                Path(args.out).write_text(json.dumps(out, indent=1))
+    finally:
+        await pool.aclose()
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=sorted(SHAPES), default="sd15")
+    p.add_argument("--batches", default="1,4,8", help="compiled (warmed) batch sizes")
+    p.add_argument("--rates", default="4,10", help="arrivals per second, one run each")
+    p.add_argument("--slas", default="1.0,2.0,4.0", help="SLA seconds, drawn uniformly per job")
+    p.add_argument("--duration", type=float, default=30)
+    p.add_argument("--max-wait-ms", type=float, default=100)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--out")
+    args = p.parse_args()
+    args.batches = [int(b) for b in args.batches.split(",")]
+    args.rates = [float(r) for r in args.rates.split(",")]
+    args.slas = [float(s) for s in args.slas.split(",")]
+    out = asyncio.run(main_async(args))
+    print(f"\n{out['card']}, {args.model}; command: `{out['command']}`")
+    print("| rate/s | offered | to pool | overflow (to APIs) | deadlines met | p50 latency s "
+          "| prediction error p50 / p90 | batch sizes (images: count) | GPU busy | images/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in out["rows"]:
+        print(f"| {r['rate']:g} | {r['offered']} | {r['admitted']} | {r['overflow']} | {r['deadlines_met']:.1%} "
+              f"| {r['latency_p50']:.2f} | {r['pred_err_p50']:.0%} / {r['pred_err_p90']:.0%} | {r['batch_sizes']} "
+              f"| {r['gpu_busy']:.0%} | {r['images_per_s']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
