@@ -122,7 +122,7 @@ def decide(request: RouteRequest, policy: Policy, snapshot: Snapshot) -> Decisio
             continue
         assert bp is not None
         steps = request.steps or view.default_steps
-        latency = view.latency.predict(request, steps, policy.latency_quantile, view.pool)
+        latency = view.latency.predict(request, steps, policy.latency_quantile, view.pool, sla_ms)
         cost = predicted_cost_usd(view, bp, request, steps, policy.cost_accounting)
         if latency > sla_ms:
             rejected.append(

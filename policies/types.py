@@ -108,11 +108,13 @@ class LatencyModel:
     p95_ms: float
     pool_p95_factor: float = 1.25  # the pool's queue model predicts a mean; p95 allows for jobs that overtake
 
-    def predict(self, request: RouteRequest, steps: int, quantile: str, pool: PoolModel | None = None) -> float:
+    def predict(self, request: RouteRequest, steps: int, quantile: str, pool: PoolModel | None = None,
+                sla_ms: float | None = None) -> float:
         fixed = self.p95_ms if quantile == "p95" else self.p50_ms
         if pool is not None:
             factor = self.pool_p95_factor if quantile == "p95" else 1.0
-            return fixed + pool.completion_s(request, steps) * 1000 * factor
+            budget_s = (sla_ms - fixed) / 1000 / factor if sla_ms else None  # what the pool's part may take
+            return fixed + pool.completion_s(request, steps, budget_s) * 1000 * factor
         return fixed
 
 
@@ -129,15 +131,26 @@ class PoolModel:
     has_headroom: bool = True  # an idle worker and nothing queued: the marginal image costs ~0
     max_wait_s: float = 0.0  # how long the batcher holds a lone job for company
 
-    def completion_s(self, request: RouteRequest, steps: int) -> float:
+    def completion_s(self, request: RouteRequest, steps: int, sla_s: float | None = None) -> float:
         """Predicted seconds until a new job of this shape is done: its share of the work ahead, then its
         batch, as big as the batches the pool is running now (alone when idle, full when busy). A job
-        that finds nothing ahead waits for company first (the batcher's max_wait, cut short by its SLA)."""
+        that finds nothing ahead waits for company first (the batcher's max_wait, cut short by its SLA).
+        `sla_s` defaults to the request's own."""
+        if sla_s is None and request.sla_ms:
+            sla_s = request.sla_ms / 1000
         batch = max(request.n, round(self.typical_batch)) if self.work_ahead_s > 0 else request.n
         own = self.profile.seconds(self.model, request.width, request.height, steps, batch)
         if self.work_ahead_s > 0:
-            return self.work_ahead_s / max(self.workers, 1) + own
-        slack = request.sla_ms / 1000 - own if request.sla_ms else self.max_wait_s
+            ahead = self.work_ahead_s / max(self.workers, 1)
+            if sla_s is not None and ahead + own > sla_s and batch > request.n:
+                # The batcher sizes a batch by its tightest deadline: a job with little slack rides in a
+                # smaller batch than the typical one, down to its own images alone.
+                for smaller in range(batch - 1, request.n - 1, -1):
+                    own = self.profile.seconds(self.model, request.width, request.height, steps, smaller)
+                    if ahead + own <= sla_s:
+                        break
+            return ahead + own
+        slack = sla_s - own if sla_s is not None else self.max_wait_s
         return own + max(0.0, min(self.max_wait_s, slack))
 
     def gpu_seconds_per_image(self, request: RouteRequest, steps: int) -> float:

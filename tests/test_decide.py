@@ -180,3 +180,13 @@ def test_local_latency_is_its_share_of_the_work_ahead_plus_its_own_batch():
     busy = decide(REQ, POLICY, Snapshot((local(queue_ms=3_000, workers=2, typical_batch=8),)))
     # a busy pool runs full batches: the new job's own batch is a batch of 8 (4.8 s)
     assert busy.candidates[0].predicted_latency_ms == pytest.approx((3_000 + 4_800) * 1.25 + 100)
+
+
+def test_a_tight_sla_is_predicted_in_the_smaller_batch_the_batcher_would_form_for_it():
+    # 3 s ahead; the typical batch of 8 would take 4.8 s: too late for a 6 s SLA at p95, but the batcher
+    # sizes a batch by its tightest deadline, so the job is predicted in the largest batch that fits.
+    tight = dataclasses.replace(REQ, sla_ms=6_000)
+    d = decide(tight, POLICY, Snapshot((local(queue_ms=3_000, typical_batch=8),)))
+    predicted = d.candidates[0].predicted_latency_ms
+    assert predicted <= 6_000 and d.chosen.backend == "local"
+    assert predicted == pytest.approx((3_000 + PROFILE.seconds("sdxl", 1024, 1024, 30, 2) * 1000) * 1.25 + 100)
