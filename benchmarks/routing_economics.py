@@ -28,7 +28,7 @@ from policies.traces import synthetic  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # Measured on an H100 (docs/benchmarks.md): SDXL 1024x1024, 30 steps, our compiled bf16 engine.
-SDXL_H100 = ThroughputProfile({("sdxl", 1024, 1024, 30): {1: 1.148, 8: 7.837}}, max_batch=8)
+SDXL_H100 = ThroughputProfile({("sdxl", 1024, 1024, 30): {1: 1.027, 8: 7.159}}, max_batch=8)
 APIS = (ApiModel("seedream", 8000, 20000, 0.02), ApiModel("gemini", 12000, 30000, 0.01),
         ApiModel("reve", 6000, 15000, 0.02), ApiModel("bria", 10000, 25000, 0.03))
 NO_SLA = 10**9
@@ -96,7 +96,7 @@ def main() -> None:
     args = p.parse_args()
     policy = Policy.model_validate(yaml.safe_load((ROOT / "config" / "policy.yaml").read_text()))
     w = world(args.gpus)
-    print(f"world: {args.gpus} x H100 SDXL pool (1.148 s alone, 7.84 s per batch of 8) at $2.00/h; "
+    print(f"world: {args.gpus} x H100 SDXL pool (1.027 s alone, 7.16 s per batch of 8) at $2.00/h; "
           f"APIs {', '.join(f'{a.name} p50 {a.p50_ms / 1000:.0f}s fail {a.failure_rate:.0%}' for a in APIS)}")
     for kind in args.traces.split(","):
         trace = synthetic(kind, args.duration, args.rate, args.seed)
