@@ -196,22 +196,113 @@ async def fixed_rate(url: str, rate: float, seconds: float, headers: dict) -> tu
     return latencies, errors
 
 
+# --- a lean load generator: prebuilt requests over kept-alive sockets (uvloop, httptools) ----------------
+# httpx costs more CPU per request than the gateways under test; on a 2-core machine that caps every
+# target's req/s at the generator's. This one spends a small fraction of that, so req/s shows the target.
+
+class RawClient:
+    def __init__(self, url: str, headers: dict):
+        u = httpx.URL(url)
+        self.host, self.port = u.host, u.port
+        body = json.dumps(BODY).encode()
+        lines = [f"POST {u.raw_path.decode()} HTTP/1.1", f"host: {u.host}:{u.port}", "content-type: application/json",
+                 f"content-length: {len(body)}"] + [f"{k}: {v}" for k, v in headers.items()]
+        self.request = ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+        self.idle: list = []
+
+    async def post(self) -> bool:
+        from backends.maas.transport import _Connection  # the gateway's own lean HTTP/1.1 exchange
+
+        conn = self.idle.pop() if self.idle else None
+        if conn is None or not conn.usable:
+            reader, writer = await asyncio.open_connection(self.host, self.port)
+            conn = _Connection(reader, writer)
+        reply, keep = await conn.exchange(self.request, b"", 64 * 1024 * 1024)
+        if keep:
+            self.idle.append(conn)
+        else:
+            conn.close()
+        return reply.status == 200
+
+    def close(self) -> None:
+        for conn in self.idle:
+            conn.close()
+
+
+async def raw_closed_loop(url: str, concurrency: int, seconds: float, headers: dict) -> tuple[list[float], int]:
+    latencies, errors = [], 0
+    stop = time.perf_counter() + seconds
+    client = RawClient(url, headers)
+
+    async def worker():
+        nonlocal errors
+        while time.perf_counter() < stop:
+            t = time.perf_counter()
+            try:
+                ok = await client.post()
+            except (OSError, httpx.HTTPError):
+                ok = False
+            if ok:
+                latencies.append(time.perf_counter() - t)
+            else:
+                errors += 1
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    client.close()
+    return latencies, errors
+
+
+async def raw_fixed_rate(url: str, rate: float, seconds: float, headers: dict) -> tuple[list[float], int]:
+    latencies, errors = [], 0
+    client = RawClient(url, headers)
+
+    async def one():
+        nonlocal errors
+        t = time.perf_counter()
+        try:
+            if await client.post():
+                latencies.append(time.perf_counter() - t)
+                return
+        except (OSError, httpx.HTTPError):
+            pass
+        errors += 1
+
+    tasks, start = [], time.perf_counter()
+    for i in range(int(rate * seconds)):
+        await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
+        tasks.append(asyncio.create_task(one()))
+    await asyncio.gather(*tasks)
+    client.close()
+    return latencies, errors
+
+
 def pct(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(q * len(values)))] * 1000 if values else float("nan")
 
 
-def measure(name: str, url: str, pid: int, load: str, seconds: float, headers: dict | None = None) -> dict:
+def measure(name: str, url: str, pid: int, load: str, seconds: float, headers: dict | None = None,
+            loadgen: str = "raw") -> dict:
     kind, value = load.split("=")
     before, started = cpu_seconds(pid), time.perf_counter()
+    closed, fixed = (raw_closed_loop, raw_fixed_rate) if loadgen == "raw" else (closed_loop, fixed_rate)
     if kind == "c":
-        latencies, errors = asyncio.run(closed_loop(url, int(value), seconds, headers or {}))
+        latencies, errors = _run(closed(url, int(value), seconds, headers or {}))
     else:
-        latencies, errors = asyncio.run(fixed_rate(url, float(value), seconds, headers or {}))
+        latencies, errors = _run(fixed(url, float(value), seconds, headers or {}))
     elapsed, cpu = time.perf_counter() - started, cpu_seconds(pid) - before
     n = len(latencies)
     return {"target": name, "load": load, "requests": n, "errors": errors, "req_per_s": n / elapsed,
             "cpu_ms_per_request": cpu / max(n, 1) * 1000, "p50_ms": pct(latencies, 0.5), "p99_ms": pct(latencies, 0.99)}
+
+
+def _run(coro):
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:
+        return asyncio.run(coro)
 
 
 def main() -> None:
@@ -221,6 +312,8 @@ def main() -> None:
     p.add_argument("--loads", default="c=16,c=64,r=20,r=100")
     p.add_argument("--peers", help="folder with LiteLLM and Portkey installed (see --install-peers)")
     p.add_argument("--install-peers", help="install LiteLLM and Portkey into this scratch folder first")
+    p.add_argument("--loadgen", choices=["raw", "httpx"], default="raw",
+                   help="raw: prebuilt requests on kept-alive sockets (cheap); httpx: an httpx.AsyncClient")
     args = p.parse_args()
     if args.install_peers:
         install_peers(Path(args.install_peers))
@@ -244,14 +337,14 @@ def main() -> None:
                             ("portkey", f"http://127.0.0.1:{pk_port}{path}", portkey.pid, pk_headers)]
             for load in args.loads.split(","):
                 for name, url, pid, headers in targets:
-                    measure(name, url, pid, load, 1.0, headers)  # warm connections and caches
-                    rows.append(measure(name, url, pid, load, args.seconds, headers))
+                    measure(name, url, pid, load, 1.0, headers, args.loadgen)  # warm connections and caches
+                    rows.append(measure(name, url, pid, load, args.seconds, headers, args.loadgen))
         finally:
             for proc in procs:
                 proc.terminate()
     direct = {r["load"]: r for r in rows if r["target"] == "direct"}
-    print(f"\nupstream delay {args.delay_ms:.0f} ms; {args.seconds:.0f} s per load; load generator in this "
-          f"process on the same {os.cpu_count()}-core machine")
+    print(f"\nupstream delay {args.delay_ms:.0f} ms; {args.seconds:.0f} s per load; load generator ({args.loadgen}) "
+          f"in this process on the same {os.cpu_count()}-core machine")
     print("| target | load | req/s | CPU ms/request | p50 ms | p99 ms | added p50 ms | added p99 ms | errors |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -260,7 +353,8 @@ def main() -> None:
               f"| {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['p50_ms'] - d['p50_ms']:+.1f} "
               f"| {r['p99_ms'] - d['p99_ms']:+.1f} | {r['errors']} |")
     print(f"\ncommand: .venv/bin/python benchmarks/gateway_overhead.py --seconds {args.seconds:.0f} "
-          f"--delay-ms {args.delay_ms:.0f} --loads {args.loads}" + (f" --peers {args.peers}" if args.peers else ""))
+          f"--delay-ms {args.delay_ms:.0f} --loads {args.loads} --loadgen {args.loadgen}"
+          + (f" --peers {args.peers}" if args.peers else ""))
 
 
 if __name__ == "__main__":

@@ -60,6 +60,17 @@ def _connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
+def _insert(conn: sqlite3.Connection, rows: list[tuple]) -> None:
+    """One transaction per batch (in autocommit mode each INSERT would be its own commit)."""
+    conn.execute("BEGIN")
+    try:
+        conn.executemany(_INSERT, rows)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
 class AuditLog:
     """Batched, background SQLite writer for audit records (plain dicts)."""
 
@@ -96,7 +107,7 @@ class AuditLog:
     async def _write(self, batch: list[dict[str, Any]]) -> None:
         rows = _rows(batch)
         try:
-            await asyncio.to_thread(self._conn.executemany, _INSERT, rows)
+            await asyncio.to_thread(_insert, self._conn, rows)
             self.written += len(rows)
         except sqlite3.Error:
             # Keep the records: put them back and let the next round retry.
@@ -116,7 +127,7 @@ class AuditLog:
             remaining.append(self._queue.get_nowait())
         if remaining and self._conn is not None:
             rows = _rows(remaining)
-            self._conn.executemany(_INSERT, rows)
+            _insert(self._conn, rows)
             self.written += len(rows)
         if self._conn is not None:
             self._conn.close()

@@ -111,3 +111,31 @@ async def test_connections_per_origin_are_capped():
         await asyncio.gather(*(client.get(f"http://127.0.0.1:{port}/") for _ in range(20)))
     assert peak <= 4
     server.close()
+
+
+async def test_provider_calls_skip_the_client_layer_but_keep_its_url_headers_and_json():
+    import time
+
+    from backends.maas._http import send
+
+    seen: list[bytes] = []
+
+    async def handler(reader, writer):
+        seen.append(await read_request(reader))
+        writer.write(answer(b'{"ok": true}', b"content-type: application/json\r\n"))
+        await writer.drain()
+        writer.close()
+
+    server, port = await serve(handler)
+    async with httpx.AsyncClient(transport=FastTransport(), base_url=f"http://127.0.0.1:{port}/v1",
+                                 headers={"authorization": "Bearer client", "x-fixed": "1"}) as client:
+        r = await send(client, "POST", "/images/generations", time.monotonic() + 5, json={"prompt": "fox"},
+                       headers={"Authorization": "Bearer call"})
+    server.close()
+    head, _, body = seen[0].partition(b"\r\n\r\n")
+    lines = head.lower().split(b"\r\n")
+    assert lines[0] == b"post /v1/images/generations http/1.1"
+    assert b"authorization: bearer call" in lines and b"authorization: bearer client" not in lines
+    assert b"x-fixed: 1" in lines and b"content-type: application/json" in lines
+    assert body == b'{"prompt":"fox"}' or body.replace(b" ", b"") == b'{"prompt":"fox"}'
+    assert r.status_code == 200 and r.json() == {"ok": True} and r.request.url.path == "/v1/images/generations"

@@ -21,6 +21,7 @@ from ..errors import (
     BackendTransientError,
     ContentRefused,
 )
+from .transport import FastTransport
 
 __all__ = [
     "ProviderConfig",
@@ -56,7 +57,6 @@ class ProviderConfig:
         """One pooled client per backend, for its whole life."""
         transport = None
         if self.transport == "fast":
-            from .transport import FastTransport
 
             transport = FastTransport(max_connections=100, max_body_bytes=self.max_download_bytes + 1024 * 1024)
         return httpx.AsyncClient(base_url=self.base_url.rstrip("/"), timeout=self.timeout(), headers=headers,
@@ -116,11 +116,39 @@ async def send(client: httpx.AsyncClient, method: str, url: str, deadline: float
     """One HTTP call bounded by the deadline; transport failures become our errors."""
     timeout = min(remaining(deadline), client.timeout.read or 1e9)
     try:
+        if isinstance(client._transport, FastTransport) and kw.keys() <= _DIRECT_KWARGS:
+            return await _send_direct(client, method, url, httpx.Timeout(timeout, connect=min(timeout, 10.0)), **kw)
         return await client.request(method, url, timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)), **kw)
     except httpx.TimeoutException as exc:
         raise BackendTimeout(f"{type(exc).__name__} after {timeout:.1f}s") from exc
     except httpx.TransportError as exc:
         raise BackendTransientError(f"transport error: {type(exc).__name__}") from exc
+
+
+_DIRECT_KWARGS = frozenset({"json", "headers", "content"})
+
+
+async def _send_direct(client: httpx.AsyncClient, method: str, url: str, timeout: httpx.Timeout, *,
+                       json: Any = None, headers: dict[str, str] | None = None,
+                       content: bytes | None = None) -> httpx.Response:
+    """The request straight to the lean transport. httpx's client layer (URL merging and parsing, cookie
+    jar, auth and redirect flows) was a quarter of the gateway's CPU per proxied call; provider APIs
+    need none of it: a fixed URL per backend, no cookies, no redirects."""
+    urls = client.__dict__.setdefault("_imagegw_urls", {})
+    target = urls.get(url)
+    if target is None:
+        target = urls[url] = client._merge_url(url)
+    merged = client.headers.raw
+    if headers:  # per-call headers replace the client's of the same name, as httpx merges them
+        override = {k.lower().encode() for k in headers}
+        merged = [(k, v) for k, v in merged if k.lower() not in override] + \
+            [(k.encode(), v.encode()) for k, v in headers.items()]
+    request = httpx.Request(method, target, headers=merged, json=json, content=content,
+                            extensions={"timeout": timeout.as_dict()})
+    response = await client._transport.handle_async_request(request)
+    response.request = request
+    await response.aread()
+    return response
 
 
 async def download_image(client: httpx.AsyncClient, url: str, deadline: float, max_bytes: int) -> bytes:
