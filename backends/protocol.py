@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import binascii
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -67,6 +68,23 @@ class GeneratedImage:
     url: str | None = None
     media_type: str = "image/png"
     b64: str | None = None  # the provider's own base64 text, kept so b64_json answers skip re-encoding
+
+    @property
+    def present(self) -> bool:
+        """Bytes or base64 in hand (not only a URL still to fetch)."""
+        return self.data is not None or self.b64 is not None
+
+    def content(self) -> bytes | None:
+        """The image bytes: `data`, or the provider's base64 decoded now (2 ms per 2 MB: only when needed)."""
+        if self.data is None and self.b64 is not None:
+            return binascii.a2b_base64(self.b64)
+        return self.data
+
+    def head(self, size: int = 65536) -> bytes | None:
+        """The first ~`size` bytes, enough for the header (width and height) without decoding all of it."""
+        if self.data is None and self.b64 is not None:
+            return binascii.a2b_base64(self.b64[: size // 3 * 4])
+        return self.data
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,8 +39,23 @@ PNG_1PX = base64.b64encode(bytes.fromhex(
 
 # --- the upstream: a raw ASGI app, as cheap as a server can be -----------------------------
 
-def upstream_app(delay_s: float):
-    body = json.dumps({"created": 0, "data": [{"b64_json": PNG_1PX}]}).encode()
+def noise_png(kilobytes: int) -> str:
+    """Base64 of a real PNG of random pixels, about `kilobytes` long (noise does not compress)."""
+    import io
+    import random
+
+    from PIL import Image
+
+    side = max(1, int((kilobytes * 1024 / 3) ** 0.5))
+    image = Image.frombytes("RGB", (side, side), random.Random(0).randbytes(side * side * 3))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=1)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def upstream_app(delay_s: float, image_kb: int = 0):
+    image = noise_png(image_kb) if image_kb else PNG_1PX
+    body = json.dumps({"created": 0, "data": [{"b64_json": image}]}).encode()
 
     async def app(scope, receive, send):
         if scope["type"] != "http":
@@ -56,11 +71,11 @@ def upstream_app(delay_s: float):
     return app
 
 
-def serve_upstream(port: int, delay_ms: float) -> None:
+def serve_upstream(port: int, delay_ms: float, image_kb: int = 0) -> None:
     import uvicorn
 
-    uvicorn.run(upstream_app(delay_ms / 1000), host="127.0.0.1", port=port, log_level="error", access_log=False,
-                loop="uvloop", http="httptools")
+    uvicorn.run(upstream_app(delay_ms / 1000, image_kb), host="127.0.0.1", port=port, log_level="error",
+                access_log=False, loop="uvloop", http="httptools")
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -69,6 +84,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -293,6 +315,7 @@ def measure(name: str, url: str, pid: int, load: str, seconds: float, headers: d
     elapsed, cpu = time.perf_counter() - started, cpu_seconds(pid) - before
     n = len(latencies)
     return {"target": name, "load": load, "requests": n, "errors": errors, "req_per_s": n / elapsed,
+            "rss_mb": rss_mb(pid),
             "cpu_ms_per_request": cpu / max(n, 1) * 1000, "p50_ms": pct(latencies, 0.5), "p99_ms": pct(latencies, 0.99)}
 
 
@@ -309,6 +332,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, default=8)
     p.add_argument("--delay-ms", type=float, default=0)
+    p.add_argument("--image-kb", type=int, default=0, help="upstream answers with a real PNG of about this size "
+                   "(base64 in b64_json); 0: a 1-pixel PNG")
     p.add_argument("--loads", default="c=16,c=64,r=20,r=100")
     p.add_argument("--peers", help="folder with LiteLLM and Portkey installed (see --install-peers)")
     p.add_argument("--install-peers", help="install LiteLLM and Portkey into this scratch folder first")
@@ -319,7 +344,7 @@ def main() -> None:
         install_peers(Path(args.install_peers))
     up_port = free_port()
     upstream = subprocess.Popen([sys.executable, __file__, "--upstream", str(up_port), "--delay-ms",
-                                 str(args.delay_ms)])
+                                 str(args.delay_ms), "--image-kb", str(args.image_kb)])
     wait_up(f"http://127.0.0.1:{up_port}/")
     with tempfile.TemporaryDirectory() as tmp:
         gateway, gw_port = start_imagegw(up_port, Path(tmp))
@@ -343,22 +368,25 @@ def main() -> None:
             for proc in procs:
                 proc.terminate()
     direct = {r["load"]: r for r in rows if r["target"] == "direct"}
-    print(f"\nupstream delay {args.delay_ms:.0f} ms; {args.seconds:.0f} s per load; load generator ({args.loadgen}) "
-          f"in this process on the same {os.cpu_count()}-core machine")
-    print("| target | load | req/s | CPU ms/request | p50 ms | p99 ms | added p50 ms | added p99 ms | errors |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    image = f"a {args.image_kb} KB PNG" if args.image_kb else "a 1-pixel PNG"
+    print(f"\nupstream delay {args.delay_ms:.0f} ms, answering {image} as b64_json; {args.seconds:.0f} s per load; "
+          f"load generator ({args.loadgen}) in this process on the same {os.cpu_count()}-core machine")
+    print("| target | load | req/s | CPU ms/request | p50 ms | p99 ms | added p50 ms | added p99 ms | errors "
+          "| RSS MB after |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         d = direct[r["load"]]
         print(f"| {r['target']} | {r['load']} | {r['req_per_s']:.0f} | {r['cpu_ms_per_request']:.2f} "
               f"| {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['p50_ms'] - d['p50_ms']:+.1f} "
-              f"| {r['p99_ms'] - d['p99_ms']:+.1f} | {r['errors']} |")
+              f"| {r['p99_ms'] - d['p99_ms']:+.1f} | {r['errors']} | {r['rss_mb']:.0f} |")
     print(f"\ncommand: .venv/bin/python benchmarks/gateway_overhead.py --seconds {args.seconds:.0f} "
-          f"--delay-ms {args.delay_ms:.0f} --loads {args.loads} --loadgen {args.loadgen}"
+          f"--delay-ms {args.delay_ms:.0f} --image-kb {args.image_kb} --loads {args.loads} --loadgen {args.loadgen}"
           + (f" --peers {args.peers}" if args.peers else ""))
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "--upstream":
-        serve_upstream(int(sys.argv[2]), float(sys.argv[4]) if len(sys.argv) > 4 else 0.0)
+        serve_upstream(int(sys.argv[2]), float(sys.argv[4]) if len(sys.argv) > 4 else 0.0,
+                       int(sys.argv[6]) if len(sys.argv) > 6 else 0)
     else:
         main()

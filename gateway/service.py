@@ -219,15 +219,15 @@ class GenerationService:
                        ctx: RequestContext) -> list[dict]:
         out = []
         for image in images:
-            if image.data is None and image.url and response_format == "url":
+            if not image.present and image.url and response_format == "url":
                 out.append({"url": image.url})  # the provider hosts it
                 continue
-            if image.data is None:
+            if not image.present:
                 raise GatewayError("backend returned an image without bytes")
             if response_format == "b64_json":
                 out.append({"b64_json": image.b64 or base64.b64encode(image.data).decode("ascii")})
             else:
-                name = await self._images.put(image.data, image.media_type)
+                name = await self._images.put(image.content(), image.media_type)
                 out.append({"url": f"{self._public_url or ctx.base_url.rstrip('/')}/v1/images/files/{name}"})
         return out
 

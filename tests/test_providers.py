@@ -82,7 +82,7 @@ async def test_seedream_request_and_b64_response():
     assert body == {"model": "seedream-4-0-250828", "prompt": JOB.prompt, "size": "1024x1024",
                     "response_format": "b64_json", "watermark": False, "seed": 42,
                     "sequential_image_generation": "disabled"}  # nulls omitted, watermark off
-    assert result.images[0].data == PNG and result.provider_request_id == "req-9" and result.billed_units == 1
+    assert result.images[0].content() == PNG and result.provider_request_id == "req-9" and result.billed_units == 1
 
 
 @respx.mock
@@ -98,11 +98,11 @@ async def test_seedream_url_response_is_downloaded_for_b64_json_and_passed_throu
     route(respx, "seedream").respond(200, json={"data": [{"url": "https://cdn.test/img.png"}]})
     respx.get("https://cdn.test/img.png").respond(200, content=PNG)
     got = await make(SEEDREAM).generate(JOB, soon())
-    assert got.images[0].data == PNG
+    assert got.images[0].content() == PNG
     import dataclasses
 
     as_url = await make(SEEDREAM).generate(dataclasses.replace(JOB, response_format="url"), soon())
-    assert as_url.images[0].url == "https://cdn.test/img.png" and as_url.images[0].data is None
+    assert as_url.images[0].url == "https://cdn.test/img.png" and not as_url.images[0].present
 
 
 @respx.mock
@@ -133,7 +133,7 @@ async def test_gemini_request_maps_size_to_aspect_ratio_and_tier_and_skips_thoug
     assert body["contents"][0]["parts"][0]["text"] == "wide"
     assert body["generationConfig"]["imageConfig"] == {"aspectRatio": "16:9", "imageSize": "2K"}
     assert body["generationConfig"]["responseModalities"] == ["IMAGE"]
-    assert result.images[0].data == PNG and (result.width, result.height) == (16, 16)
+    assert result.images[0].content() == PNG and (result.width, result.height) == (16, 16)
     assert result.provider_request_id == "resp-1" and result.billed_units == 1120
 
 
@@ -174,7 +174,7 @@ async def test_reve_request_and_json_response():
     assert sent.headers["authorization"] == "Bearer sk-test-secret"
     assert sent.headers["accept"] == "application/json"
     assert json.loads(sent.content) == {"prompt": "tall", "aspect_ratio": "9:16", "version": "latest"}
-    assert result.images[0].data == PNG and result.billed_units == 18 and result.provider_request_id == "rsid-1"
+    assert result.images[0].content() == PNG and result.billed_units == 18 and result.provider_request_id == "rsid-1"
 
 
 @pytest.mark.parametrize("how", ["body", "header"])
@@ -204,7 +204,7 @@ async def test_bria_polls_to_completion_and_fetches_the_image():
     assert json.loads(sent.content) == {"prompt": "p", "aspect_ratio": "3:2", "resolution": "4MP", "sync": False,
                                         "seed": 42, "negative_prompt": "blurry"}
     assert status.call_count == 3 and status.calls.last.request.headers["api_token"] == "sk-test-secret"
-    assert result.images[0].data == PNG and result.provider_request_id == "abc"
+    assert result.images[0].content() == PNG and result.provider_request_id == "abc"
 
 
 @respx.mock
@@ -231,7 +231,7 @@ async def test_bria_sync_mode_answers_directly():
     route(respx, "bria").respond(200, json={"request_id": "s", "status": "COMPLETED",
                                             "result": {"image_url": "https://cdn.test/s.png"}})
     respx.get("https://cdn.test/s.png").respond(200, content=PNG)
-    assert (await make(BRIA, sync=True).generate(JOB, soon())).images[0].data == PNG
+    assert (await make(BRIA, sync=True).generate(JOB, soon())).images[0].content() == PNG
 
 
 # --- the error tree, for every provider ----------------------------------------------
@@ -262,7 +262,9 @@ async def test_http_status_maps_to_the_error_tree(spec, status, error):
 @pytest.mark.parametrize("spec", ALL, ids=[s[0] for s in ALL])
 @pytest.mark.parametrize("body", [b"", b"{", b'{"data": [{"b64_json": "iVBOR', b"<html>502</html>", b"[]", b"null",
                                   b'{"data": []}', b'{"image": "!!!notbase64"}',
-                                  b'{"candidates": "x"}', b'{"data": [{"b64_json": "@@@"}]}'])
+                                  b'{"candidates": "x"}', b'{"data": [{"b64_json": "@@@"}]}',
+                                  b'{"data": [{"b64_json": "' + b"QUJD" * 5000 + b'QU"}]}',  # truncated
+                                  b'{"data": [{"b64_json": "' + b"QUJD" * 5000 + b'@@@@"}]}'])  # trailing junk
 @respx.mock
 async def test_malformed_or_empty_bodies_are_clean_errors_never_crashes(spec, body):
     route(respx, spec[0]).respond(200, content=body, headers={"content-type": "application/json"})

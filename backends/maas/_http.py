@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import binascii
 import email.utils
 import io
 import json
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import msgspec
 from pydantic import SecretStr
 
 from ..errors import (
@@ -105,7 +107,7 @@ def error_for_status(status: int, message: str, *, code: str | None = None, retr
 def parse_json(response: httpx.Response) -> Any:
     """The body as JSON; malformed or truncated bodies are transient failures, never crashes."""
     try:
-        return json.loads(response.content)
+        return msgspec.json.decode(response.content)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BackendTransientError(
             f"malformed JSON from provider (HTTP {response.status_code}, {len(response.content)} bytes)",
@@ -205,7 +207,21 @@ def error_json(response: httpx.Response) -> dict:
 
 
 def b64_image(value: str, provider: str, media_type: str = "image/png"):
-    """An image from provider base64: decoded once (which validates it), the text kept for the client."""
+    """An image from provider base64, kept as the provider's text (b64_json answers pass it through)."""
     from ..protocol import GeneratedImage
 
-    return GeneratedImage(data=decode_b64(value, provider), media_type=media_type, b64=value)
+    if not isinstance(value, str) or len(value) % 4 or not _ends_decode(value):
+        raise BackendTransientError(f"{provider} returned invalid base64 image data")
+    return GeneratedImage(media_type=media_type, b64=value)
+
+
+def _ends_decode(value: str, span: int = 4096) -> bool:
+    """Its first and last `span` characters are strict base64: catches truncation and wrong payloads
+    without decoding megabytes the client will receive as base64 anyway (the bytes are decoded only
+    when needed: a url answer, an image size)."""
+    try:
+        binascii.a2b_base64(value[:span], strict_mode=True)
+        binascii.a2b_base64(value[-span:] if len(value) > span else "", strict_mode=True)
+        return bool(value)
+    except (binascii.Error, ValueError):
+        return False

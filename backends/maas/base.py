@@ -99,11 +99,11 @@ class ApiBackend:
         if job.seed is not None and index:
             job = dataclasses.replace(job, seed=job.seed + index)
         piece = await self.create(job, index, deadline)
-        if piece.image.data is None and job.response_format == "b64_json" and piece.image.url:
+        if not piece.image.present and job.response_format == "b64_json" and piece.image.url:
             data = await download_image(self.client, piece.image.url, deadline, self.config.max_download_bytes)
             piece = dataclasses.replace(piece, image=GeneratedImage(data=data, url=piece.image.url,
                                                                    media_type=piece.image.media_type))
-        if piece.width is None and piece.image.data is not None and (size := image_size(piece.image.data)):
+        if piece.width is None and piece.image.present and (size := image_size(piece.image.head())):
             piece = dataclasses.replace(piece, width=size[0], height=size[1])
         return piece
 
