@@ -172,56 +172,24 @@ def start_portkey(folder: Path, upstream_port: int) -> tuple[subprocess.Popen, i
 BODY = {"prompt": "a red fox in snow", "size": "1024x1024", "response_format": "b64_json", "model": "bench"}
 
 
-async def closed_loop(url: str, concurrency: int, seconds: float, headers: dict) -> tuple[list[float], int]:
-    latencies, errors = [], 0
-    stop = time.perf_counter() + seconds
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(limits=limits, timeout=30, headers=headers) as client:
-        async def worker():
-            nonlocal errors
-            while time.perf_counter() < stop:
-                t = time.perf_counter()
-                try:
-                    r = await client.post(url, json=BODY)
-                    ok = r.status_code == 200
-                except httpx.HTTPError:
-                    ok = False
-                if ok:
-                    latencies.append(time.perf_counter() - t)
-                else:
-                    errors += 1
+class HttpxClient:
+    """httpx.AsyncClient as the load generator (what the first tables used)."""
 
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return latencies, errors
+    def __init__(self, url: str, headers: dict):
+        self.url = url
+        self.client = httpx.AsyncClient(limits=httpx.Limits(max_connections=256, max_keepalive_connections=256),
+                                        timeout=30, headers=headers)
+
+    async def post(self) -> bool:
+        return (await self.client.post(self.url, json=BODY)).status_code == 200
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
 
 
-async def fixed_rate(url: str, rate: float, seconds: float, headers: dict) -> tuple[list[float], int]:
-    latencies, errors = [], 0
-    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=256), timeout=30, headers=headers) as client:
-        async def one():
-            nonlocal errors
-            t = time.perf_counter()
-            try:
-                r = await client.post(url, json=BODY)
-                if r.status_code == 200:
-                    latencies.append(time.perf_counter() - t)
-                    return
-            except httpx.HTTPError:
-                pass
-            errors += 1
-
-        tasks, start = [], time.perf_counter()
-        for i in range(int(rate * seconds)):
-            await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
-            tasks.append(asyncio.create_task(one()))
-        await asyncio.gather(*tasks)
-    return latencies, errors
-
-
-# --- a lean load generator: prebuilt requests over kept-alive sockets (uvloop, httptools) ----------------
 # httpx costs more CPU per request than the gateways under test; on a 2-core machine that caps every
-# target's req/s at the generator's. This one spends a small fraction of that, so req/s shows the target.
-
+# target's req/s at the generator's. This one (prebuilt requests on kept-alive sockets, parsed by
+# httptools) spends a small fraction of that, so req/s shows the target.
 class RawClient:
     def __init__(self, url: str, headers: dict):
         u = httpx.URL(url)
@@ -246,56 +214,57 @@ class RawClient:
             conn.close()
         return reply.status == 200
 
-    def close(self) -> None:
+    async def aclose(self) -> None:
         for conn in self.idle:
             conn.close()
 
 
-async def raw_closed_loop(url: str, concurrency: int, seconds: float, headers: dict) -> tuple[list[float], int]:
-    latencies, errors = [], 0
-    stop = time.perf_counter() + seconds
-    client = RawClient(url, headers)
+class Tally:
+    def __init__(self):
+        self.latencies: list[float] = []
+        self.errors = 0
 
-    async def worker():
-        nonlocal errors
-        while time.perf_counter() < stop:
-            t = time.perf_counter()
-            try:
-                ok = await client.post()
-            except (OSError, httpx.HTTPError):
-                ok = False
-            if ok:
-                latencies.append(time.perf_counter() - t)
-            else:
-                errors += 1
-
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    client.close()
-    return latencies, errors
-
-
-async def raw_fixed_rate(url: str, rate: float, seconds: float, headers: dict) -> tuple[list[float], int]:
-    latencies, errors = [], 0
-    client = RawClient(url, headers)
-
-    async def one():
-        nonlocal errors
+    async def timed(self, post) -> None:
         t = time.perf_counter()
         try:
-            if await client.post():
-                latencies.append(time.perf_counter() - t)
-                return
+            ok = await post()
         except (OSError, httpx.HTTPError):
-            pass
-        errors += 1
+            ok = False
+        if ok:
+            self.latencies.append(time.perf_counter() - t)
+        else:
+            self.errors += 1
 
-    tasks, start = [], time.perf_counter()
+
+async def closed_loop(client, concurrency: int, seconds: float) -> Tally:
+    tally, stop = Tally(), time.perf_counter() + seconds
+
+    async def worker():
+        while time.perf_counter() < stop:
+            await tally.timed(client.post)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return tally
+
+
+async def fixed_rate(client, rate: float, seconds: float) -> Tally:
+    tally, tasks, start = Tally(), [], time.perf_counter()
     for i in range(int(rate * seconds)):
         await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
-        tasks.append(asyncio.create_task(one()))
+        tasks.append(asyncio.create_task(tally.timed(client.post)))
     await asyncio.gather(*tasks)
-    client.close()
-    return latencies, errors
+    return tally
+
+
+async def run_load(load: str, url: str, seconds: float, headers: dict, loadgen: str) -> Tally:
+    kind, value = load.split("=")
+    client = RawClient(url, headers) if loadgen == "raw" else HttpxClient(url, headers)
+    try:
+        if kind == "c":
+            return await closed_loop(client, int(value), seconds)
+        return await fixed_rate(client, float(value), seconds)
+    finally:
+        await client.aclose()
 
 
 def pct(values: list[float], q: float) -> float:
@@ -305,18 +274,13 @@ def pct(values: list[float], q: float) -> float:
 
 def measure(name: str, url: str, pid: int, load: str, seconds: float, headers: dict | None = None,
             loadgen: str = "raw") -> dict:
-    kind, value = load.split("=")
     before, started = cpu_seconds(pid), time.perf_counter()
-    closed, fixed = (raw_closed_loop, raw_fixed_rate) if loadgen == "raw" else (closed_loop, fixed_rate)
-    if kind == "c":
-        latencies, errors = _run(closed(url, int(value), seconds, headers or {}))
-    else:
-        latencies, errors = _run(fixed(url, float(value), seconds, headers or {}))
+    tally = _run(run_load(load, url, seconds, headers or {}, loadgen))
     elapsed, cpu = time.perf_counter() - started, cpu_seconds(pid) - before
-    n = len(latencies)
-    return {"target": name, "load": load, "requests": n, "errors": errors, "req_per_s": n / elapsed,
-            "rss_mb": rss_mb(pid),
-            "cpu_ms_per_request": cpu / max(n, 1) * 1000, "p50_ms": pct(latencies, 0.5), "p99_ms": pct(latencies, 0.99)}
+    n = len(tally.latencies)
+    return {"target": name, "load": load, "requests": n, "errors": tally.errors, "req_per_s": n / elapsed,
+            "rss_mb": rss_mb(pid), "cpu_ms_per_request": cpu / max(n, 1) * 1000,
+            "p50_ms": pct(tally.latencies, 0.5), "p99_ms": pct(tally.latencies, 0.99)}
 
 
 def _run(coro):
