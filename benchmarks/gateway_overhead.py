@@ -109,14 +109,15 @@ def wait_up(url: str, timeout: float = 60) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
-def start_imagegw(upstream_port: int, tmp: Path) -> tuple[subprocess.Popen, int]:
+def start_imagegw(upstream_port: int, tmp: Path, server: dict | None = None) -> tuple[subprocess.Popen, int]:
     port = free_port()
     config = tmp / "config"
     config.mkdir()
     backends = {f"up{i}": {"kind": "openai", "base_url": f"http://127.0.0.1:{upstream_port}/v1",
                            "api_key_env": "BENCH_UPSTREAM_KEY", "model": "bench"} for i in (1, 2)}
     (config / "gateway.yaml").write_text(json.dumps({
-        "server": {"host": "127.0.0.1", "port": port, "log_level": "warning"}, "data_dir": str(tmp / "data"),
+        "server": {"host": "127.0.0.1", "port": port, "log_level": "warning", **(server or {})},
+        "data_dir": str(tmp / "data"),
         "local": {"enabled": False}, "backends": backends, "sandbox": {"mode": "off"},
         "policy_reload_interval_s": 0}))
     (config / "policy.yaml").write_text(json.dumps({
@@ -301,6 +302,8 @@ def main() -> None:
     p.add_argument("--loads", default="c=16,c=64,r=20,r=100")
     p.add_argument("--peers", help="folder with LiteLLM and Portkey installed (see --install-peers)")
     p.add_argument("--install-peers", help="install LiteLLM and Portkey into this scratch folder first")
+    p.add_argument("--servers", default="", help="also imagegw with these event loop/HTTP parser pairs, "
+                   "e.g. asyncio/h11,uvloop/h11,asyncio/httptools")
     p.add_argument("--loadgen", choices=["raw", "httpx"], default="raw",
                    help="raw: prebuilt requests on kept-alive sockets (cheap); httpx: an httpx.AsyncClient")
     args = p.parse_args()
@@ -316,6 +319,13 @@ def main() -> None:
         path = "/v1/images/generations"
         targets = [("direct", f"http://127.0.0.1:{up_port}{path}", upstream.pid, {}),
                    ("imagegw", f"http://127.0.0.1:{gw_port}{path}", gateway.pid, {})]
+        for variant in args.servers.split(",") if args.servers else []:  # e.g. asyncio/h11: the choice measured
+            loop, http = variant.split("/")
+            (Path(tmp) / variant.replace("/", "-")).mkdir()
+            proc, variant_port = start_imagegw(up_port, Path(tmp) / variant.replace("/", "-"),
+                                               {"loop": loop, "http": http})
+            procs.append(proc)
+            targets.append((f"imagegw {variant}", f"http://127.0.0.1:{variant_port}{path}", proc.pid, {}))
         rows = []
         try:
             if args.peers:
@@ -345,7 +355,7 @@ def main() -> None:
               f"| {r['p99_ms'] - d['p99_ms']:+.1f} | {r['errors']} | {r['rss_mb']:.0f} |")
     print(f"\ncommand: .venv/bin/python benchmarks/gateway_overhead.py --seconds {args.seconds:.0f} "
           f"--delay-ms {args.delay_ms:.0f} --image-kb {args.image_kb} --loads {args.loads} --loadgen {args.loadgen}"
-          + (f" --peers {args.peers}" if args.peers else ""))
+          + (f" --peers {args.peers}" if args.peers else "") + (f" --servers {args.servers}" if args.servers else ""))
 
 
 if __name__ == "__main__":

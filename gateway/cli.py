@@ -52,7 +52,8 @@ def cmd_serve(args) -> int:
     app = create_app(settings, policy)
     print(_banner(settings, sandbox_active(settings)), flush=True)
     uvicorn.run(app, host=settings.server.host, port=settings.server.port,
-                log_level=settings.server.log_level, access_log=False, timeout_graceful_shutdown=30)
+                log_level=settings.server.log_level, access_log=False, timeout_graceful_shutdown=30,
+                loop=settings.server.loop, http=settings.server.http)
     return 0
 
 

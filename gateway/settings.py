@@ -42,6 +42,10 @@ class ServerSettings(_Section):
     )
     max_body_bytes: int = Field(1_048_576, gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    loop: Literal["auto", "uvloop", "asyncio"] = Field(
+        "auto", description="Event loop; auto = uvloop when installed (measured: docs/benchmarks.md).")
+    http: Literal["auto", "httptools", "h11"] = Field(
+        "auto", description="HTTP/1.1 parser; auto = httptools when installed.")
 
 
 class AuditSettings(_Section):
