@@ -123,7 +123,7 @@ def cmd_pool_calibrate(args) -> int:
     settings, _ = _load(args)
     pool = build_local_pool(settings)
     engine_spec = pool.workers[0].spec
-    shapes = [(s.width, s.height, s.steps) for s in settings.local.warm_shapes]
+    shapes = sorted({(w.width, w.height, w.steps) for w in pool.workers[0].warm_shapes})
     if args.shape:
         shapes = [_parse_shape(s) for s in args.shape]
     batches = [int(b) for b in args.batches.split(",")] if args.batches else _powers(settings.local.max_batch)

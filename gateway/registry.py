@@ -71,15 +71,26 @@ def _devices(requested: list[str] | str) -> list[str]:
     return [f"cuda:{i}" for i in range(count)] if count else ["cpu"]
 
 
+def _warm_shapes(local, compiled: bool) -> list:
+    from backends.local import WarmShape
+    from backends.local.presets import PRESETS
+
+    if local.warm_shapes is not None:
+        return [WarmShape(s.width, s.height, s.steps, b) for s in local.warm_shapes for b in s.batch_sizes]
+    preset = PRESETS.get(local.preset, PRESETS["sdxl"])
+    batches = [b for b in (1, 2, 4, 8) if b <= local.max_batch] if compiled else [1]
+    return [WarmShape(preset.native_size, preset.native_size, preset.default_steps, b) for b in batches]
+
+
 def build_local_pool(settings: Settings) -> Backend:
     """The diffusion pool: one worker per device, a process each when asked (or on several GPUs)."""
-    from backends.local import EngineSpec, LocalPool, PoolConfig, ProcessWorker, ThreadWorker, WarmShape
+    from backends.local import EngineSpec, LocalPool, PoolConfig, ProcessWorker, ThreadWorker
 
     local = settings.local
     devices = _devices(local.devices)
     use_processes = local.workers == "process" or (local.workers == "auto" and len(devices) > 1)
-    warm = [WarmShape(s.width, s.height, s.steps, b) for s in local.warm_shapes for b in s.batch_sizes]
     compiled = local.compile is True or (local.compile is None and any(d.startswith("cuda") for d in devices))
+    warm = _warm_shapes(local, compiled)
     # A compiled engine has one static graph per (size, batch size): serve only warmed ones, so no request
     # ever waits for a compile; smaller batches pad up to a warmed size.
     run_sizes = tuple(sorted({w.batch for w in warm})) if compiled else ()

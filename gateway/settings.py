@@ -100,9 +100,10 @@ class LocalPoolSettings(_Section):
     max_wait_ms: float = Field(100, ge=0, description="Longest a job waits for company before its batch launches.")
     profile_file: str = Field("pool_profile.json", description="Throughput profile under data_dir.")
     compile_cache: str = Field("compile_cache", description="Inductor cache under data_dir.")
-    warm_shapes: list[WarmShapeSettings] = Field(
-        default_factory=lambda: [WarmShapeSettings(width=256, height=256, steps=4)],
-        description="Shapes compiled and run before the pool reports ready.")
+    warm_shapes: list[WarmShapeSettings] | None = Field(
+        None, description="Shapes compiled and run before the pool reports ready; when compiled (GPU), also the "
+        "only sizes and batch sizes it serves. Default: the preset's native size and steps, at batch sizes "
+        "1, 2, 4, 8 (up to max_batch) when compiled, 1 otherwise.")
 
 
 class ProviderSettings(_Section):

@@ -86,3 +86,14 @@ def test_secrets_come_only_from_named_environment_variables(monkeypatch):
     provider = load_settings(ROOT / "config").backends["reve"]
     assert provider.api_key().get_secret_value() == "sk-secret"
     assert "sk-secret" not in repr(provider.api_key()) and "sk-secret" not in provider.model_dump_json()
+
+
+def test_warm_shapes_default_to_the_presets_native_size_batch_one_on_the_cpu_and_all_batch_sizes_compiled():
+    from gateway.registry import _warm_shapes
+    from gateway.settings import Settings
+
+    local = Settings().local
+    assert [(w.width, w.steps, w.batch) for w in _warm_shapes(local, compiled=False)] == [(256, 4, 1)]
+    sdxl = local.model_copy(update={"preset": "sdxl", "max_batch": 4})
+    assert [(w.width, w.steps, w.batch) for w in _warm_shapes(sdxl, compiled=True)] == \
+        [(1024, 30, 1), (1024, 30, 2), (1024, 30, 4)]
