@@ -59,7 +59,8 @@ class StateStore(ABC):
         """{tenant: {"day": usd, "month": usd}} for the current periods."""
 
     @abstractmethod
-    async def add_outcome(self, backend: str, latency_ms: float, ok: bool, at: float) -> None: ...
+    async def add_outcomes(self, outcomes: list[tuple[str, float, bool, float]]) -> None:
+        """Record (backend, latency ms, ok, at) samples, several at once (one round trip)."""
 
     @abstractmethod
     async def outcomes(self, backends: list[str]) -> dict[str, list[tuple[float, float, bool]]]: ...
@@ -114,10 +115,11 @@ class MemoryStore(StateStore):
                 out.setdefault(tenant, {"day": 0.0, "month": 0.0})["day" if period == day else "month"] = usd
         return out
 
-    async def add_outcome(self, backend, latency_ms, ok, at):
-        samples = self._samples.setdefault(backend, [])
-        samples.append((at, latency_ms, ok))
-        del samples[: -self._max]
+    async def add_outcomes(self, outcomes):
+        for backend, latency_ms, ok, at in outcomes:
+            samples = self._samples.setdefault(backend, [])
+            samples.append((at, latency_ms, ok))
+            del samples[: -self._max]
 
     async def outcomes(self, backends):
         return {b: list(self._samples.get(b, [])) for b in backends}
@@ -264,14 +266,19 @@ class RedisStore(StateStore):
 
         return await self._guard(op, lambda: self._local.spend(now))
 
-    async def add_outcome(self, backend, latency_ms, ok, at):
+    async def add_outcomes(self, outcomes):
+        by_backend: dict[str, list[str]] = {}
+        for backend, latency_ms, ok, at in outcomes:
+            by_backend.setdefault(backend, []).append(json.dumps([at, latency_ms, ok]))
+
         async def op():
             async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.lpush(self._k("outcomes", backend), json.dumps([at, latency_ms, ok]))
-                pipe.ltrim(self._k("outcomes", backend), 0, self._max - 1)
+                for backend, values in by_backend.items():
+                    pipe.lpush(self._k("outcomes", backend), *values)
+                    pipe.ltrim(self._k("outcomes", backend), 0, self._max - 1)
                 await pipe.execute()
 
-        await self._guard(op, lambda: self._local.add_outcome(backend, latency_ms, ok, at))
+        await self._guard(op, lambda: self._local.add_outcomes(outcomes))
 
     async def outcomes(self, backends):
         async def op():

@@ -33,6 +33,7 @@ class StateSync:
         self.spend: dict[str, dict[str, float]] = {}  # last pulled per-tenant spend (for metrics)
         self._task: asyncio.Task | None = None
         self._pending: set[asyncio.Task] = set()
+        self._outcomes: list[tuple[str, float, bool, float]] = []
         for name, guard in guards.items():
             guard.breaker.on_open = lambda seconds, reason, name=name: self.spawn(
                 store.open_breaker(name, seconds, reason))
@@ -47,10 +48,15 @@ class StateSync:
         task.add_done_callback(self._pending.discard)
 
     def observe_record(self, record: dict) -> None:
-        """Observer: share this request's attempt outcomes (fire and forget)."""
+        """Observer: queue this request's attempt outcomes; the sync loop shares them in one round trip
+        per interval (a store call per request cost a Redis round trip on the request's event loop)."""
         now = time.time()
-        for backend, latency_ms, ok in self.stats.attempts(record):
-            self.spawn(self.store.add_outcome(backend, latency_ms, ok, now))
+        self._outcomes.extend((backend, latency_ms, ok, now) for backend, latency_ms, ok in self.stats.attempts(record))
+
+    async def flush(self) -> None:
+        if self._outcomes:
+            outcomes, self._outcomes = self._outcomes, []
+            await self.store.add_outcomes(outcomes)
 
     async def pull(self) -> None:
         names = list(self.guards)
@@ -67,6 +73,7 @@ class StateSync:
     async def _loop(self) -> None:
         while True:
             try:
+                await self.flush()
                 await self.pull()
             except Exception:
                 log.exception("state sync failed")
@@ -79,3 +86,5 @@ class StateSync:
                 await self._task
         if self._pending:
             await asyncio.gather(*self._pending, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await self.flush()

@@ -44,8 +44,10 @@ async def test_reservations_are_atomic_under_concurrency(kind, namespace):
 
 async def test_redis_store_shares_outcomes_and_breakers(namespace):
     a, b = await _redis_store(namespace), await _redis_store(namespace)
-    await a.add_outcome("reve", 812.0, True, time.time())
-    assert (await b.outcomes(["reve"]))["reve"][0][1] == 812.0
+    await a.add_outcomes([("reve", 812.0, True, time.time()), ("bria", 900.0, False, time.time()),
+                          ("reve", 700.0, True, time.time())])
+    shared = await b.outcomes(["reve", "bria"])
+    assert [s[1] for s in shared["reve"]] == [812.0, 700.0] and shared["bria"][0][2] is False
     await a.open_breaker("reve", 5.0, "5 consecutive failures")
     seconds, reason = (await b.open_breakers(["reve", "bria"]))["reve"]
     assert 4 < seconds <= 5 and "consecutive" in reason
