@@ -109,7 +109,8 @@ def wait_up(url: str, timeout: float = 60) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
-def start_imagegw(upstream_port: int, tmp: Path, server: dict | None = None) -> tuple[subprocess.Popen, int]:
+def start_imagegw(upstream_port: int, tmp: Path, server: dict | None = None,
+                  redis_url: str | None = None) -> tuple[subprocess.Popen, int]:
     port = free_port()
     config = tmp / "config"
     config.mkdir()
@@ -119,6 +120,7 @@ def start_imagegw(upstream_port: int, tmp: Path, server: dict | None = None) -> 
         "server": {"host": "127.0.0.1", "port": port, "log_level": "warning", **(server or {})},
         "data_dir": str(tmp / "data"),
         "local": {"enabled": False}, "backends": backends, "sandbox": {"mode": "off"},
+        **({"redis_url": redis_url, "redis_namespace": f"bench{os.getpid()}{port}"} if redis_url else {}),
         "policy_reload_interval_s": 0}))
     (config / "policy.yaml").write_text(json.dumps({
         "defaults": {"tier": "standard", "sla_ms": 30000}, "tiers": {"standard": {"min_quality": 0.5}},
@@ -304,6 +306,7 @@ def main() -> None:
     p.add_argument("--install-peers", help="install LiteLLM and Portkey into this scratch folder first")
     p.add_argument("--servers", default="", help="also imagegw with these event loop/HTTP parser pairs, "
                    "e.g. asyncio/h11,uvloop/h11,asyncio/httptools")
+    p.add_argument("--redis-url", help="imagegw shares state through this Redis (as replicas do)")
     p.add_argument("--loadgen", choices=["raw", "httpx"], default="raw",
                    help="raw: prebuilt requests on kept-alive sockets (cheap); httpx: an httpx.AsyncClient")
     args = p.parse_args()
@@ -314,7 +317,7 @@ def main() -> None:
                                  str(args.delay_ms), "--image-kb", str(args.image_kb)])
     wait_up(f"http://127.0.0.1:{up_port}/")
     with tempfile.TemporaryDirectory() as tmp:
-        gateway, gw_port = start_imagegw(up_port, Path(tmp))
+        gateway, gw_port = start_imagegw(up_port, Path(tmp), redis_url=args.redis_url)
         procs = [gateway, upstream]
         path = "/v1/images/generations"
         targets = [("direct", f"http://127.0.0.1:{up_port}{path}", upstream.pid, {}),
@@ -323,7 +326,7 @@ def main() -> None:
             loop, http = variant.split("/")
             (Path(tmp) / variant.replace("/", "-")).mkdir()
             proc, variant_port = start_imagegw(up_port, Path(tmp) / variant.replace("/", "-"),
-                                               {"loop": loop, "http": http})
+                                               {"loop": loop, "http": http}, args.redis_url)
             procs.append(proc)
             targets.append((f"imagegw {variant}", f"http://127.0.0.1:{variant_port}{path}", proc.pid, {}))
         rows = []
@@ -355,7 +358,8 @@ def main() -> None:
               f"| {r['p99_ms'] - d['p99_ms']:+.1f} | {r['errors']} | {r['rss_mb']:.0f} |")
     print(f"\ncommand: .venv/bin/python benchmarks/gateway_overhead.py --seconds {args.seconds:.0f} "
           f"--delay-ms {args.delay_ms:.0f} --image-kb {args.image_kb} --loads {args.loads} --loadgen {args.loadgen}"
-          + (f" --peers {args.peers}" if args.peers else "") + (f" --servers {args.servers}" if args.servers else ""))
+          + (f" --peers {args.peers}" if args.peers else "") + (f" --servers {args.servers}" if args.servers else "")
+          + (f" --redis-url {args.redis_url}" if args.redis_url else ""))
 
 
 if __name__ == "__main__":
