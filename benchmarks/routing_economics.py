@@ -13,6 +13,7 @@ Run: .venv/bin/python benchmarks/routing_economics.py [--duration 3600] [--rate 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -59,31 +60,57 @@ def strategies(policy: Policy) -> list[Strategy]:
     ]
 
 
-def lower_bound(trace, policy: Policy, w: World) -> float:
-    """GPU cost + cheapest eligible API for the images the pool cannot take even at full efficiency."""
+def lower_bound(trace, policy: Policy, w: World, step_s: float = 5.0) -> float:
+    """Offline lower bound on total cost: the reserved GPUs, the cheapest eligible API for every image the
+    pool must not take (quality, or an SLA under its batch-1 time), and the cheapest API for the images the
+    pool cannot take in time even at full-batch efficiency.
+
+    "In time": images arriving in a window [a, b) must finish by b + S (S: the longest SLA among them) and
+    cannot start before a, so the pool gives them at most gpus x (b + S - a) seconds. Windows whose
+    extended intervals [a, b + S) do not overlap have disjoint pool time, so their overflows add up;
+    a dynamic programme over a grid of `step_s` picks the family of windows with the largest overflow.
+    With one window over the whole trace this is the plain capacity bound; bursts make it tighter.
+    """
     pool = w.pool
-    horizon = trace[-1].t
-    per_image = pool.profile.seconds_per_image(pool.model, 1024, 1024, 30, pool.max_batch)
-    capacity = pool.gpus * horizon / per_image
     local_quality = policy.backends["local"].quality
     one_alone_ms = pool.profile.seconds(pool.model, 1024, 1024, 30, 1) * 1000 + pool.fixed_p95_ms
-    forced, flexible = [], 0
+
+    def cheapest(r, min_quality):
+        return min(b.price_per_image_usd for b in policy.backends.values()
+                   if b.price_per_image_usd and b.quality >= min_quality)
+
+    def full_batch_seconds(r):  # the least pool time one image of this shape can take
+        return pool.profile.seconds_per_image(pool.model, r.width, r.height, r.steps or 30, pool.max_batch)
+
+    forced_usd, eligible = 0.0, []
     for r in trace:
         tier = policy.tiers[r.tier or policy.defaults.tier]
         if tier.min_quality > local_quality or (r.sla_ms or NO_SLA) < one_alone_ms:
-            forced.append(r)
+            forced_usd += cheapest(r, tier.min_quality) * r.n
         else:
-            flexible += r.n
-
-    def cheapest(r):
-        tier = policy.tiers[r.tier or policy.defaults.tier]
-        return min(b.price_per_image_usd for b in policy.backends.values()
-                   if b.price_per_image_usd and b.quality >= tier.min_quality)
-
-    overflow = max(0.0, flexible - capacity)
-    cheapest_standard = min(b.price_per_image_usd for b in policy.backends.values() if b.price_per_image_usd)
-    return pool.gpus * horizon / 3600 * pool.gpu_hour_usd + sum(cheapest(r) * r.n for r in forced) \
-        + overflow * cheapest_standard
+            eligible.append(r)
+    gpu_usd = pool.gpus * trace[-1].t / 3600 * pool.gpu_hour_usd
+    if not eligible:
+        return gpu_usd + forced_usd
+    overflow_usd = min(cheapest(r, policy.tiers[r.tier or policy.defaults.tier].min_quality) for r in eligible)
+    longest_image_s = max(full_batch_seconds(r) for r in eligible)  # an image moved off frees at most this
+    sla_s = max((r.sla_ms or NO_SLA) for r in eligible) / 1000
+    buckets = int(trace[-1].t // step_s) + 1
+    work = [0.0] * (buckets + 1)  # prefix sums of eligible pool seconds by arrival bucket
+    for r in eligible:
+        work[int(r.t // step_s) + 1] += full_batch_seconds(r) * r.n
+    for i in range(buckets):
+        work[i + 1] += work[i]
+    gap = max(1, math.ceil(sla_s / step_s))  # a window [a, b) holds the pool until b + S
+    best = [0.0] * (buckets + gap + 1)  # best[t]: the largest overflow (in images) from windows done by t
+    for t in range(1, buckets + gap + 1):
+        best[t] = best[t - 1]
+        b = t - gap
+        for a in range(max(0, b)):
+            excess = work[min(b, buckets)] - work[a] - pool.gpus * (t - a) * step_s
+            if excess > 0:
+                best[t] = max(best[t], best[a] + excess / longest_image_s)
+    return gpu_usd + forced_usd + best[-1] * overflow_usd
 
 
 def main() -> None:

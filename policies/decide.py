@@ -124,6 +124,10 @@ def decide(request: RouteRequest, policy: Policy, snapshot: Snapshot) -> Decisio
         steps = request.steps or view.default_steps
         latency = view.latency.predict(request, steps, policy.latency_quantile, view.pool, sla_ms)
         cost = predicted_cost_usd(view, bp, request, steps, policy.cost_accounting)
+        if view.pool is not None and tier.local_max_ms is not None and latency > tier.local_max_ms:
+            rejected.append(Rejection(view.name, RejectReason.SLA_MISS,
+                                      f"predicted {latency:.0f} ms > tier's local_max_ms {tier.local_max_ms}"))
+            continue
         if latency > sla_ms:
             rejected.append(
                 Rejection(

@@ -47,6 +47,9 @@ class Tier(_Strict):
     min_quality: float = Field(0.0, ge=0.0, le=1.0, description="Lowest backend quality score allowed.")
     sla_ms: int | None = Field(None, gt=0, description="Default latency SLA for this tier.")
     max_cost_usd: float | None = Field(None, ge=0.0, description="Default cost ceiling per request.")
+    local_max_ms: int | None = Field(
+        None, gt=0, description="Longest predicted local-pool completion this tier accepts, below its SLA: keeps "
+        "the pool's queue short enough for tighter tiers, sending this tier's overflow to the APIs first.")
 
 
 class LatencyPrior(_Strict):

@@ -190,3 +190,13 @@ def test_a_tight_sla_is_predicted_in_the_smaller_batch_the_batcher_would_form_fo
     predicted = d.candidates[0].predicted_latency_ms
     assert predicted <= 6_000 and d.chosen.backend == "local"
     assert predicted == pytest.approx((3_000 + PROFILE.seconds("sdxl", 1024, 1024, 30, 2) * 1000) * 1.25 + 100)
+
+
+def test_a_tier_can_cap_how_long_it_queues_on_the_pool_so_tighter_tiers_keep_it():
+    capped = Policy.model_validate({**POLICY.model_dump(exclude_none=True, by_alias=True),
+                                    "tiers": {"standard": {"min_quality": 0.5, "local_max_ms": 5_000}}})
+    snap = Snapshot((local(queue_ms=6_000), api("reve", p95_ms=10_000)))
+    assert decide(REQ, POLICY, snap).chosen.backend == "local"  # 6 s queue fits the 30 s SLA
+    d = decide(REQ, capped, snap)
+    assert d.chosen.backend == "reve"
+    assert any(r.backend == "local" and "local_max_ms" in r.detail for r in d.rejected)
