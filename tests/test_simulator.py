@@ -141,3 +141,41 @@ def test_a_small_trace_gives_the_same_mix_and_cost_in_the_simulator_and_the_live
     sim = simulate(trace, policy, build_world(settings, policy)).summary()
     assert sim["backend_mix"] == live_mix
     assert sim["api_spend_usd"] == pytest.approx(live_api_spend, rel=0.01)
+
+
+def _economics():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("routing_economics", ROOT / "benchmarks" / "routing_economics.py")
+    economics = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(economics)
+    return economics, Policy.model_validate(yaml.safe_load((ROOT / "config" / "policy.yaml").read_text()))
+
+
+def test_the_lower_bound_counts_a_burst_the_pool_cannot_absorb_before_its_deadlines():
+    economics, policy = _economics()
+    world = economics.world(1)
+    # 100 standard images (30 s SLA) in the first second, then quiet until t = 1000 s.
+    trace = [TraceRequest(t=i / 100, tier="standard", sla_ms=30_000) for i in range(100)]
+    trace.append(TraceRequest(t=1000.0, tier="standard", sla_ms=30_000))
+    per_image = world.pool.profile.seconds_per_image("sdxl", 1024, 1024, 30, 8)
+    gpu_usd = 1000 / 3600 * world.pool.gpu_hour_usd
+    # They can use the GPU from t = 0 until 5 s (their arrival bucket) + 30 s at best; the rest must go to
+    # the cheapest eligible API (reve, $0.024).
+    expected_overflow = (100 * per_image - 35.0) / per_image
+    assert economics.lower_bound(trace, policy, world) == pytest.approx(gpu_usd + expected_overflow * 0.024)
+    # The plain capacity bound (one window over the whole trace) sees 1000 GPU-seconds: no overflow.
+    assert economics.lower_bound(trace, policy, world, step_s=10_000) == pytest.approx(gpu_usd)
+
+
+@pytest.mark.parametrize("kind", ["steady", "bursty", "flash_crowd"])
+def test_the_lower_bound_is_below_what_every_strategy_meeting_all_slas_pays(kind):
+    economics, policy = _economics()
+    world = economics.world(1)
+    trace = synthetic(kind, 900, 1.0, seed=3)
+    bound = economics.lower_bound(trace, policy, world)
+    assert bound >= economics.lower_bound(trace, policy, world, step_s=10_000) > 0
+    for strategy in economics.strategies(policy):
+        result = simulate(trace, strategy, world, seed=3).summary()
+        if result["sla_attainment"] == 1.0 or strategy.name == "cheapest API only":  # the latter pays >= by design
+            assert result["total_cost_usd"] >= bound - 1e-6, strategy.name
