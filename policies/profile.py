@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-__all__ = ["ProfileKey", "ThroughputProfile"]
+__all__ = ["ProfileKey", "ThroughputProfile", "padded_batch"]
 
 ProfileKey = tuple[str, int, int, int]  # model, width, height, steps
 
@@ -30,7 +30,7 @@ class ThroughputProfile:
     run_sizes: tuple[int, ...] = ()
 
     def run_size(self, batch: int) -> int:
-        return next((size for size in self.run_sizes if size >= batch), batch)
+        return padded_batch(self.run_sizes, batch)
 
     def seconds(self, model: str, width: int, height: int, steps: int, batch: int) -> float:
         """Predicted wall time of one batch of `batch` images of this shape."""
@@ -79,6 +79,12 @@ class ThroughputProfile:
                 int(e["batch"])] = float(e["seconds"])
         return cls(table, float(data.get("prior_fixed_s", 0.05)), float(data.get("prior_unit_s", 0.5)),
                    int(data.get("max_batch", 8)))
+
+
+def padded_batch(run_sizes: tuple[int, ...], batch: int) -> int:
+    """The batch size a device with these compiled sizes (ascending) runs for `batch` images: the smallest
+    that holds them, or `batch` itself when none does (or none is set)."""
+    return next((size for size in run_sizes if size >= batch), batch)
 
 
 def _interpolate(row: dict[int, float], batch: int) -> float:

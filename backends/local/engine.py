@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from policies.profile import padded_batch
+
 from .presets import PRESETS, build_preset_pipeline
 
 __all__ = ["DiffusionEngine", "EngineSpec", "encode_image"]
@@ -157,7 +159,7 @@ class DiffusionEngine:
     def _padding(self, batch: int) -> int:
         if not self.compiled:
             return 0
-        return next((size for size in self.spec.run_sizes if size >= batch), batch) - batch
+        return padded_batch(tuple(sorted(self.spec.run_sizes)), batch) - batch
 
 
 def _to_pil(images) -> list:
