@@ -8,6 +8,7 @@ import os
 import signal
 import time
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -63,7 +64,12 @@ def test_a_compiled_engine_pads_a_batch_up_to_a_compiled_size_and_returns_only_w
     engine.compiled = False
     plain = engine.generate(["a", "b", "c"], width=64, height=64, steps=2, seeds=[1, 2, 3])
     assert calls == [4, 3]
-    assert [im.tobytes() for im in padded] == [im.tobytes() for im in plain]
+    assert len(padded) == 3
+    # Not byte-equal: a CPU matmul may block a batch of 4 differently from one of 3 (last-bit float
+    # differences); the pixels must still agree to within rounding.
+    for a, b in zip(padded, plain):
+        diff = np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16))
+        assert diff.max() <= 2
 
 
 def test_a_compiled_pool_offers_only_warmed_sizes_and_batches_no_larger_than_warmed():
