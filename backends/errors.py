@@ -8,6 +8,7 @@
     ├── BackendTransientError       5xx, connect/read errors, malformed or truncated replies
     │   └── BackendTimeout          the deadline passed before the backend answered
     └── BackendUnavailable          not ready, unconfigured or shutting down
+        └── BackendReleased         a queue gave the job back unstarted, in time for the next backend
 
 Vendor payloads and errors are translated into these only inside each backend module;
 the gateway maps them to HTTP in one place (gateway/errors.py).
@@ -19,6 +20,7 @@ __all__ = [
     "BackendAuthError",
     "BackendError",
     "BackendRateLimited",
+    "BackendReleased",
     "BackendRequestRejected",
     "BackendTimeout",
     "BackendTransientError",
@@ -73,3 +75,8 @@ class BackendTimeout(BackendTransientError):
 
 class BackendUnavailable(BackendError):
     """The backend cannot take work now (warming, unconfigured, closed)."""
+
+
+class BackendReleased(BackendUnavailable):
+    """The local pool gave a queued job back unstarted: it would have finished late, and the job's
+    next candidate can still make its deadline (late binding, policies.batching). Says nothing of health."""

@@ -58,6 +58,9 @@ class GenerationJob:
     quality: str | None = None
     output_format: str = "png"
     response_format: str = "b64_json"  # what the client wants: providers that return URLs fetch for b64_json
+    # A backend that queues gives the job back unstarted (BackendReleased) if, by this monotonic time, it
+    # predicts a late finish: the dispatcher's next candidate can still make the deadline. None: keep it.
+    start_by: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

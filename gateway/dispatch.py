@@ -159,7 +159,7 @@ class Dispatcher:
             raise _Skipped(f"{candidate.backend}: {refusal}")
         error: BaseException | None = None
         try:
-            result = await self._call(candidate, job, deadline)
+            result = await self._call(candidate, job, deadline, began)
         except BaseException as exc:
             error = exc
             if isinstance(exc, asyncio.CancelledError):
@@ -173,9 +173,11 @@ class Dispatcher:
         self._close(attempt, began, "ok")
         return result
 
-    async def _call(self, candidate: Candidate, job: GenerationJob, deadline: float) -> GenerationResult:
+    async def _call(self, candidate: Candidate, job: GenerationJob, deadline: float,
+                    began: float) -> GenerationResult:
         backend = self._backends[candidate.backend]
-        job = dataclasses.replace(job, model=candidate.model, steps=candidate.steps)
+        start_by = None if candidate.start_within_ms is None else began + candidate.start_within_ms / 1000
+        job = dataclasses.replace(job, model=candidate.model, steps=candidate.steps, start_by=start_by)
         try:
             async with asyncio.timeout(max(0.0, deadline - self._clock())):
                 result = await backend.generate(job, deadline)

@@ -5,7 +5,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from backends.errors import BackendAuthError, BackendError, BackendRateLimited, BackendRequestRejected
+from backends.errors import (
+    BackendAuthError,
+    BackendError,
+    BackendRateLimited,
+    BackendReleased,
+    BackendRequestRejected,
+)
 from policies.types import Health
 
 from .breaker import BreakerConfig, CircuitBreaker
@@ -93,7 +99,8 @@ class BackendGuard:
             self.breaker.on_neutral()
             if error.retry_after_s:
                 self.breaker.open_for(error.retry_after_s, "rate limited by the provider (Retry-After)")
-        elif isinstance(error, BackendRequestRejected) or not isinstance(error, BackendError | TimeoutError):
+        elif isinstance(error, BackendRequestRejected | BackendReleased) or \
+                not isinstance(error, BackendError | TimeoutError):
             self.breaker.on_neutral()  # the request's fault, or cancelled: says nothing of health
         else:
             self.breaker.on_failure(type(error).__name__)

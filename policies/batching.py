@@ -6,6 +6,15 @@ prefix whose predicted completion still meets every deadline in it, and launches
 it when it is full, when waiting longer would break its tightest deadline, when
 the key has more work than one batch, or when its oldest job has waited
 `max_wait_s`. Across keys the earliest deadline goes first, so no key starves.
+
+Late binding: a job that has somewhere else to go (the next backend in its decision)
+is *tentative* until `start_by`, the last moment that backend could still make its
+deadline. `settle()` walks the queue in deadline order; a tentative job predicted to
+finish late is given back unstarted at once, while its fallback still has time, and
+one still on time at `start_by` is committed (never given back). So in a burst the
+pool keeps the jobs that have no good alternative (a tight SLA no API meets reliably)
+and lets go of the ones that can still go elsewhere, instead of deciding that once,
+at arrival, for whoever happened to come first.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .profile import ThroughputProfile
+from .types import QueuePoint
 
 __all__ = ["Batch", "BatchKey", "QueuedJob", "SLABatcher"]
 
@@ -29,6 +39,11 @@ class QueuedJob:
     deadline: float  # monotonic
     enqueued: float
     payload: Any = None  # the job and its future; the batcher never looks inside
+    start_by: float | None = None  # tentative until then (see the module doc); None: committed from the start
+
+    @property
+    def tentative(self) -> bool:
+        return self.start_by is not None
 
 
 @dataclass(slots=True)
@@ -47,10 +62,11 @@ class SLABatcher:
     """`put` never blocks; `next_batch` returns a batch to launch now, or when to ask again."""
 
     def __init__(self, profile: Callable[[], ThroughputProfile], *, max_batch: int = 8, max_wait_s: float = 0.1,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, release_margin: float = 1.2):
         self._profile = profile
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
+        self.release_margin = release_margin  # a tentative job is late when margin x its predicted wait misses
         self._clock = clock
         self._queues: dict[BatchKey, list[QueuedJob]] = {}
 
@@ -79,32 +95,93 @@ class SLABatcher:
 
     def backlog_seconds(self) -> float:
         """Predicted seconds to run everything queued, in the batches it would likely form."""
-        profile, total = self._profile(), 0.0
-        for key, queue in self._queues.items():
-            slots = sum(j.slots for j in queue)
-            full, rest = divmod(slots, self.max_batch)
-            total += full * self._seconds(profile, key, self.max_batch)
-            total += self._seconds(profile, key, rest) if rest else 0.0
-        return total
+        profile = self._profile()
+        return sum(self._key_work(profile, key, sum(j.slots for j in queue)) for key, queue in self._queues.items())
 
     def _seconds(self, profile: ThroughputProfile, key: BatchKey, slots: int) -> float:
         return profile.seconds(key[0], key[1], key[2], key[3], slots)
+
+    def _key_work(self, profile: ThroughputProfile, key: BatchKey, slots: int) -> float:
+        full, rest = divmod(slots, self.max_batch)
+        return full * self._seconds(profile, key, self.max_batch) + (self._seconds(profile, key, rest) if rest else 0)
+
+    # --- late binding ----------------------------------------------------------------------
+
+    def _walk(self, now: float, running_s: float, workers: int, release: bool):
+        """(job, predicted completion, work so far) in deadline order: the work with earlier deadlines,
+        spread over the workers, then the job's own batch. With `release`, tentative jobs predicted
+        late are skipped (their work is not counted for those behind them) and yielded with None."""
+        profile, workers, size = self._profile(), max(1, workers), self.max_batch
+        tables: dict[BatchKey, list[float]] = {}  # seconds of a batch of 0..max_batch, per key
+        slots_by_key: dict[BatchKey, int] = {}
+        work = running_s
+        for job in sorted((j for q in self._queues.values() for j in q), key=lambda j: j.deadline):
+            table = tables.get(job.key)
+            if table is None:
+                table = tables[job.key] = [0.0] + [self._seconds(profile, job.key, n) for n in range(1, size + 1)]
+            had = slots_by_key.get(job.key, 0)
+            total = had + job.slots
+            added = (total // size - had // size) * table[size] + table[total % size] - table[had % size]
+            own = table[(total - 1) % size + 1]
+            completion = now + (work + added - own) / workers + own
+            if release and job.tentative and now + (completion - now) * self.release_margin > job.deadline:
+                yield job, None, work
+                continue
+            slots_by_key[job.key] = total
+            work += added
+            yield job, completion, work
+
+    def settle(self, now: float, running_s: float, workers: int) -> list[QueuedJob]:
+        """Give back the tentative jobs now predicted late (removed from the queue, returned) and commit
+        those whose `start_by` has come and that are still on time."""
+        released: list[QueuedJob] = []
+        if self.next_settle() is None:
+            return released  # nothing tentative: nothing to give back or commit
+        for job, completion, _ in list(self._walk(now, running_s, workers, release=True)):
+            if completion is None:
+                self.remove(job)
+                released.append(job)
+            elif job.tentative and job.start_by <= now:
+                job.start_by = None
+        return released
+
+    def next_settle(self) -> float | None:
+        """When a tentative job's `start_by` comes (settle must run then, busy workers or not)."""
+        due = [j.start_by for q in self._queues.values() for j in q if j.start_by is not None]
+        return min(due) if due else None
+
+    def points(self, now: float, running_s: float, workers: int) -> tuple[QueuePoint, ...]:
+        """The queue in deadline order, for the policy's prediction of where a new job would stand (slack
+        with the same margin that decides releases)."""
+        margin = self.release_margin
+        return tuple(QueuePoint(job.deadline - now, work, job.deadline - now - (done - now) * margin, job.tentative)
+                     for job, done, work in self._walk(now, running_s, workers, release=False))
 
     def _plan(self, key: BatchKey, queue: list[QueuedJob], now: float, profile: ThroughputProfile):
         """(jobs, predicted seconds, launch reason or None, wake time) for one key."""
         queue.sort(key=lambda j: j.deadline)
         chosen, chosen_s, slots = queue[:1], self._seconds(profile, key, queue[0].slots), queue[0].slots
-        tightest = queue[0].deadline
+
+        def binding(job: QueuedJob) -> float:
+            # A job that would be late even alone is late whatever the batch; letting it cap the batch
+            # would only shrink batches (and throughput) for everyone behind it.
+            late_anyway = now + self._seconds(profile, key, job.slots) > job.deadline
+            return float("inf") if late_anyway else job.deadline
+
+        tightest = binding(queue[0])
         for i in range(1, len(queue)):
             slots_i = slots + queue[i].slots
             if slots_i > self.max_batch:
                 break
             seconds = self._seconds(profile, key, slots_i)
-            if now + seconds > min(tightest, queue[i].deadline):
+            if now + seconds > min(tightest, binding(queue[i])):
                 break  # a bigger batch would finish too late for someone in it
             chosen, chosen_s, slots = queue[: i + 1], seconds, slots_i
+            tightest = min(tightest, binding(queue[i]))
         grow_s = self._seconds(profile, key, min(slots + 1, self.max_batch))
-        latest_start = tightest - grow_s  # past this, waiting for one more job breaks the tightest deadline
+        # Past latest_start, waiting for one more job breaks the tightest deadline; a job already late
+        # waits for no one.
+        latest_start = tightest - grow_s if binding(queue[0]) < float("inf") else now
         oldest = min(j.enqueued for j in chosen)
         if slots >= self.max_batch:
             reason = "full"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from .costs import predicted_cost_usd
 from .schema import BackendPolicy, Objective, Policy, Rule, Tier
 from .types import (
@@ -128,6 +130,10 @@ def decide(request: RouteRequest, policy: Policy, snapshot: Snapshot) -> Decisio
             rejected.append(Rejection(view.name, RejectReason.SLA_MISS,
                                       f"predicted {latency:.0f} ms > tier's local_max_ms {tier.local_max_ms}"))
             continue
+        if view.pool is not None and view.pool.delays_committed(request, steps, sla_ms / 1000):
+            rejected.append(Rejection(view.name, RejectReason.SLA_MISS,
+                                      "would push committed pool jobs past their deadlines"))
+            continue
         if latency > sla_ms:
             rejected.append(
                 Rejection(
@@ -150,6 +156,7 @@ def decide(request: RouteRequest, policy: Policy, snapshot: Snapshot) -> Decisio
         candidates.append(Candidate(view.name, model, latency, cost, bp.quality, steps))
 
     candidates.sort(key=_rank_key(objective))
+    candidates = _with_release_times(candidates, snapshot, sla_ms)
     for known in sorted(set(policy.backends) - {v.name for v in snapshot.backends}):
         if request.backend in (None, known):
             rejected.append(
@@ -167,6 +174,19 @@ def decide(request: RouteRequest, policy: Policy, snapshot: Snapshot) -> Decisio
         reason=_explain(objective, candidates, rule),
         hedge=rule.hedge if rule and rule.hedge is not None else policy.dispatch.hedge,
     )
+
+
+def _with_release_times(candidates: list[Candidate], snapshot: Snapshot, sla_ms: float) -> list[Candidate]:
+    """A queueing backend followed by another candidate may hold the job only while that one could still
+    make the SLA at its p99; past that it must have started (see policies.batching on late binding)."""
+    out = list(candidates)
+    for i, candidate in enumerate(out[:-1]):
+        view = snapshot.get(candidate.backend)
+        fallback = snapshot.get(out[i + 1].backend)
+        if view is not None and view.pool is not None and fallback is not None:
+            within = max(0.0, sla_ms - fallback.latency.p99_ms)
+            out[i] = dataclasses.replace(candidate, start_within_ms=within)
+    return out
 
 
 def _explain(objective: Objective, candidates: list[Candidate], rule: Rule | None) -> str:

@@ -165,18 +165,23 @@ class _Sim:
         ms = outcome.latency_s * 1000
         self.recent[backend] = ms if backend not in self.recent else 0.8 * self.recent[backend] + 0.2 * ms
 
+    def running_s(self) -> float:
+        return sum(max(0.0, t - self.now) for t in self.gpu_free_at)
+
     def snapshot(self) -> Snapshot:
         views = [BackendView(name=a.name, kind=BackendKind.API, health=Health.OK, models=(a.name,),
                              sizes=SizeSupport(), max_n=a.max_n, default_steps=30,
                              latency=self._latency(a.name, a.p50_ms, a.p95_ms)) for a in self.world.apis]
         pool = self.world.pool
         if pool is not None:
-            running = sum(max(0.0, t - self.now) for t in self.gpu_free_at)
+            running = self.running_s()
             idle = any(t <= self.now for t in self.gpu_free_at)
-            ahead = 0.0 if self.strategy.queue_blind else running + self.batcher.backlog_seconds()
-            model = PoolModel(pool.profile, pool.model, pool.gpu_hour_usd, workers=pool.gpus, work_ahead_s=ahead,
+            blind = self.strategy.queue_blind
+            model = PoolModel(pool.profile, pool.model, pool.gpu_hour_usd, workers=pool.gpus,
+                              work_ahead_s=0.0 if blind else running + self.batcher.backlog_seconds(),
                               typical_batch=self.occupancy, has_headroom=idle and len(self.batcher) == 0,
-                              max_wait_s=pool.max_wait_s)
+                              max_wait_s=pool.max_wait_s, running_s=0.0 if blind else running,
+                              queue=None if blind else self.batcher.points(self.now, running, pool.gpus))
             views.append(BackendView(name="local", kind=BackendKind.LOCAL, health=Health.OK, models=(pool.model,),
                                      sizes=SizeSupport(max_side=2048, multiple_of=8), max_n=10,
                                      default_steps=pool.default_steps,
@@ -198,7 +203,7 @@ class _Sim:
         decision = decide(route, self.policy, self.snapshot())
         self.attempt(outcome, list(decision.candidates))
 
-    def attempt(self, outcome: Outcome, candidates: list) -> None:
+    def attempt(self, outcome: Outcome, candidates: list, tries: int = 1) -> None:
         if not candidates:
             return  # refused: no images, SLA missed
         candidate, rest = candidates[0], candidates[1:]
@@ -206,28 +211,47 @@ class _Sim:
         if candidate.backend == "local":
             pool = self.world.pool
             key = (pool.model, outcome.request.width, outcome.request.height, candidate.steps, 5.0)
+            start_by = None
+            if candidate.start_within_ms is not None and self.binds_late:
+                start_by = outcome.request.t + candidate.start_within_ms / 1000
             self.batcher.put(QueuedJob(key, outcome.request.n, outcome.request.t + outcome.sla_ms / 1000,
-                                       self.now, (outcome, rest)))
+                                       self.now, (outcome, rest), start_by=start_by))
             self.pump()
             return
         api = self.apis[candidate.backend]
         took = api.sample_s(self.rng)
         if self.rng.random() < api.failure_rate:
-            self.push(self.now + took * 0.5, "retry", (outcome, rest))
+            # As the dispatcher: a failed call is retried on the same backend (after a backoff) while the
+            # policy's attempts and the deadline allow, then the next candidate is tried.
+            failed_at = self.now + took * 0.5
+            dispatch = self.policy.dispatch
+            backoff = dispatch.backoff_initial_ms / 1000 * self.rng.random() * 2
+            if tries < dispatch.max_attempts_per_backend and \
+                    failed_at + backoff < outcome.request.t + outcome.sla_ms / 1000:
+                self.push(failed_at + backoff, "retry", (outcome, candidates, tries + 1))
+            else:
+                self.push(failed_at, "retry", (outcome, rest, 1))
         else:
             self.push(self.now + took, "api_done", (outcome, candidate))
 
+    @property
+    def binds_late(self) -> bool:
+        # Strategies that do not look at the queue cannot give a job back when it falls behind.
+        return not (self.strategy.queue_blind or self.strategy.recent_latency)
+
     def pump(self) -> None:
         pool = self.world.pool
+        for job in self.batcher.settle(self.now, self.running_s(), pool.gpus):
+            self.attempt(*job.payload)  # given back: its next candidate, while that can still make it
         while True:
             free = [i for i, t in enumerate(self.gpu_free_at) if t <= self.now]
-            if not free:
-                return
-            batch, wake = self.batcher.next_batch()
+            batch, wake = self.batcher.next_batch() if free else (None, None)
             if batch is None:
+                settle = self.batcher.next_settle()
+                wake = settle if wake is None else (wake if settle is None else min(wake, settle))
                 if wake is not None and (self.wake_at is None or wake < self.wake_at or self.wake_at <= self.now):
                     self.wake_at = wake
-                    self.push(wake, "wake", None)
+                    self.push(max(wake, self.now), "wake", None)
                 return
             seconds = pool.profile.seconds(*batch.key[:4], batch.slots)
             gpu = free[0]

@@ -15,6 +15,7 @@ __all__ = [
     "Health",
     "LatencyModel",
     "PoolModel",
+    "QueuePoint",
     "RejectReason",
     "Rejection",
     "RouteRequest",
@@ -108,14 +109,33 @@ class LatencyModel:
     p95_ms: float
     pool_p95_factor: float = 1.25  # the pool's queue model predicts a mean; p95 allows for jobs that overtake
 
+    @property
+    def p99_ms(self) -> float:
+        """Extrapolated as a lognormal through p50 and p95 (z 2.326 vs 1.645)."""
+        return self.p50_ms * (max(self.p95_ms, self.p50_ms) / self.p50_ms) ** (2.326 / 1.645) if self.p50_ms > 0 \
+            else self.p95_ms
+
     def predict(self, request: RouteRequest, steps: int, quantile: str, pool: PoolModel | None = None,
                 sla_ms: float | None = None) -> float:
         fixed = self.p95_ms if quantile == "p95" else self.p50_ms
         if pool is not None:
             factor = self.pool_p95_factor if quantile == "p95" else 1.0
             budget_s = (sla_ms - fixed) / 1000 / factor if sla_ms else None  # what the pool's part may take
-            return fixed + pool.completion_s(request, steps, budget_s) * 1000 * factor
+            due_s = sla_ms / 1000 if sla_ms else None
+            return fixed + pool.completion_s(request, steps, budget_s, due_s) * 1000 * factor
         return fixed
+
+
+@dataclass(frozen=True, slots=True)
+class QueuePoint:
+    """One queued job as the policy sees it: seconds to its deadline, the work (running + queued, in
+    batches) up to and including it in deadline order, its predicted slack, and whether it may still
+    be given back."""
+
+    deadline_in_s: float
+    work_s: float
+    slack_s: float
+    tentative: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,18 +150,47 @@ class PoolModel:
     typical_batch: float = 1.0  # observed images per batch (occupancy)
     has_headroom: bool = True  # an idle worker and nothing queued: the marginal image costs ~0
     max_wait_s: float = 0.0  # how long the batcher holds a lone job for company
+    running_s: float = 0.0  # what the running batches still need, summed over workers
+    queue: tuple[QueuePoint, ...] | None = None  # the queue in deadline order; None: all of work_ahead_s is ahead
+    # A new job may go ahead of a committed one only if that one keeps this many such jobs' worth of slack:
+    # in overload the queue runs slower than predicted (smaller batches, mixed shapes), and a committed job
+    # can no longer be given back. 4 measured best (docs/benchmarks.md, late binding).
+    committed_reserve: float = 4.0
 
-    def completion_s(self, request: RouteRequest, steps: int, sla_s: float | None = None) -> float:
+    def ahead_s(self, sla_s: float | None) -> float:
+        """Work that runs before a new job due in `sla_s`: the batcher goes by earliest deadline."""
+        if self.queue is None:
+            return self.work_ahead_s
+        ahead = self.running_s
+        for point in self.queue:
+            if sla_s is not None and point.deadline_in_s > sla_s:
+                break
+            ahead = point.work_s
+        return ahead
+
+    def delays_committed(self, request: RouteRequest, steps: int, sla_s: float | None) -> bool:
+        """Would a new job due in `sla_s` eat into the slack of a committed job (one that can no longer go
+        elsewhere) that is on time now? It runs before every job due later."""
+        if self.queue is None or sla_s is None:
+            return False
+        own = self.profile.seconds(self.model, request.width, request.height, steps, request.n) / max(self.workers, 1)
+        return any(not p.tentative and p.deadline_in_s > sla_s and 0 <= p.slack_s < own * self.committed_reserve
+                   for p in self.queue)
+
+    def completion_s(self, request: RouteRequest, steps: int, sla_s: float | None = None,
+                     due_s: float | None = None) -> float:
         """Predicted seconds until a new job of this shape is done: its share of the work ahead, then its
         batch, as big as the batches the pool is running now (alone when idle, full when busy). A job
         that finds nothing ahead waits for company first (the batcher's max_wait, cut short by its SLA).
-        `sla_s` defaults to the request's own."""
+        `sla_s` (the time its batch may take) defaults to the request's own SLA; `due_s` (where it stands
+        in the deadline-ordered queue) to `sla_s`."""
         if sla_s is None and request.sla_ms:
             sla_s = request.sla_ms / 1000
-        batch = max(request.n, round(self.typical_batch)) if self.work_ahead_s > 0 else request.n
+        work_ahead = self.ahead_s(sla_s if due_s is None else due_s)
+        batch = max(request.n, round(self.typical_batch)) if work_ahead > 0 else request.n
         own = self.profile.seconds(self.model, request.width, request.height, steps, batch)
-        if self.work_ahead_s > 0:
-            ahead = self.work_ahead_s / max(self.workers, 1)
+        if work_ahead > 0:
+            ahead = work_ahead / max(self.workers, 1)
             if sla_s is not None and ahead + own > sla_s and batch > request.n:
                 # The batcher sizes a batch by its tightest deadline: a job with little slack rides in a
                 # smaller batch than the typical one, down to its own images alone.
@@ -194,6 +243,9 @@ class Candidate:
     predicted_cost_usd: float
     quality: float
     steps: int
+    # For a queueing backend with a fallback: give the job back unstarted if it would finish late, up to
+    # this long after the decision (the SLA less the next candidate's p99), so the fallback still makes it.
+    start_within_ms: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

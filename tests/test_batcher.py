@@ -106,11 +106,13 @@ def test_earliest_deadline_goes_first_across_keys_so_no_key_starves(batcher, clo
     assert batch.key == OTHER
 
 
-def test_a_job_that_cannot_make_its_deadline_runs_alone_at_once(batcher, clock):
+def test_a_job_that_cannot_make_its_deadline_launches_at_once_without_shrinking_the_batch(batcher, clock):
+    # Late even alone, it is late whatever the batch: capping the batch at its deadline would only cost
+    # throughput (in overload, batches of one for everyone behind it).
     batcher.put(job(clock, 0.5))
     batcher.put(job(clock, 60))
     batch, _ = batcher.next_batch()
-    assert batch.slots == 1 and batch.jobs[0].deadline == clock.now + 0.5
+    assert batch.slots == 2 and batch.jobs[0].deadline == clock.now + 0.5 and batch.reason == "deadline"
 
 
 def test_withdrawn_jobs_never_launch(batcher, clock):
@@ -146,3 +148,46 @@ def test_padding_shapes_the_batch_the_deadlines_allow(clock):
         b.put(job(clock, 3.0))
     batch, _ = b.next_batch()
     assert batch.slots == 1 and batch.predicted_s == 1.1
+
+
+# --- late binding: tentative jobs (those with somewhere else to go) -------------------------
+
+def tentative(clock, deadline_in, start_in, **kw):
+    item = job(clock, deadline_in, **kw)
+    item.start_by = clock.now + start_in
+    return item
+
+
+def test_a_tentative_job_predicted_late_is_given_back_at_once_and_a_committed_one_never(batcher, clock):
+    for _ in range(16):  # two full batches, committed: 15 s of work ahead of anything due later
+        batcher.put(job(clock, 20))
+    late = tentative(clock, 25, start_in=5)  # 7.5 s running + 15 s + its own 1.1 s, with the margin: > 25 s
+    stuck = job(clock, 25)  # no start_by: nowhere else to go, it stays whatever its prediction
+    batcher.put(late)
+    batcher.put(stuck)
+    assert batcher.settle(clock.now, running_s=7.5, workers=1) == [late]
+    assert len(batcher) == 17 and stuck in batcher.drain()
+
+
+def test_a_tentative_job_still_on_time_at_its_start_by_is_committed_and_kept(batcher, clock):
+    keep = tentative(clock, 30, start_in=2)
+    batcher.put(keep)
+    assert batcher.next_settle() == clock.now + 2
+    assert batcher.settle(clock.now, running_s=0, workers=1) == [] and keep.tentative  # not due yet
+    clock.now += 2
+    assert batcher.settle(clock.now, running_s=0, workers=1) == [] and not keep.tentative
+    assert batcher.next_settle() is None
+    for _ in range(40):  # a flood of tighter work later cannot make it give a committed job back
+        batcher.put(job(clock, 5))
+    assert batcher.settle(clock.now, running_s=0, workers=1) == []
+
+
+def test_the_queue_is_seen_in_deadline_order_with_the_work_up_to_each_job(batcher, clock):
+    batcher.put(job(clock, 30))
+    batcher.put(job(clock, 10))
+    batcher.put(job(clock, 20, key=OTHER))
+    points = batcher.points(clock.now, running_s=1.0, workers=1)
+    assert [p.deadline_in_s for p in points] == [10, 20, 30]
+    # 1 s running; then a KEY batch of 1 (1.1 s), an OTHER batch of 1 (0.7 s), the KEY job joins a batch of 2
+    assert [p.work_s for p in points] == pytest.approx([2.1, 2.8, 3.7])
+    assert not any(p.tentative for p in points)

@@ -15,6 +15,7 @@ from policies.types import (
     Health,
     LatencyModel,
     PoolModel,
+    QueuePoint,
     RejectReason,
     RouteRequest,
     SizeSupport,
@@ -200,3 +201,43 @@ def test_a_tier_can_cap_how_long_it_queues_on_the_pool_so_tighter_tiers_keep_it(
     d = decide(REQ, capped, snap)
     assert d.chosen.backend == "reve"
     assert any(r.backend == "local" and "local_max_ms" in r.detail for r in d.rejected)
+
+
+def queued_local(points, running_s=0.0) -> BackendView:
+    view = local()
+    pool = dataclasses.replace(view.pool, work_ahead_s=running_s + (points[-1].work_s if points else 0),
+                               running_s=running_s, queue=tuple(points), has_headroom=False)
+    return dataclasses.replace(view, pool=pool)
+
+
+def test_the_pool_may_hold_a_job_only_while_its_fallback_could_still_make_the_sla():
+    d = decide(REQ, POLICY, WORLD)
+    assert names(d)[:2] == ["local", "reve"]
+    reve_p99 = LatencyModel(p50_ms=7_500, p95_ms=15_000).p99_ms  # lognormal through p50 and p95
+    assert reve_p99 == pytest.approx(7_500 * 2 ** (2.326 / 1.645))
+    assert d.candidates[0].start_within_ms == pytest.approx(30_000 - reve_p99)
+    assert all(c.start_within_ms is None for c in d.candidates[1:])  # APIs do not queue
+    alone = decide(REQ, POLICY, Snapshot((local(),)))
+    assert alone.candidates[0].start_within_ms is None  # nowhere else to go: the pool keeps it
+
+
+def test_a_tight_job_waits_only_for_work_due_before_it():
+    # 40 s of tentative work due in 30 s is behind a draft due in 10 s: the batcher goes by deadline.
+    snap = Snapshot((queued_local([QueuePoint(30.0, 40.0, 5.0, True)]), api("reve", 15_000)))
+    tight = dataclasses.replace(REQ, sla_ms=10_000)
+    d = decide(tight, POLICY, snap)
+    assert d.chosen.backend == "local"
+    assert d.chosen.predicted_latency_ms == pytest.approx(1_000 * 1.25 + 100)
+    assert decide(REQ, POLICY, snap).chosen.backend == "reve"  # due in 30 s, it queues behind the 40 s
+
+
+def test_a_job_that_would_push_committed_pool_work_past_its_deadline_goes_elsewhere():
+    tight = dataclasses.replace(REQ, sla_ms=10_000)
+    committed = QueuePoint(20.0, 3.0, 0.5, False)  # on time by 0.5 s, and it can no longer go elsewhere
+    d = decide(tight, POLICY, Snapshot((queued_local([committed]), api("reve", 9_000))))
+    assert d.chosen.backend == "reve"
+    assert "committed" in next(r.detail for r in d.rejected if r.backend == "local")
+    room = QueuePoint(20.0, 3.0, 5.0, False)  # 5 s of slack: one more 1 s job ahead keeps a 4 s reserve
+    assert decide(tight, POLICY, Snapshot((queued_local([room]), api("reve", 9_000)))).chosen.backend == "local"
+    tentative = QueuePoint(20.0, 3.0, 0.5, True)  # a tentative job would be given back instead
+    assert decide(tight, POLICY, Snapshot((queued_local([tentative]), api("reve", 9_000)))).chosen.backend == "local"

@@ -15,9 +15,10 @@ from PIL import Image
 from backends.errors import BackendTimeout, BackendTransientError, BackendUnavailable
 from backends.local import DiffusionEngine, EngineSpec, LocalPool, PoolConfig, ProcessWorker, ThreadWorker, WarmShape
 from backends.protocol import GenerationJob
+from gateway.dispatch import Dispatcher
 from policies.profile import ThroughputProfile
-from policies.types import Health, RouteRequest
-from tests.fakes import FakeWorker
+from policies.types import Candidate, Decision, Health, RouteRequest
+from tests.fakes import FakeWorker, ScriptedBackend
 
 TINY = EngineSpec(preset="tiny")
 
@@ -67,7 +68,7 @@ def test_a_compiled_engine_pads_a_batch_up_to_a_compiled_size_and_returns_only_w
     assert len(padded) == 3
     # Not byte-equal: a CPU matmul may block a batch of 4 differently from one of 3 (last-bit float
     # differences); the pixels must still agree to within rounding.
-    for a, b in zip(padded, plain):
+    for a, b in zip(padded, plain, strict=True):
         diff = np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16))
         assert diff.max() <= 2
 
@@ -253,3 +254,37 @@ def test_sd15_on_gpu_in_bf16_compiled():
     engine.load()
     assert engine.pipe.vae.dtype == torch.bfloat16
     assert engine.generate(["x"], width=512, height=512, steps=2, seeds=[0])[0].size == (512, 512)
+
+
+async def test_a_job_the_pool_would_finish_late_is_given_back_at_once_for_the_next_candidate():
+    # Batches of one take 0.2 s. Four jobs due in 1.0 s fill the pool until then; a job due a little later,
+    # which reve could still serve, is released straight away rather than kept to miss its deadline.
+    profile = ThroughputProfile({("tiny", 64, 64, 2): {1: 0.2}})
+    pool = await start(LocalPool(TINY, [FakeWorker(seconds=lambda b: 0.2)], PoolConfig(max_wait_s=0.0, max_batch=1),
+                                 profile))
+    now = time.monotonic()
+    ahead = [asyncio.create_task(pool.generate(job(i), now + 1.0)) for i in range(4)]
+    await asyncio.sleep(0.01)
+    api = ScriptedBackend("reve")
+    candidates = (Candidate("local", "tiny", 500, 0.0, 0.6, 2, start_within_ms=300),
+                  Candidate("reve", "m1", 400, 0.024, 0.8, 30))
+    decision = Decision(policy_version="v", tier="standard", sla_ms=1050, max_cost_usd=None, objective="min_cost",
+                        rule=None, candidates=candidates, rejected=(), reason="test")
+    attempts = []
+    started = time.monotonic()
+    out = await Dispatcher({"local": pool, "reve": api}).run(decision, job(9), started + 1.05, attempts)
+    assert out.candidate.backend == "reve" and time.monotonic() - started < 0.15
+    assert [(a.backend, a.error_class) for a in attempts] == [("local", "BackendReleased"), ("reve", None)]
+    await asyncio.gather(*ahead)
+    assert pool.load().health is Health.OK
+    await pool.aclose()
+
+
+async def test_a_job_still_on_time_when_its_fallback_window_closes_stays_on_the_pool():
+    profile = ThroughputProfile({("tiny", 64, 64, 2): {1: 0.1}})
+    pool = await start(LocalPool(TINY, [FakeWorker(seconds=lambda b: 0.1)], PoolConfig(max_wait_s=0.0, max_batch=1),
+                                 profile))
+    now = time.monotonic()
+    result = await pool.generate(job(1, start_by=now), now + 2)
+    assert len(result.images) == 1
+    await pool.aclose()

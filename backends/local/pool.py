@@ -21,7 +21,7 @@ from pathlib import Path
 from policies.profile import ThroughputProfile
 from policies.types import BackendKind, Health, PoolModel, SizeSupport
 
-from ..errors import BackendTimeout, BackendTransientError, BackendUnavailable
+from ..errors import BackendReleased, BackendTimeout, BackendTransientError, BackendUnavailable
 from ..protocol import GeneratedImage, GenerationJob, GenerationResult, LoadReport, Offer
 from .batcher import Batch, QueuedJob, SLABatcher
 from .engine import EngineSpec
@@ -102,16 +102,20 @@ class LocalPool:
             detail = "; ".join(f"{w.name}: {w.detail}" for w in self.workers)
             return LoadReport(Health.UNCONFIGURED if failed else Health.WARMING, detail)
         now = time.monotonic()
-        running_s = sum(max(0.0, end - now) for end in self._running_until.values())
+        running_s = self._running_s(now)
         idle = any(w.ready and not w.busy for w in self.workers)
         pool = PoolModel(
             profile=self.profile, model=self.model, gpu_hour_usd=self.config.gpu_hour_usd, workers=len(ready),
             work_ahead_s=running_s + self.batcher.backlog_seconds(), typical_batch=self._occupancy,
             has_headroom=idle and len(self.batcher) == 0, max_wait_s=self.config.max_wait_s,
+            running_s=running_s, queue=self.batcher.points(now, running_s, len(ready)),
         )
         warming = [w.name for w in self.workers if not w.ready]
         detail = f"{len(ready)} worker(s) ready" + (f"; warming: {', '.join(warming)}" if warming else "")
         return LoadReport(Health.OK, detail, pool)
+
+    def _running_s(self, now: float) -> float:
+        return sum(max(0.0, end - now) for end in self._running_until.values())
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -172,7 +176,7 @@ class LocalPool:
         future = asyncio.get_running_loop().create_future()
         pending = _Pending(job, steps, future)
         item = QueuedJob(key=(self.model, job.width, job.height, steps, guidance), slots=job.n, deadline=deadline,
-                         enqueued=time.monotonic(), payload=pending)
+                         enqueued=time.monotonic(), payload=pending, start_by=job.start_by)
         self.batcher.put(item)
         self._wakeup.set()
         try:
@@ -190,6 +194,7 @@ class LocalPool:
     async def _schedule(self) -> None:
         while True:
             wake_at = None
+            self._release_late()
             while (worker := self._idle_worker()) is not None:
                 self._drop_expired()
                 batch, wake_at = self.batcher.next_batch()
@@ -197,10 +202,19 @@ class LocalPool:
                     break
                 self._launch(worker, batch)
             self._wakeup.clear()
+            settle_at = self.batcher.next_settle()  # due even while every worker is busy
+            if settle_at is not None:
+                wake_at = settle_at if wake_at is None else min(wake_at, settle_at)
             timeout = None if wake_at is None else max(0.0, wake_at - time.monotonic())
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self._wakeup.wait()
+
+    def _release_late(self) -> None:
+        now = time.monotonic()
+        workers = sum(1 for w in self.workers if w.ready) or 1
+        for item in self.batcher.settle(now, self._running_s(now), workers):
+            _fail(item.payload, BackendReleased("local pool would finish late; released in time for the next backend"))
 
     def _idle_worker(self):
         idle = [w for w in self.workers if w.ready and not w.busy]
