@@ -51,6 +51,7 @@ def strategies(policy: Policy) -> list[Strategy]:
     blind = {"sla_ms": NO_SLA}
     return [
         Strategy("ours (SLA-aware, live queue and cost)", policy),
+        Strategy("ours, bound at arrival (no late binding)", policy, late_binding=False),
         Strategy("all-local (queue everything)", with_rule(policy, {"name": "b", "allow": ["local"], **blind})),
         Strategy("cheapest API only", with_rule(policy, {"name": "b", "deny": ["local"], **blind})),
         Strategy("cost-based, blind to queue and SLA", with_rule(policy, {"name": "b", **blind}), queue_blind=True),
@@ -148,14 +149,15 @@ def main() -> None:
                   f"| {s['gpu_utilisation']:.0%} | {local_share:.0%} | {s['total_cost_usd'] / bound - 1:+.1%} |")
         print(f"| lower bound (offline relaxation) | {bound / images:.5f} | {bound:.2f} | | | | | | | | | |")
         ours = rows[0]
-        qualifying = [r for r in rows[1:] if r["sla_attainment"] >= 0.99]
+        baselines = [r for r in rows if not r["strategy"].startswith("ours")]
+        qualifying = [r for r in baselines if r["sla_attainment"] >= 0.99]
         if qualifying:
             best = min(qualifying, key=lambda r: r["cost_per_image_usd"])
             saving = 1 - ours["cost_per_image_usd"] / best["cost_per_image_usd"]
             print(f"\nours vs best baseline at >= 99% SLA ({best['strategy']}): {saving:+.1%} cheaper per image; "
                   f"ours at {ours['sla_attainment']:.1%} SLA, {ours['total_cost_usd'] / bound - 1:+.1%} from the bound")
         else:
-            nearest = max(rows[1:], key=lambda r: r["sla_attainment"])
+            nearest = max(baselines, key=lambda r: r["sla_attainment"])
             saving = 1 - ours["cost_per_image_usd"] / nearest["cost_per_image_usd"]
             print(f"\nno baseline reaches 99% SLA; ours at {ours['sla_attainment']:.1%}, "
                   f"{ours['total_cost_usd'] / bound - 1:+.1%} from the bound, {saving:+.1%} cheaper per image than "

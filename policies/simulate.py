@@ -70,6 +70,7 @@ class Strategy:
     tweak: Callable[[RouteRequest, random.Random], RouteRequest] | None = None
     queue_blind: bool = False  # routes as if the pool never had work queued (as gateways without a queue model)
     recent_latency: bool = False  # predicts each backend by its recent observed latency (EWMA), nothing else
+    late_binding: bool = True  # the pool may give back a tentative job (policies.batching); off: bound at arrival
 
 
 @dataclass(slots=True)
@@ -237,7 +238,7 @@ class _Sim:
     @property
     def binds_late(self) -> bool:
         # Strategies that do not look at the queue cannot give a job back when it falls behind.
-        return not (self.strategy.queue_blind or self.strategy.recent_latency)
+        return self.strategy.late_binding and not (self.strategy.queue_blind or self.strategy.recent_latency)
 
     def pump(self) -> None:
         pool = self.world.pool

@@ -181,17 +181,14 @@ def test_the_lower_bound_is_below_what_every_strategy_meeting_all_slas_pays(kind
             assert result["total_cost_usd"] >= bound - 1e-6, strategy.name
 
 
-def test_late_binding_keeps_the_pool_for_the_tier_no_api_serves_reliably(monkeypatch):
+def test_late_binding_keeps_the_pool_for_the_tier_no_api_serves_reliably():
     # Drafts (15 s) have no API that reliably makes 15 s; standard (30 s) has. In bursts the pool gives back
     # tentative standard jobs so drafts can have it, instead of binding whoever came first at arrival.
     import dataclasses
 
-    import policies.simulate as sim
-
     two_gpus = dataclasses.replace(WORLD, pool=dataclasses.replace(WORLD.pool, gpus=2))
     trace = synthetic("bursty", 1800, 1.5, seed=1)
     late = simulate(trace, POLICY, two_gpus).summary()
-    monkeypatch.setattr(sim._Sim, "binds_late", property(lambda self: False))
-    early = simulate(trace, POLICY, two_gpus).summary()
+    early = simulate(trace, Strategy("at arrival", POLICY, late_binding=False), two_gpus).summary()
     assert late["sla_by_tier"]["draft"] > early["sla_by_tier"]["draft"]
     assert late["sla_attainment"] > early["sla_attainment"]
