@@ -132,7 +132,7 @@ def decide(request: RouteRequest, policy: Policy, snapshot: Snapshot) -> Decisio
             continue
         if view.pool is not None and view.pool.delays_committed(request, steps, sla_ms / 1000):
             rejected.append(Rejection(view.name, RejectReason.SLA_MISS,
-                                      "would push committed pool jobs past their deadlines"))
+                                      "would eat into the slack reserve of committed pool jobs"))
             continue
         if latency > sla_ms:
             rejected.append(
