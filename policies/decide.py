@@ -11,6 +11,7 @@ from .types import (
     Candidate,
     Decision,
     Health,
+    PoolModel,
     Rejection,
     RejectReason,
     RouteRequest,
@@ -116,6 +117,7 @@ def decide(request: RouteRequest, policy: Policy, snapshot: Snapshot) -> Decisio
 
     candidates: list[Candidate] = []
     rejected: list[Rejection] = []
+    reserve_bound: list[tuple[PoolModel, Candidate]] = []
     for view in sorted(snapshot.backends, key=lambda v: v.name):
         bp = policy.backends.get(view.name)
         rejection = _static_rejection(view, bp, request, tier, rule)
@@ -129,10 +131,6 @@ def decide(request: RouteRequest, policy: Policy, snapshot: Snapshot) -> Decisio
         if view.pool is not None and tier.local_max_ms is not None and latency > tier.local_max_ms:
             rejected.append(Rejection(view.name, RejectReason.SLA_MISS,
                                       f"predicted {latency:.0f} ms > tier's local_max_ms {tier.local_max_ms}"))
-            continue
-        if view.pool is not None and view.pool.delays_committed(request, steps, sla_ms / 1000):
-            rejected.append(Rejection(view.name, RejectReason.SLA_MISS,
-                                      "would eat into the slack reserve of committed pool jobs"))
             continue
         if latency > sla_ms:
             rejected.append(
@@ -152,8 +150,21 @@ def decide(request: RouteRequest, policy: Policy, snapshot: Snapshot) -> Decisio
                 )
             )
             continue
-        model = request.model or view.models[0]
-        candidates.append(Candidate(view.name, model, latency, cost, bp.quality, steps))
+        candidate = Candidate(view.name, request.model or view.models[0], latency, cost, bp.quality, steps)
+        if view.pool is not None and view.pool.delays_committed(request, steps, sla_ms / 1000):
+            reserve_bound.append((view.pool, candidate))
+            continue
+        candidates.append(candidate)
+
+    # A pool place that would eat into committed jobs' slack reserve goes to other backends first; where
+    # there is none, the request may still have it if no committed job is predicted to miss its deadline.
+    alternatives = bool(candidates)
+    for pool, candidate in reserve_bound:
+        if not alternatives and not pool.delays_committed(request, candidate.steps, sla_ms / 1000, reserve=1.0):
+            candidates.append(candidate)
+        else:
+            rejected.append(Rejection(candidate.backend, RejectReason.SLA_MISS,
+                                      "would eat into the slack reserve of committed pool jobs"))
 
     candidates.sort(key=_rank_key(objective))
     candidates = _with_release_times(candidates, snapshot, sla_ms)

@@ -168,14 +168,16 @@ class PoolModel:
             ahead = point.work_s
         return ahead
 
-    def delays_committed(self, request: RouteRequest, steps: int, sla_s: float | None) -> bool:
+    def delays_committed(self, request: RouteRequest, steps: int, sla_s: float | None,
+                         reserve: float | None = None) -> bool:
         """Would a new job due in `sla_s` eat into the slack of a committed job (one that can no longer go
-        elsewhere) that is on time now? It runs before every job due later."""
+        elsewhere) that is on time now, leaving it less than `reserve` (default `committed_reserve`) such
+        jobs' worth? It runs before every job due later."""
         if self.queue is None or sla_s is None:
             return False
         own = self.profile.seconds(self.model, request.width, request.height, steps, request.n) / max(self.workers, 1)
-        return any(not p.tentative and p.deadline_in_s > sla_s and 0 <= p.slack_s < own * self.committed_reserve
-                   for p in self.queue)
+        reserve = self.committed_reserve if reserve is None else reserve
+        return any(not p.tentative and p.deadline_in_s > sla_s and 0 <= p.slack_s < own * reserve for p in self.queue)
 
     def completion_s(self, request: RouteRequest, steps: int, sla_s: float | None = None,
                      due_s: float | None = None) -> float:

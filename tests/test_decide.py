@@ -239,5 +239,8 @@ def test_a_job_that_would_push_committed_pool_work_past_its_deadline_goes_elsewh
     assert "committed" in next(r.detail for r in d.rejected if r.backend == "local")
     room = QueuePoint(20.0, 3.0, 5.0, False)  # 5 s of slack: one more 1 s job ahead keeps a 4 s reserve
     assert decide(tight, POLICY, Snapshot((queued_local([room]), api("reve", 9_000)))).chosen.backend == "local"
+    alone = decide(tight, POLICY, Snapshot((queued_local([QueuePoint(20.0, 3.0, 2.0, False)]),)))
+    assert alone.chosen.backend == "local"  # nowhere else to go, and the committed job still makes it
+    assert not decide(tight, POLICY, Snapshot((queued_local([committed]),))).candidates  # it would not
     tentative = QueuePoint(20.0, 3.0, 0.5, True)  # a tentative job would be given back instead
     assert decide(tight, POLICY, Snapshot((queued_local([tentative]), api("reve", 9_000)))).chosen.backend == "local"
