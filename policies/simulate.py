@@ -24,7 +24,17 @@ from .decide import decide
 from .profile import ThroughputProfile
 from .schema import Policy
 from .traces import TraceRequest
-from .types import BackendKind, BackendView, Health, LatencyModel, PoolModel, RouteRequest, SizeSupport, Snapshot
+from .types import (
+    BackendKind,
+    BackendView,
+    Candidate,
+    Health,
+    LatencyModel,
+    PoolModel,
+    RouteRequest,
+    SizeSupport,
+    Snapshot,
+)
 
 __all__ = ["ApiModel", "PoolSpec", "SimResult", "Strategy", "World", "simulate", "with_rule"]
 
@@ -82,6 +92,7 @@ class Outcome:
     done_at: float | None = None
     cost_usd: float = 0.0
     attempts: int = 0
+    race: _Race | None = None  # a hedged pair in flight
 
     @property
     def latency_s(self) -> float | None:
@@ -90,6 +101,17 @@ class Outcome:
     @property
     def sla_met(self) -> bool:
         return self.latency_s is not None and self.latency_s * 1000 <= self.sla_ms
+
+
+@dataclass(slots=True)
+class _Race:
+    """A hedged pair, as the dispatcher runs one: the second starts when the first passes its predicted
+    latency (or fails); the first success wins and a loser still running is charged its predicted cost."""
+
+    partner: Candidate | None  # the second, not started yet
+    rest: list  # the candidates after the pair, tried if both fail
+    running: list = field(default_factory=list)  # candidates in flight
+    local_job: QueuedJob | None = None  # the pool's place, withdrawn if an API wins first
 
 
 @dataclass(slots=True)
@@ -202,7 +224,55 @@ class _Sim:
         if self.strategy.tweak is not None:
             route = self.strategy.tweak(route, self.rng)
         decision = decide(route, self.policy, self.snapshot())
-        self.attempt(outcome, list(decision.candidates))
+        candidates = list(decision.candidates)
+        if decision.hedge and len(candidates) >= 2 and (decision.max_cost_usd is None or (
+                candidates[0].predicted_cost_usd + candidates[1].predicted_cost_usd <= decision.max_cost_usd)):
+            first, second = candidates[:2]
+            outcome.race = _Race(partner=second, rest=candidates[2:], running=[first])
+            self.push(self.now + first.predicted_latency_ms / 1000, "hedge", outcome)
+            candidates = [first]
+        self.attempt(outcome, candidates)
+
+    def start_partner(self, outcome: Outcome) -> None:
+        race = outcome.race
+        if race is None or race.partner is None or outcome.done_at is not None:
+            return
+        partner, race.partner = race.partner, None
+        race.running.append(partner)
+        self.attempt(outcome, [partner])
+
+    def fallback(self, outcome: Outcome, rest: list, failed) -> None:
+        """After `failed` gave up: its racing partner, else the next candidate."""
+        race = outcome.race
+        if race is None or rest:
+            self.attempt(outcome, rest)
+            return
+        if failed in race.running:
+            race.running.remove(failed)
+        if race.partner is not None:
+            self.start_partner(outcome)  # the first failed before the hedge was due: start it now
+        elif not race.running and outcome.done_at is None:
+            outcome.race = None
+            self.attempt(outcome, race.rest)
+
+    def finish(self, outcome: Outcome, backend: str, cost_usd: float, winner) -> bool:
+        """Record the first success; False for a hedge that lost (already charged when the winner came)."""
+        if outcome.done_at is not None:
+            return False
+        outcome.backend, outcome.done_at, outcome.cost_usd = backend, self.now, cost_usd
+        race, outcome.race = outcome.race, None
+        if race is not None:
+            for loser in race.running:
+                if loser is winner:
+                    continue
+                if loser.backend == "local":
+                    if race.local_job is not None:
+                        self.batcher.remove(race.local_job)  # queued: withdrawn; running: the GPU time is spent
+                else:
+                    self.api_spend += loser.predicted_cost_usd  # cancelled mid-flight, may still be billed
+                    outcome.cost_usd += loser.predicted_cost_usd
+        self.observe(backend, outcome)
+        return True
 
     def attempt(self, outcome: Outcome, candidates: list, tries: int = 1) -> None:
         if not candidates:
@@ -215,8 +285,11 @@ class _Sim:
             start_by = None
             if candidate.start_within_ms is not None and self.binds_late:
                 start_by = outcome.request.t + candidate.start_within_ms / 1000
-            self.batcher.put(QueuedJob(key, outcome.request.n, outcome.request.t + outcome.sla_ms / 1000,
-                                       self.now, (outcome, rest), start_by=start_by))
+            job = QueuedJob(key, outcome.request.n, outcome.request.t + outcome.sla_ms / 1000, self.now,
+                            (outcome, rest, candidate), start_by=start_by)
+            if outcome.race is not None:
+                outcome.race.local_job = job
+            self.batcher.put(job)
             self.pump()
             return
         api = self.apis[candidate.backend]
@@ -231,7 +304,7 @@ class _Sim:
                     failed_at + backoff < outcome.request.t + outcome.sla_ms / 1000:
                 self.push(failed_at + backoff, "retry", (outcome, candidates, tries + 1))
             else:
-                self.push(failed_at, "retry", (outcome, rest, 1))
+                self.push(failed_at, "fallback", (outcome, rest, candidate))
         else:
             self.push(self.now + took, "api_done", (outcome, candidate))
 
@@ -243,7 +316,7 @@ class _Sim:
     def pump(self) -> None:
         pool = self.world.pool
         for job in self.batcher.settle(self.now, self.running_s(), pool.gpus):
-            self.attempt(*job.payload)  # given back: its next candidate, while that can still make it
+            self.fallback(*job.payload)  # given back: its next candidate, while that can still make it
         while True:
             free = [i for i, t in enumerate(self.gpu_free_at) if t <= self.now]
             batch, wake = self.batcher.next_batch() if free else (None, None)
@@ -277,19 +350,20 @@ class _Sim:
                     progress(arrived / len(self.trace))
             elif kind == "api_done":
                 outcome, candidate = data
-                outcome.backend, outcome.done_at = candidate.backend, self.now
-                outcome.cost_usd = candidate.predicted_cost_usd
-                self.observe(candidate.backend, outcome)
-                self.api_spend += candidate.predicted_cost_usd
+                if self.finish(outcome, candidate.backend, candidate.predicted_cost_usd, candidate):
+                    self.api_spend += candidate.predicted_cost_usd
             elif kind == "retry":
                 self.attempt(*data)
+            elif kind == "fallback":
+                self.fallback(*data)
+            elif kind == "hedge":
+                self.start_partner(data)
             elif kind == "batch_done":
                 batch, seconds = data
                 for job in batch.jobs:
-                    outcome, _ = job.payload
-                    outcome.backend, outcome.done_at = "local", self.now
-                    outcome.cost_usd = self.world.pool.gpu_hour_usd / 3600 * seconds * job.slots / batch.slots
-                    self.observe("local", outcome)
+                    outcome, _, candidate = job.payload
+                    share = self.world.pool.gpu_hour_usd / 3600 * seconds * job.slots / batch.slots
+                    self.finish(outcome, "local", share, candidate)
                 self.pump()
             elif kind == "wake":
                 self.pump()

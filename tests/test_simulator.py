@@ -192,3 +192,19 @@ def test_late_binding_keeps_the_pool_for_the_tier_no_api_serves_reliably():
     early = simulate(trace, Strategy("at arrival", POLICY, late_binding=False), two_gpus).summary()
     assert late["sla_by_tier"]["draft"] > early["sla_by_tier"]["draft"]
     assert late["sla_attainment"] > early["sla_attainment"]
+
+
+def test_hedging_is_simulated_as_the_dispatcher_does_it_a_shorter_tail_for_a_higher_bill():
+    trace = [TraceRequest(t=i * 2.0, tier="premium", sla_ms=60_000) for i in range(300)]  # APIs only
+    hedged_policy = Policy.model_validate({**POLICY.model_dump(mode="json"),
+                                           "dispatch": {**POLICY.dispatch.model_dump(mode="json"), "hedge": True}})
+    plain = simulate(trace, POLICY, WORLD, seed=3)
+    hedged = simulate(trace, hedged_policy, WORLD, seed=3)
+    p, h = plain.summary(), hedged.summary()
+    # reve first; seedream starts once reve passes its predicted p95 (15 s): the slowest answers come sooner
+    assert max(o.latency_s for o in hedged.outcomes) < max(o.latency_s for o in plain.outcomes) - 5
+    assert h["api_spend_usd"] > p["api_spend_usd"]
+    assert h["served"] == p["served"] == 300
+    # the loser of a race is charged (a cancelled call may still be billed), and only once
+    assert hedged.api_spend_usd == pytest.approx(sum(o.cost_usd for o in hedged.outcomes))
+    assert len(set(h["backend_mix"])) > 1
