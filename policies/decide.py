@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 from .costs import predicted_cost_usd
 from .schema import BackendPolicy, Objective, Policy, Rule, Tier
 from .types import (
@@ -118,6 +116,7 @@ def decide(request: RouteRequest, policy: Policy, snapshot: Snapshot) -> Decisio
     candidates: list[Candidate] = []
     rejected: list[Rejection] = []
     reserve_bound: list[tuple[PoolModel, Candidate]] = []
+    pooled: set[str] = set()  # queueing backends among the candidates (only they get release times)
     for view in sorted(snapshot.backends, key=lambda v: v.name):
         bp = policy.backends.get(view.name)
         rejection = _static_rejection(view, bp, request, tier, rule)
@@ -151,9 +150,11 @@ def decide(request: RouteRequest, policy: Policy, snapshot: Snapshot) -> Decisio
             )
             continue
         candidate = Candidate(view.name, request.model or view.models[0], latency, cost, bp.quality, steps)
-        if view.pool is not None and view.pool.delays_committed(request, steps, sla_ms / 1000):
-            reserve_bound.append((view.pool, candidate))
-            continue
+        if view.pool is not None:
+            pooled.add(view.name)
+            if view.pool.delays_committed(request, steps, sla_ms / 1000):
+                reserve_bound.append((view.pool, candidate))
+                continue
         candidates.append(candidate)
 
     # A pool place that would eat into committed jobs' slack reserve goes to other backends first; where
@@ -167,7 +168,8 @@ def decide(request: RouteRequest, policy: Policy, snapshot: Snapshot) -> Decisio
                                       "would eat into the slack reserve of committed pool jobs"))
 
     candidates.sort(key=_rank_key(objective))
-    candidates = _with_release_times(candidates, snapshot, sla_ms)
+    if pooled:
+        candidates = _with_release_times(candidates, pooled, snapshot, sla_ms)
     for known in sorted(set(policy.backends) - {v.name for v in snapshot.backends}):
         if request.backend in (None, known):
             rejected.append(
@@ -187,16 +189,16 @@ def decide(request: RouteRequest, policy: Policy, snapshot: Snapshot) -> Decisio
     )
 
 
-def _with_release_times(candidates: list[Candidate], snapshot: Snapshot, sla_ms: float) -> list[Candidate]:
+def _with_release_times(candidates: list[Candidate], pooled: set[str], snapshot: Snapshot,
+                        sla_ms: float) -> list[Candidate]:
     """A queueing backend followed by another candidate may hold the job only while that one could still
     make the SLA at its p99; past that it must have started (see policies.batching on late binding)."""
     out = list(candidates)
     for i, candidate in enumerate(out[:-1]):
-        view = snapshot.get(candidate.backend)
-        fallback = snapshot.get(out[i + 1].backend)
-        if view is not None and view.pool is not None and fallback is not None:
-            within = max(0.0, sla_ms - fallback.latency.p99_ms)
-            out[i] = dataclasses.replace(candidate, start_within_ms=within)
+        if candidate.backend in pooled and (fallback := snapshot.get(out[i + 1].backend)) is not None:
+            c = candidate  # built directly: dataclasses.replace costs more than the rest of this function
+            out[i] = Candidate(c.backend, c.model, c.predicted_latency_ms, c.predicted_cost_usd, c.quality, c.steps,
+                               start_within_ms=max(0.0, sla_ms - fallback.latency.p99_ms))
     return out
 
 
