@@ -199,12 +199,11 @@ class _Sim:
         if pool is not None:
             running = self.running_s()
             idle = any(t <= self.now for t in self.gpu_free_at)
-            blind = self.strategy.queue_blind
+            queue = None if self.strategy.queue_blind else self.batcher.points(self.now, running, pool.gpus)
             model = PoolModel(pool.profile, pool.model, pool.gpu_hour_usd, workers=pool.gpus,
-                              work_ahead_s=0.0 if blind else running + self.batcher.backlog_seconds(),
+                              work_ahead_s=0.0 if queue is None else queue[-1].work_s if queue else running,
                               typical_batch=self.occupancy, has_headroom=idle and len(self.batcher) == 0,
-                              max_wait_s=pool.max_wait_s, running_s=0.0 if blind else running,
-                              queue=None if blind else self.batcher.points(self.now, running, pool.gpus))
+                              max_wait_s=pool.max_wait_s, running_s=0.0 if queue is None else running, queue=queue)
             views.append(BackendView(name="local", kind=BackendKind.LOCAL, health=Health.OK, models=(pool.model,),
                                      sizes=SizeSupport(max_side=2048, multiple_of=8), max_n=10,
                                      default_steps=pool.default_steps,

@@ -104,11 +104,11 @@ class LocalPool:
         now = time.monotonic()
         running_s = self._running_s(now)
         idle = any(w.ready and not w.busy for w in self.workers)
+        queue = self.batcher.points(now, running_s, len(ready))
         pool = PoolModel(
             profile=self.profile, model=self.model, gpu_hour_usd=self.config.gpu_hour_usd, workers=len(ready),
-            work_ahead_s=running_s + self.batcher.backlog_seconds(), typical_batch=self._occupancy,
-            has_headroom=idle and len(self.batcher) == 0, max_wait_s=self.config.max_wait_s,
-            running_s=running_s, queue=self.batcher.points(now, running_s, len(ready)),
+            work_ahead_s=queue[-1].work_s if queue else running_s, typical_batch=self._occupancy,
+            has_headroom=idle and not queue, max_wait_s=self.config.max_wait_s, running_s=running_s, queue=queue,
         )
         warming = [w.name for w in self.workers if not w.ready]
         detail = f"{len(ready)} worker(s) ready" + (f"; warming: {', '.join(warming)}" if warming else "")
