@@ -93,17 +93,8 @@ class SLABatcher:
     def __len__(self) -> int:
         return sum(len(q) for q in self._queues.values())
 
-    def backlog_seconds(self) -> float:
-        """Predicted seconds to run everything queued, in the batches it would likely form."""
-        profile = self._profile()
-        return sum(self._key_work(profile, key, sum(j.slots for j in queue)) for key, queue in self._queues.items())
-
     def _seconds(self, profile: ThroughputProfile, key: BatchKey, slots: int) -> float:
         return profile.seconds(key[0], key[1], key[2], key[3], slots)
-
-    def _key_work(self, profile: ThroughputProfile, key: BatchKey, slots: int) -> float:
-        full, rest = divmod(slots, self.max_batch)
-        return full * self._seconds(profile, key, self.max_batch) + (self._seconds(profile, key, rest) if rest else 0)
 
     # --- late binding ----------------------------------------------------------------------
 
