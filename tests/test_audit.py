@@ -78,3 +78,20 @@ def test_audit_tail_prints_recent_records(settings, shipped_policy, serve, capsy
     assert main(["audit", "tail", "--config", str(settings.config_dir), "-n", "5"]) == 0
     out = capsys.readouterr().out
     assert "200 local" in out and "min_cost" in out
+
+
+def test_the_audit_says_how_long_the_pool_may_hold_a_job_before_its_fallback_must_start(
+        settings, shipped_policy, serve):
+    local = ScriptedBackend("local", kind=BackendKind.LOCAL, models=("tiny",))
+    server = serve(settings, shipped_policy, {"local": local, "reve": ScriptedBackend("reve")})
+    r = httpx.post(f"{server.base_url}/v1/images/generations", json={"prompt": "a fox", "size": "256x256"},
+                   timeout=30)
+    assert r.status_code == 200
+    server.stop()
+    record = AuditReader(settings.resolve(settings.audit.path)).recent(limit=1)[0]
+    first, second = record["decision"]["candidates"][:2]
+    assert (first["backend"], second["backend"]) == ("local", "reve")
+    reve = shipped_policy.backends["reve"].latency_prior  # no outcomes yet: the prior
+    p99 = reve.p50_ms * (reve.p95_ms / reve.p50_ms) ** (2.326 / 1.645)
+    assert first["start_within_ms"] == round(max(0.0, record["decision"]["sla_ms"] - p99), 1)
+    assert "start_within_ms" not in second
