@@ -288,3 +288,18 @@ async def test_a_job_still_on_time_when_its_fallback_window_closes_stays_on_the_
     result = await pool.generate(job(1, start_by=now), now + 2)
     assert len(result.images) == 1
     await pool.aclose()
+
+
+async def test_a_cancelled_job_leaves_the_queue_at_once():
+    # A hedge that won elsewhere, or a client that went away: the job must not stay counted as work ahead.
+    pool = await start(LocalPool(TINY, [FakeWorker(seconds=lambda b: 0.3)], PoolConfig(max_wait_s=0.0, max_batch=1)))
+    running = asyncio.create_task(pool.generate(job(0), time.monotonic() + 5))
+    await asyncio.sleep(0.01)
+    queued = asyncio.create_task(pool.generate(job(1), time.monotonic() + 5))
+    await asyncio.sleep(0.01)
+    assert len(pool.batcher) == 1
+    queued.cancel()
+    await asyncio.sleep(0)
+    assert len(pool.batcher) == 0
+    await running
+    await pool.aclose()

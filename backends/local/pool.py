@@ -185,6 +185,9 @@ class LocalPool:
         except TimeoutError as exc:
             self.batcher.remove(item)  # if still queued, it never runs
             raise BackendTimeout("local pool did not finish before the deadline") from exc
+        except asyncio.CancelledError:
+            self.batcher.remove(item)  # the caller went away (client gone, a hedge won): it never runs
+            raise
         finally:
             if not future.done():
                 future.cancel()
