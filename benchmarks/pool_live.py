@@ -174,6 +174,9 @@ async def drive_routed(pool: LocalPool, args, rate: float, rng: random.Random, l
         "to_api": sum(1 for r in records if r["where"] == "api"),
         "sla_met": sum(r["ok"] for r in records) / max(1, len(records)),
         "sla_met_by_sla": {sla: sum(r["ok"] for r in rs) / max(1, len(rs)) for sla, rs in by_sla.items()},
+        "missed_on_pool": sum(1 for r in records if r["where"] == "local" and not r["ok"]),
+        "missed_on_api": sum(1 for r in records if r["where"] == "api" and not r["ok"]),
+        "profile_after": {b: round(t, 3) for b, t in sorted(next(iter(pool.profile.table.values())).items())},
     }
 
 
@@ -217,12 +220,14 @@ def main() -> None:
     out = asyncio.run(main_async(args))
     print(f"\n{out['card']}, {args.model}; command: `{out['command']}`")
     if args.api:
-        print("| rate/s | late binding | offered | to pool | given back | to API (all) | SLA met | by SLA |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| rate/s | late binding | offered | to pool | given back | to API (all) | SLA met | by SLA "
+              "| missed on pool / API |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for r in out["rows"]:
             by = ", ".join(f"{s:g}s {v:.1%}" for s, v in r["sla_met_by_sla"].items())
             print(f"| {r['rate']:g} | {'on' if r['late_binding'] else 'off'} | {r['offered']} | {r['to_pool']} "
-                  f"| {r['released']} | {r['to_api']} | {r['sla_met']:.1%} | {by} |")
+                  f"| {r['released']} | {r['to_api']} | {r['sla_met']:.1%} | {by} "
+                  f"| {r['missed_on_pool']} / {r['missed_on_api']} |")
         return
     print("| rate/s | offered | to pool | overflow (to APIs) | deadlines met | p50 latency s "
           "| prediction error p50 / p90 | batch sizes (images: count) | GPU busy | images/s |")

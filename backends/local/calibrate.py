@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable
 
 from policies.profile import ThroughputProfile
 
-from .engine import DiffusionEngine
+from .engine import DiffusionEngine, encode_image
 
 __all__ = ["calibrate"]
 
@@ -16,7 +16,8 @@ __all__ = ["calibrate"]
 def calibrate(engine: DiffusionEngine, model: str, shapes: Iterable[tuple[int, int, int]], batches: list[int],
               repeats: int = 2, progress: Callable[[str], None] = lambda _: None,
               profile: ThroughputProfile | None = None) -> ThroughputProfile:
-    """Time each shape at each batch size (one untimed warm-up run, then the median of `repeats`)."""
+    """Time each shape at each batch size (one untimed warm-up run, then the median of `repeats`), as the
+    worker runs it: generation and the PNG encoding that holds the worker before its next batch."""
     profile = profile or ThroughputProfile(max_batch=max(batches))
     table = {k: dict(v) for k, v in profile.table.items()}
     for width, height, steps in shapes:
@@ -25,8 +26,10 @@ def calibrate(engine: DiffusionEngine, model: str, shapes: Iterable[tuple[int, i
             runs = []
             for i in range(repeats + 1):
                 started = time.perf_counter()
-                engine.generate([f"calibration {i}"] * batch, width=width, height=height, steps=steps,
-                                seeds=list(range(batch)))
+                images = engine.generate([f"calibration {i}"] * batch, width=width, height=height, steps=steps,
+                                         seeds=list(range(batch)))
+                for image in images:  # the worker encodes before it takes the next batch: part of its cycle
+                    encode_image(image, "png")
                 if i:  # the first run compiles and warms caches
                     runs.append(time.perf_counter() - started)
             table.setdefault((model, width, height, steps), {})[batch] = statistics.median(runs)
