@@ -303,3 +303,11 @@ async def test_a_cancelled_job_leaves_the_queue_at_once():
     assert len(pool.batcher) == 0
     await running
     await pool.aclose()
+
+
+def test_a_batch_is_encoded_in_parallel_into_the_same_bytes_in_the_same_order(tiny_engine):
+    from backends.local.engine import encode_image, encode_images
+
+    images = tiny_engine.generate(["a", "b", "c"], width=64, height=64, steps=2, seeds=[1, 2, 3])
+    assert encode_images(images, "png") == [encode_image(im, "png") for im in images]
+    assert encode_images(images[:1], "jpeg") == [encode_image(images[0], "jpeg")]

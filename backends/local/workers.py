@@ -13,7 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from .engine import DiffusionEngine, EngineSpec, encode_image
+from .engine import DiffusionEngine, EngineSpec, encode_images
 
 __all__ = ["BatchOutput", "BatchRequest", "ProcessWorker", "ThreadWorker", "WarmShape", "WorkerCrashed"]
 
@@ -58,7 +58,7 @@ def _run_batch(engine: DiffusionEngine, req: BatchRequest) -> BatchOutput:
     images = engine.generate(req.prompts, width=req.width, height=req.height, steps=req.steps, seeds=req.seeds,
                              negative_prompts=req.negative_prompts, guidance_scale=req.guidance_scale)
     seconds = time.perf_counter() - started
-    return BatchOutput([encode_image(img, req.output_format) for img in images], seconds)
+    return BatchOutput(encode_images(images, req.output_format), seconds)
 
 
 def _warm(engine: DiffusionEngine, shapes: list[WarmShape], report) -> dict:
