@@ -8,6 +8,7 @@ offline relaxation: the GPUs' cost, plus the cheapest eligible API for every ima
 cannot fit on the pool even if the pool ran every image at its best batch efficiency.
 
 Run: .venv/bin/python benchmarks/routing_economics.py [--duration 3600] [--rate 0.6] [--gpus 2]
+     .venv/bin/python benchmarks/routing_economics.py --sweep 1.0,1.5,2.0,2.5,3.0   # the target, per load
 """
 
 from __future__ import annotations
