@@ -115,7 +115,8 @@ def compare(current: Policy, candidate: Policy, trace: list[TraceRequest], world
 
 _ROWS = [("requests", "requests"), ("served", "served"), ("images", "images"), ("total cost $", "total_cost_usd"),
          ("API spend $", "api_spend_usd"), ("GPU cost $", "gpu_cost_usd"), ("cost per image $", "cost_per_image_usd"),
-         ("SLA attainment", "sla_attainment"), ("GPU utilisation", "gpu_utilisation")]
+         ("SLA attainment", "sla_attainment"), ("GPU utilisation", "gpu_utilisation"),
+         ("pool gave back", "pool_released"), ("hedges started", "hedges_started")]
 
 
 def _cell(value) -> str:

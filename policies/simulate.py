@@ -124,6 +124,8 @@ class SimResult:
     gpu_busy_s: float
     gpus: int
     timeline: list[dict] = field(default_factory=list)
+    released: int = 0  # pool jobs given back to their next candidate (late binding)
+    hedges: int = 0  # second calls started by hedging
 
     @property
     def images(self) -> int:
@@ -145,6 +147,7 @@ class SimResult:
             "backend_mix": dict(Counter(o.backend or "none" for o in self.outcomes)),
             "latency_s": {q: _pct(latencies, p) for q, p in (("p50", .5), ("p95", .95), ("p99", .99))},
             "gpu_utilisation": self.gpu_busy_s / max(1e-9, self.gpus * self.horizon_s),
+            "pool_released": self.released, "hedges_started": self.hedges,
         }
 
 
@@ -172,6 +175,8 @@ class _Sim:
         self.wake_at: float | None = None
         self.outcomes: list[Outcome] = []
         self.recent: dict[str, float] = {}  # backend -> EWMA of observed latency, ms
+        self.released = 0
+        self.hedges = 0
 
     def push(self, at: float, kind: str, data) -> None:
         self.seq += 1
@@ -238,6 +243,7 @@ class _Sim:
             return
         partner, race.partner = race.partner, None
         race.running.append(partner)
+        self.hedges += 1
         self.attempt(outcome, [partner])
 
     def fallback(self, outcome: Outcome, rest: list, failed) -> None:
@@ -315,6 +321,7 @@ class _Sim:
     def pump(self) -> None:
         pool = self.world.pool
         for job in self.batcher.settle(self.now, self.running_s(), pool.gpus):
+            self.released += 1
             self.fallback(*job.payload)  # given back: its next candidate, while that can still make it
         while True:
             free = [i for i, t in enumerate(self.gpu_free_at) if t <= self.now]
@@ -370,7 +377,7 @@ class _Sim:
         pool = self.world.pool
         gpu_cost = pool.gpus * horizon / 3600 * pool.gpu_hour_usd if pool else 0.0
         result = SimResult(self.strategy.name, self.outcomes, horizon, self.api_spend, gpu_cost, self.busy_s,
-                           pool.gpus if pool else 0)
+                           pool.gpus if pool else 0, released=self.released, hedges=self.hedges)
         result.timeline = _timeline(self.outcomes, horizon)
         for row in result.timeline:
             busy = self.busy_by_minute.get(int(row["t"] // 60), 0.0)

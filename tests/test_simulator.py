@@ -190,6 +190,7 @@ def test_late_binding_keeps_the_pool_for_the_tier_no_api_serves_reliably():
     trace = synthetic("bursty", 1800, 1.5, seed=1)
     late = simulate(trace, POLICY, two_gpus).summary()
     early = simulate(trace, Strategy("at arrival", POLICY, late_binding=False), two_gpus).summary()
+    assert late["pool_released"] > 0 == early["pool_released"]
     assert late["sla_by_tier"]["draft"] > early["sla_by_tier"]["draft"]
     assert late["sla_attainment"] > early["sla_attainment"]
 
@@ -205,6 +206,7 @@ def test_hedging_is_simulated_as_the_dispatcher_does_it_a_shorter_tail_for_a_hig
     assert max(o.latency_s for o in hedged.outcomes) < max(o.latency_s for o in plain.outcomes) - 5
     assert h["api_spend_usd"] > p["api_spend_usd"]
     assert h["served"] == p["served"] == 300
+    assert h["hedges_started"] > 0 == p["hedges_started"]
     # the loser of a race is charged (a cancelled call may still be billed), and only once
     assert hedged.api_spend_usd == pytest.approx(sum(o.cost_usd for o in hedged.outcomes))
     assert len(set(h["backend_mix"])) > 1
