@@ -100,7 +100,7 @@ class Dispatcher:
         queue = list(decision.candidates)
         while queue and self._clock() < deadline:
             candidate = queue.pop(0)
-            hedge_with = self._hedge_partner(decision, candidate, queue)
+            hedge_with = decision.hedge_partner(candidate, queue)
             try:
                 if hedge_with is not None:
                     queue.remove(hedge_with)
@@ -112,17 +112,6 @@ class Dispatcher:
                 if isinstance(exc, ContentRefused) and not dispatch.fallback_on_content_refusal:
                     break
         raise self._failure(attempts, last_error)
-
-    @staticmethod
-    def _hedge_partner(decision: Decision, first: Candidate, rest: list[Candidate]) -> Candidate | None:
-        if not decision.hedge or not rest:
-            return None
-        second = rest[0]
-        if decision.max_cost_usd is not None and (
-            first.predicted_cost_usd + second.predicted_cost_usd > decision.max_cost_usd
-        ):
-            return None  # the cost cap cannot pay for both
-        return second
 
     async def _with_retries(self, candidate: Candidate, job: GenerationJob, deadline: float,
                             attempts: list[Attempt], began: float, dispatch: Dispatch,

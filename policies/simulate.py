@@ -229,9 +229,9 @@ class _Sim:
             route = self.strategy.tweak(route, self.rng)
         decision = decide(route, self.policy, self.snapshot())
         candidates = list(decision.candidates)
-        if decision.hedge and len(candidates) >= 2 and (decision.max_cost_usd is None or (
-                candidates[0].predicted_cost_usd + candidates[1].predicted_cost_usd <= decision.max_cost_usd)):
-            first, second = candidates[:2]
+        second = decision.hedge_partner(candidates[0], candidates[1:]) if candidates else None
+        if second is not None:
+            first = candidates[0]
             outcome.race = _Race(partner=second, rest=candidates[2:], running=[first])
             self.push(self.now + first.predicted_latency_ms / 1000, "hedge", outcome)
             candidates = [first]
