@@ -23,29 +23,26 @@ _NOT_READY = {
     Health.WARMING: RejectReason.NOT_READY,
     Health.OPEN: RejectReason.UNHEALTHY,
 }
+_NO_TIER = Tier()  # a tier the policy does not define has no constraints (built once: pydantic models cost ~2 us)
 
 
-def first_matching_rule(request: RouteRequest, tier: str, rules: list[Rule]) -> Rule | None:
+def first_matching_rule(request: RouteRequest, tier: str, policy: Policy) -> Rule | None:
     """Rules are ordered: the first whose every condition holds wins."""
-    for rule in rules:
-        m = rule.match
-        if m.tenants is not None and request.tenant not in m.tenants:
-            continue
-        if m.tiers is not None and tier not in m.tiers:
-            continue
-        if m.tags_any is not None and not request.tags.intersection(m.tags_any):
-            continue
-        if m.min_megapixels is not None and request.megapixels < m.min_megapixels:
-            continue
-        if m.max_megapixels is not None and request.megapixels > m.max_megapixels:
-            continue
-        return rule
-    return None
+    return policy.index.first_rule(request, tier)
 
 
 def _ceiling(*values: float | None) -> float | None:
     present = [v for v in values if v is not None]
     return min(present) if present else None
+
+
+def _passes(view: BackendView, eligible: bool, request: RouteRequest) -> bool:
+    """The fast form of `_static_rejection(...) is None` (`eligible`: the policy's own terms allow it)."""
+    health = view.health
+    return (eligible and (request.backend is None or request.backend == view.name)
+            and (health is Health.OK or health is Health.HALF_OPEN)
+            and (request.model is None or request.model in view.models)
+            and request.n <= view.max_n and view.sizes.allows(request.width, request.height))
 
 
 def _static_rejection(
@@ -56,33 +53,30 @@ def _static_rejection(
     rule: Rule | None,
 ) -> Rejection | None:
     """Why this backend cannot serve this request at all, whatever it would cost or take."""
-
-    def no(reason: RejectReason, detail: str) -> Rejection:
-        return Rejection(view.name, reason, detail)
-
-    if request.backend is not None and request.backend != view.name:
-        return no(RejectReason.NOT_REQUESTED, f"request names backend {request.backend!r}")
+    name = view.name
+    if request.backend is not None and request.backend != name:
+        return Rejection(name, RejectReason.NOT_REQUESTED, f"request names backend {request.backend!r}")
     if bp is None:
-        return no(RejectReason.NOT_IN_POLICY, "backend has no entry in the policy's backends")
+        return Rejection(name, RejectReason.NOT_IN_POLICY, "backend has no entry in the policy's backends")
     if not bp.enabled:
-        return no(RejectReason.DISABLED, "disabled in policy")
-    if view.health in _NOT_READY:
-        return no(_NOT_READY[view.health], f"backend is {view.health.value}")
+        return Rejection(name, RejectReason.DISABLED, "disabled in policy")
+    health = view.health
+    if health is not Health.OK and health is not Health.HALF_OPEN:
+        return Rejection(name, _NOT_READY[health], f"backend is {health.value}")
     if request.model is not None and request.model not in view.models:
-        return no(RejectReason.MODEL_UNAVAILABLE, f"model {request.model!r} not offered")
+        return Rejection(name, RejectReason.MODEL_UNAVAILABLE, f"model {request.model!r} not offered")
     if bp.quality < tier.min_quality:
-        return no(
-            RejectReason.QUALITY_BELOW_TIER,
-            f"quality {bp.quality} < tier minimum {tier.min_quality}",
-        )
-    if rule is not None and rule.allow is not None and view.name not in rule.allow:
-        return no(RejectReason.RULE_DENY, f"rule {rule.name!r} allows only {rule.allow}")
-    if rule is not None and rule.deny is not None and view.name in rule.deny:
-        return no(RejectReason.RULE_DENY, f"rule {rule.name!r} denies it")
+        return Rejection(name, RejectReason.QUALITY_BELOW_TIER,
+                         f"quality {bp.quality} < tier minimum {tier.min_quality}")
+    if rule is not None:
+        if rule.allow is not None and name not in rule.allow:
+            return Rejection(name, RejectReason.RULE_DENY, f"rule {rule.name!r} allows only {rule.allow}")
+        if rule.deny is not None and name in rule.deny:
+            return Rejection(name, RejectReason.RULE_DENY, f"rule {rule.name!r} denies it")
     if not view.sizes.allows(request.width, request.height):
-        return no(RejectReason.SIZE_UNSUPPORTED, f"size {request.width}x{request.height}")
+        return Rejection(name, RejectReason.SIZE_UNSUPPORTED, f"size {request.width}x{request.height}")
     if request.n > view.max_n:
-        return no(RejectReason.N_UNSUPPORTED, f"n={request.n} > {view.max_n}")
+        return Rejection(name, RejectReason.N_UNSUPPORTED, f"n={request.n} > {view.max_n}")
     return None
 
 
@@ -97,8 +91,9 @@ def _rank_key(objective: Objective):
 def decide(request: RouteRequest, policy: Policy, snapshot: Snapshot) -> Decision:
     """Filter, predict, drop what misses the SLA or the ceiling, rank by the objective."""
     tier_name = request.tier or policy.defaults.tier
-    tier = policy.tiers.get(tier_name, Tier())
-    rule = first_matching_rule(request, tier_name, policy.rules)
+    tier = policy.tiers.get(tier_name, _NO_TIER)
+    index = policy.index
+    rule = index.first_rule(request, tier_name)
     sla_ms = (
         request.sla_ms
         or (rule.sla_ms if rule else None)
@@ -117,43 +112,38 @@ def decide(request: RouteRequest, policy: Policy, snapshot: Snapshot) -> Decisio
     rejected: list[Rejection] = []
     reserve_bound: list[tuple[PoolModel, Candidate]] = []
     pooled: set[str] = set()  # queueing backends among the candidates (only they get release times)
-    for view in sorted(snapshot.backends, key=lambda v: v.name):
-        bp = policy.backends.get(view.name)
-        rejection = _static_rejection(view, bp, request, tier, rule)
-        if rejection is not None:
-            rejected.append(rejection)
+    eligible = index.eligible(tier, rule)
+    backends = policy.backends
+    in_policy = 0
+    for view in snapshot.backends:
+        name = view.name
+        bp = backends.get(name)
+        in_policy += bp is not None
+        if not _passes(view, name in eligible, request):
+            rejected.append(_static_rejection(view, bp, request, tier, rule))  # says which check failed
             continue
         assert bp is not None
         steps = request.steps or view.default_steps
-        latency = view.latency.predict(request, steps, policy.latency_quantile, view.pool, sla_ms)
+        pool = view.pool
+        latency = view.latency.predict(request, steps, policy.latency_quantile, pool, sla_ms)
         cost = predicted_cost_usd(view, bp, request, steps, policy.cost_accounting)
-        if view.pool is not None and tier.local_max_ms is not None and latency > tier.local_max_ms:
-            rejected.append(Rejection(view.name, RejectReason.SLA_MISS,
+        if pool is not None and tier.local_max_ms is not None and latency > tier.local_max_ms:
+            rejected.append(Rejection(name, RejectReason.SLA_MISS,
                                       f"predicted {latency:.0f} ms > tier's local_max_ms {tier.local_max_ms}"))
             continue
         if latency > sla_ms:
-            rejected.append(
-                Rejection(
-                    view.name,
-                    RejectReason.SLA_MISS,
-                    f"predicted {policy.latency_quantile} {latency:.0f} ms > SLA {sla_ms} ms",
-                )
-            )
+            rejected.append(Rejection(name, RejectReason.SLA_MISS,
+                                      f"predicted {policy.latency_quantile} {latency:.0f} ms > SLA {sla_ms} ms"))
             continue
         if max_cost is not None and cost > max_cost:
-            rejected.append(
-                Rejection(
-                    view.name,
-                    RejectReason.COST_CEILING,
-                    f"predicted ${cost:.6f} > ceiling ${max_cost:.6f}",
-                )
-            )
+            rejected.append(Rejection(name, RejectReason.COST_CEILING,
+                                      f"predicted ${cost:.6f} > ceiling ${max_cost:.6f}"))
             continue
-        candidate = Candidate(view.name, request.model or view.models[0], latency, cost, bp.quality, steps)
-        if view.pool is not None:
-            pooled.add(view.name)
-            if view.pool.delays_committed(request, steps, sla_ms / 1000):
-                reserve_bound.append((view.pool, candidate))
+        candidate = Candidate(name, request.model or view.models[0], latency, cost, bp.quality, steps)
+        if pool is not None:
+            pooled.add(name)
+            if pool.delays_committed(request, steps, sla_ms / 1000):
+                reserve_bound.append((pool, candidate))
                 continue
         candidates.append(candidate)
 
@@ -170,11 +160,10 @@ def decide(request: RouteRequest, policy: Policy, snapshot: Snapshot) -> Decisio
     candidates.sort(key=_rank_key(objective))
     if pooled:
         candidates = _with_release_times(candidates, pooled, snapshot, sla_ms)
-    for known in sorted(set(policy.backends) - {v.name for v in snapshot.backends}):
-        if request.backend in (None, known):
-            rejected.append(
-                Rejection(known, RejectReason.UNCONFIGURED, "not configured in this gateway")
-            )
+    if in_policy < len(backends):
+        for known in sorted(set(backends) - {v.name for v in snapshot.backends}):
+            if request.backend in (None, known):
+                rejected.append(Rejection(known, RejectReason.UNCONFIGURED, "not configured in this gateway"))
     return Decision(
         policy_version=policy.fingerprint,
         tier=tier_name,

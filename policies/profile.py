@@ -84,7 +84,10 @@ class ThroughputProfile:
 def padded_batch(run_sizes: tuple[int, ...], batch: int) -> int:
     """The batch size a device with these compiled sizes (ascending) runs for `batch` images: the smallest
     that holds them, or `batch` itself when none does (or none is set)."""
-    return next((size for size in run_sizes if size >= batch), batch)
+    for size in run_sizes:  # a loop, not next(genexpr): this runs on every routing decision
+        if size >= batch:
+            return size
+    return batch
 
 
 def _interpolate(row: dict[int, float], batch: int) -> float:

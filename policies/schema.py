@@ -10,6 +10,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .budgets import BudgetPolicy
+from .index import PolicyIndex
 
 __all__ = [
     "BackendPolicy",
@@ -149,6 +150,11 @@ class Policy(_Strict):
         if errors:
             raise ValueError("; ".join(errors))
         return self
+
+    @cached_property
+    def index(self) -> PolicyIndex:
+        """This policy compiled for decide()'s hot path (rules as sets, memoized eligibility)."""
+        return PolicyIndex(self)
 
     @cached_property
     def fingerprint(self) -> str:

@@ -244,3 +244,40 @@ def test_a_job_that_would_push_committed_pool_work_past_its_deadline_goes_elsewh
     assert not decide(tight, POLICY, Snapshot((queued_local([committed]),))).candidates  # it would not
     tentative = QueuePoint(20.0, 3.0, 0.5, True)  # a tentative job would be given back instead
     assert decide(tight, POLICY, Snapshot((queued_local([tentative]), api("reve", 9_000)))).chosen.backend == "local"
+
+
+def test_every_combination_of_static_checks_gives_the_same_verdict_as_the_detailed_reasons():
+    # decide() screens each backend with one fast check and asks for the detailed reason only when it fails:
+    # the two must agree on every combination, or a backend would be lost or wrongly admitted.
+    import itertools
+
+    from policies.decide import _passes, _static_rejection
+
+    views = [api("reve"), api("reve", health=Health.OPEN), api("reve", health=Health.HALF_OPEN),
+             api("reve", health=Health.WARMING), api("reve", max_n=1),
+             api("reve", sizes=SizeSupport(multiple_of=64)), api("reve", sizes=SizeSupport(max_pixels=500_000)),
+             api("reve", sizes=SizeSupport(exact=frozenset({(1024, 1024)}))), api("mystery"), local()]
+    changes = [{}, dict(tier="premium"), dict(tenant="acme"), dict(tenant="internal"), dict(backend="local"),
+               dict(backend="reve"), dict(model="reve-v1"), dict(model="other"), dict(n=2),
+               dict(width=1000, height=700), dict(width=4096, height=32), dict(tier="unknown-tier")]
+    disabled = Policy.model_validate({**POLICY.model_dump(), "backends": {
+        **POLICY.model_dump()["backends"], "reve": {"quality": 0.8, "enabled": False}}})
+    for policy, view, change in itertools.product((POLICY, disabled), views, changes):
+        request = dataclasses.replace(REQ, **change)
+        tier_name = request.tier or policy.defaults.tier
+        tier = policy.tiers.get(tier_name) or type(policy.tiers["standard"])()
+        rule = policy.index.first_rule(request, tier_name)
+        fast = _passes(view, view.name in policy.index.eligible(tier, rule), request)
+        detailed = _static_rejection(view, policy.backends.get(view.name), request, tier, rule)
+        assert fast == (detailed is None), (view, change, detailed)
+
+
+def test_the_compiled_policy_answers_as_the_rules_read():
+    idx = POLICY.index
+    assert idx.first_rule(dataclasses.replace(REQ, tenant="acme"), "standard").name == "acme-no-gemini"
+    assert idx.first_rule(dataclasses.replace(REQ, tags=frozenset({"interactive", "x"})), "standard").name == "fast-tag"
+    assert idx.first_rule(REQ, "standard") is None
+    assert idx.eligible(POLICY.tiers["premium"], None) == {"gemini"}
+    acme = idx.first_rule(dataclasses.replace(REQ, tenant="acme"), "standard")
+    assert idx.eligible(POLICY.tiers["standard"], acme) == {"local", "reve", "seedream"}
+    assert POLICY.index is POLICY.index  # built once per policy
