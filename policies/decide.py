@@ -182,13 +182,10 @@ def _with_release_times(candidates: list[Candidate], pooled: set[str], snapshot:
                         sla_ms: float) -> list[Candidate]:
     """A queueing backend followed by another candidate may hold the job only while that one could still
     make the SLA at its p99; past that it must have started (see policies.batching on late binding)."""
-    out = list(candidates)
-    for i, candidate in enumerate(out[:-1]):
-        if candidate.backend in pooled and (fallback := snapshot.get(out[i + 1].backend)) is not None:
-            c = candidate  # built directly: dataclasses.replace costs more than the rest of this function
-            out[i] = Candidate(c.backend, c.model, c.predicted_latency_ms, c.predicted_cost_usd, c.quality, c.steps,
-                               start_within_ms=max(0.0, sla_ms - fallback.latency.p99_ms))
-    return out
+    for candidate, following in zip(candidates, candidates[1:]):
+        if candidate.backend in pooled and (fallback := snapshot.get(following.backend)) is not None:
+            candidate.start_within_ms = max(0.0, sla_ms - fallback.latency.p99_ms)  # built by this decide()
+    return candidates
 
 
 def _explain(objective: Objective, candidates: list[Candidate], rule: Rule | None) -> str:
