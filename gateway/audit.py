@@ -60,8 +60,10 @@ def _connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
-def _insert(conn: sqlite3.Connection, rows: list[tuple]) -> None:
-    """One transaction per batch (in autocommit mode each INSERT would be its own commit)."""
+def _insert(conn: sqlite3.Connection, records: list[dict[str, Any]]) -> None:
+    """One transaction per batch (in autocommit mode each INSERT would be its own commit); runs in the
+    writer thread, JSON encoding included."""
+    rows = _rows(records)
     conn.execute("BEGIN")
     try:
         conn.executemany(_INSERT, rows)
@@ -78,9 +80,13 @@ class AuditLog:
         self.path = path
         self._batch_size = batch_size
         self._flush_interval_s = flush_interval_s
-        self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        # A plain list and one event: the writer wakes once per flush interval, not once per record (an
+        # asyncio.Queue woke it for every put: a task step per request on the event loop).
+        self._pending: list[dict[str, Any]] = []
+        self._arrived = asyncio.Event()
         self._conn: sqlite3.Connection | None = None
         self._task: asyncio.Task | None = None
+        self._in_flight: tuple[list[dict[str, Any]], asyncio.Future] | None = None
         self.written = 0
 
     async def start(self) -> None:
@@ -89,46 +95,59 @@ class AuditLog:
 
     def submit(self, record: dict[str, Any]) -> None:
         """Queue one record; returns at once."""
-        self._queue.put_nowait(record)
+        self._pending.append(record)
+        if len(self._pending) == 1:
+            self._arrived.set()
 
     @property
     def backlog(self) -> int:
-        return self._queue.qsize()
+        return len(self._pending)
 
     async def _run(self) -> None:
         while True:
-            batch = [await self._queue.get()]
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._flush_interval_s):
-                    while len(batch) < self._batch_size:
-                        batch.append(await self._queue.get())
+            await self._arrived.wait()
+            if len(self._pending) < self._batch_size:
+                await asyncio.sleep(self._flush_interval_s)  # let a batch gather
+            batch = self._pending[:self._batch_size]
+            del self._pending[:len(batch)]
+            if not self._pending:
+                self._arrived.clear()
             await self._write(batch)
 
     async def _write(self, batch: list[dict[str, Any]]) -> None:
-        rows = _rows(batch)
+        # Shielded: close() may cancel the writer mid-batch; the thread finishes it and close() waits for it.
+        self._in_flight = batch, asyncio.ensure_future(asyncio.to_thread(_insert, self._conn, batch))
         try:
-            await asyncio.to_thread(_insert, self._conn, rows)
-            self.written += len(rows)
+            await asyncio.shield(self._in_flight[1])
+            self.written += len(batch)
         except sqlite3.Error:
             # Keep the records: put them back and let the next round retry.
-            log.exception("audit write failed; %d records re-queued", len(rows))
-            for r in batch:
-                self._queue.put_nowait(r)
+            log.exception("audit write failed; %d records re-queued", len(batch))
+            self._pending[:0] = batch
+            self._arrived.set()
             await asyncio.sleep(1.0)
+        finally:
+            if self._in_flight[1].done():
+                self._in_flight = None
 
     async def close(self) -> None:
-        """Stop the writer and flush every queued record."""
+        """Stop the writer and flush every queued record (a batch being written is waited for)."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        remaining = []
-        while not self._queue.empty():
-            remaining.append(self._queue.get_nowait())
+        remaining, self._pending = self._pending, []
+        if self._in_flight is not None:
+            batch, write = self._in_flight
+            self._in_flight = None
+            try:
+                await write
+                self.written += len(batch)
+            except sqlite3.Error:
+                remaining = batch + remaining
         if remaining and self._conn is not None:
-            rows = _rows(remaining)
-            _insert(self._conn, rows)
-            self.written += len(rows)
+            _insert(self._conn, remaining)
+            self.written += len(remaining)
         if self._conn is not None:
             self._conn.close()
             self._conn = None

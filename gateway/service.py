@@ -11,8 +11,8 @@ import base64
 import dataclasses
 import hashlib
 import logging
+import os
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -38,11 +38,19 @@ __all__ = ["GenerationService", "RequestContext", "ServedImages"]
 log = logging.getLogger(__name__)
 
 
+def time_ordered_id() -> str:
+    """A UUIDv7 (RFC 9562: a 48-bit millisecond timestamp, then 74 random bits) as 32 hex digits: audit rows
+    arrive in key order instead of scattered over the primary-key index (inserts 30% cheaper, measured in
+    docs/benchmarks.md), and ids sort by time."""
+    rand = int.from_bytes(os.urandom(10), "big")
+    return f"{time.time_ns() // 1_000_000:012x}7{rand >> 68:03x}{(rand & (2**62 - 1)) | 2**63:016x}"
+
+
 @dataclass(slots=True)
 class RequestContext:
     tenant: str = "anonymous"
     base_url: str = ""
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    id: str = field(default_factory=time_ordered_id)
     received_wall: float = field(default_factory=time.time)
     received_mono: float = field(default_factory=time.monotonic)
 

@@ -68,6 +68,79 @@ async def test_writer_batches_in_the_background(tmp_path):
     await log.close()
 
 
+async def test_a_failed_write_keeps_its_records_and_the_next_round_writes_them(tmp_path, monkeypatch):
+    import sqlite3
+
+    import gateway.audit as audit
+
+    real, failures = audit._insert, []
+
+    def flaky(conn, records):
+        if not failures:
+            failures.append(len(records))
+            raise sqlite3.OperationalError("database is locked")
+        real(conn, records)
+
+    monkeypatch.setattr(audit, "_insert", flaky)
+    monkeypatch.setattr(audit.asyncio, "sleep", _fast_sleep)
+    log = AuditLog(tmp_path / "a.sqlite3", batch_size=50, flush_interval_s=0.01)
+    await log.start()
+    for i in range(30):
+        log.submit({"id": f"r{i}", "ts": float(i), "outcome": "ok", "status": 200})
+    for _ in range(200):
+        if log.written == 30:
+            break
+        await _fast_sleep(0.01)
+    assert failures and log.written == 30
+    await log.close()
+    assert AuditReader(tmp_path / "a.sqlite3").count() == 30
+
+
+async def test_close_during_a_write_waits_for_it_and_loses_nothing(tmp_path, monkeypatch):
+    import threading
+
+    import gateway.audit as audit
+
+    real, entered, release = audit._insert, threading.Event(), threading.Event()
+
+    def slow(conn, records):
+        entered.set()
+        release.wait(5)
+        real(conn, records)
+
+    monkeypatch.setattr(audit, "_insert", slow)
+    log = AuditLog(tmp_path / "a.sqlite3", batch_size=10, flush_interval_s=0.001)
+    await log.start()
+    for i in range(25):
+        log.submit({"id": f"r{i}", "ts": float(i), "outcome": "ok", "status": 200})
+    await asyncio.to_thread(entered.wait, 5)  # the first batch is in the writer thread
+    closing = asyncio.create_task(log.close())
+    await asyncio.sleep(0.05)
+    release.set()
+    await closing
+    assert AuditReader(tmp_path / "a.sqlite3").count() == 25
+
+
+_real_sleep = asyncio.sleep
+
+
+async def _fast_sleep(seconds):
+    await _real_sleep(min(seconds, 0.001))
+
+
+def test_request_ids_are_uuid7_and_sort_by_time():
+    import time
+    import uuid
+
+    from gateway.service import time_ordered_id
+
+    first = time_ordered_id()
+    time.sleep(0.002)
+    ids = [time_ordered_id() for _ in range(100)]
+    assert all(uuid.UUID(i).version == 7 and len(i) == 32 for i in ids)
+    assert len(set(ids)) == 100 and first < min(ids)
+
+
 def test_audit_tail_prints_recent_records(settings, shipped_policy, serve, capsys, monkeypatch):
     from gateway.cli import main
 

@@ -115,11 +115,14 @@ class FastTransport(httpx.AsyncBaseTransport):
         origin = (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
         timeouts = request.extensions.get("timeout", {})
         slots = self._slots[origin]
-        try:
-            async with asyncio.timeout(timeouts.get("pool")):
-                await slots.acquire()
-        except TimeoutError as exc:
-            raise httpx.PoolTimeout("no connection slot free before the pool timeout") from exc
+        if slots.locked():  # a timer only when it has to wait: asyncio.timeout costs a scheduled handle
+            try:
+                async with asyncio.timeout(timeouts.get("pool")):
+                    await slots.acquire()
+            except TimeoutError as exc:
+                raise httpx.PoolTimeout("no connection slot free before the pool timeout") from exc
+        else:
+            await slots.acquire()
         try:
             return await self._exchange(request, origin, timeouts)
         finally:
