@@ -182,7 +182,7 @@ def _with_release_times(candidates: list[Candidate], pooled: set[str], snapshot:
                         sla_ms: float) -> list[Candidate]:
     """A queueing backend followed by another candidate may hold the job only while that one could still
     make the SLA at its p99; past that it must have started (see policies.batching on late binding)."""
-    for candidate, following in zip(candidates, candidates[1:]):
+    for candidate, following in zip(candidates, candidates[1:], strict=False):
         if candidate.backend in pooled and (fallback := snapshot.get(following.backend)) is not None:
             candidate.start_within_ms = max(0.0, sla_ms - fallback.latency.p99_ms)  # built by this decide()
     return candidates
