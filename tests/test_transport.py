@@ -138,4 +138,36 @@ async def test_provider_calls_skip_the_client_layer_but_keep_its_url_headers_and
     assert b"authorization: bearer call" in lines and b"authorization: bearer client" not in lines
     assert b"x-fixed: 1" in lines and b"content-type: application/json" in lines
     assert body == b'{"prompt":"fox"}' or body.replace(b" ", b"") == b'{"prompt":"fox"}'
-    assert r.status_code == 200 and r.json() == {"ok": True} and r.request.url.path == "/v1/images/generations"
+    assert r.status_code == 200 and r.json() == {"ok": True} and r.url.endswith("/v1/images/generations")
+    assert r.headers.get("Content-Type") == "application/json" and r.reason_phrase == "OK"
+
+
+async def test_the_direct_path_reads_replies_as_httpx_would():
+    import gzip
+    import time
+
+    from backends.maas._http import send
+
+    seen: list[bytes] = []
+    replies = [
+        answer(b"{}", b"x-a: 1\r\nX-A: 2\r\nretry-after: 3\r\n").replace(b"200 OK", b"429 Too Many Requests"),
+        answer(gzip.compress(b'{"zipped": true}'), b"content-encoding: gzip\r\n"),
+    ]
+
+    async def handler(reader, writer):
+        for reply in replies:
+            seen.append(await read_request(reader))
+            writer.write(reply)
+            await writer.drain()
+        writer.close()
+
+    server, port = await serve(handler)
+    async with httpx.AsyncClient(transport=FastTransport(), base_url=f"http://127.0.0.1:{port}") as client:
+        limited = await send(client, "GET", "/status/1", time.monotonic() + 5)
+        zipped = await send(client, "POST", "/x", time.monotonic() + 5, content=b"raw")
+    server.close()
+    assert limited.status_code == 429 and limited.reason_phrase == "Too Many Requests"
+    assert limited.headers.get("X-A") == "1, 2" and limited.headers["Retry-After"] == "3"
+    assert b"content-length" not in seen[0].lower()  # a GET without a body says nothing of one, as httpx
+    assert zipped.json() == {"zipped": True}  # compressed bodies are decoded
+    assert seen[1].endswith(b"\r\n\r\nraw") and b"content-length: 3" in seen[1].lower()

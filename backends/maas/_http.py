@@ -23,7 +23,7 @@ from ..errors import (
     BackendTransientError,
     ContentRefused,
 )
-from .transport import FastTransport
+from .transport import FastTransport, origin_of
 
 __all__ = [
     "ProviderConfig",
@@ -130,27 +130,90 @@ async def send(client: httpx.AsyncClient, method: str, url: str, deadline: float
 _DIRECT_KWARGS = frozenset({"json", "headers", "content"})
 
 
+class DirectResponse:
+    """What the provider modules read of an httpx.Response (status, headers, body), built straight from the
+    parsed reply: httpx's Request and Response objects (header normalisation, byte streams, decoders) cost
+    more than the proxying itself on the gateway's hot path (docs/benchmarks.md)."""
+
+    __slots__ = ("content", "headers", "status_code", "url")
+
+    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], content: bytes, url: str):
+        self.status_code, self.content, self.url = status, content, url
+        self.headers = _Headers()
+        for name, value in headers:
+            key, text = name.decode("latin-1").lower(), value.decode("latin-1")
+            self.headers[key] = f"{self.headers[key]}, {text}" if key in self.headers else text
+
+    @property
+    def reason_phrase(self) -> str:
+        return httpx.codes.get_reason_phrase(self.status_code)
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", errors="replace")
+
+    def json(self) -> Any:
+        return json.loads(self.content)
+
+
+class _Headers(dict):
+    """Case-insensitive lookups over lower-cased names, as httpx.Headers answers them."""
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return super().get(key.lower(), default)
+
+    def __getitem__(self, key: str) -> str:
+        return super().__getitem__(key.lower())
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and super().__contains__(key.lower())
+
+
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+def _request_head(client: httpx.AsyncClient, method: str, url: str,
+                  headers: dict[str, str] | None) -> tuple[tuple[str, str, int], str, bytes]:
+    """(origin, URL, request line and headers but the body's) for this call, built once per distinct call:
+    a provider's calls differ only in their bodies. Headers as httpx would send them: Host first, the
+    client's, then the call's replacing the client's of the same name."""
+    heads = client.__dict__.setdefault("_imagegw_heads", {})
+    key = (method, url, tuple(headers.items()) if headers else ())
+    cached = heads.get(key)
+    if cached is None:
+        target = client._merge_url(url)
+        merged = list(client.headers.raw)
+        if headers:
+            override = {k.lower().encode() for k in headers}
+            merged = [(k, v) for k, v in merged if k.lower() not in override] + \
+                [(k.encode(), v.encode()) for k, v in headers.items()]
+        lines = [b"%s %s HTTP/1.1\r\n" % (method.encode(), target.raw_path),
+                 b"Host: %s\r\n" % target.netloc, *(b"%s: %s\r\n" % (k, v) for k, v in merged)]
+        if len(heads) >= 256:  # calls whose headers vary (request ids) must not grow it without bound
+            heads.clear()
+        cached = heads[key] = (origin_of(target), str(target), b"".join(lines))
+    return cached
+
+
 async def _send_direct(client: httpx.AsyncClient, method: str, url: str, timeout: httpx.Timeout, *,
                        json: Any = None, headers: dict[str, str] | None = None,
-                       content: bytes | None = None) -> httpx.Response:
+                       content: bytes | None = None) -> DirectResponse | httpx.Response:
     """The request straight to the lean transport. httpx's client layer (URL merging and parsing, cookie
-    jar, auth and redirect flows) was a quarter of the gateway's CPU per proxied call; provider APIs
-    need none of it: a fixed URL per backend, no cookies, no redirects."""
-    urls = client.__dict__.setdefault("_imagegw_urls", {})
-    target = urls.get(url)
-    if target is None:
-        target = urls[url] = client._merge_url(url)
-    merged = client.headers.raw
-    if headers:  # per-call headers replace the client's of the same name, as httpx merges them
-        override = {k.lower().encode() for k in headers}
-        merged = [(k, v) for k, v in merged if k.lower() not in override] + \
-            [(k.encode(), v.encode()) for k, v in headers.items()]
-    request = httpx.Request(method, target, headers=merged, json=json, content=content,
-                            extensions={"timeout": timeout.as_dict()})
-    response = await client._transport.handle_async_request(request)
-    response.request = request
-    await response.aread()
-    return response
+    jar, auth and redirect flows) and its Request/Response objects were over a quarter of the gateway's
+    CPU per proxied call; provider APIs need none of it: a fixed URL per backend, no cookies, no redirects."""
+    origin, target, head = _request_head(client, method, url, headers)
+    if json is not None:
+        body = msgspec.json.encode(json)
+        head += b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+    else:
+        body = content or b""
+        head += b"Content-Length: %d\r\n\r\n" % len(body) if body or method in _BODY_METHODS else b"\r\n"
+    reply = await client._transport.exchange(origin, head, body, timeout.as_dict())
+    if any(k.lower() == b"content-encoding" and v.strip().lower() != b"identity" for k, v in reply.headers):
+        # Compressed (the client accepts what httpx can decode): let httpx decode it.
+        return httpx.Response(reply.status, headers=reply.headers, content=bytes(reply.body),
+                              request=httpx.Request(method, target))
+    return DirectResponse(reply.status, reply.headers, bytes(reply.body), target)
 
 
 async def download_image(client: httpx.AsyncClient, url: str, deadline: float, max_bytes: int) -> bytes:

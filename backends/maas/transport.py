@@ -18,7 +18,11 @@ from collections import defaultdict
 import httptools
 import httpx
 
-__all__ = ["FastTransport"]
+__all__ = ["FastTransport", "origin_of"]
+
+
+def origin_of(url: httpx.URL) -> tuple[str, str, int]:
+    return url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80)
 
 
 class _Reply:
@@ -112,8 +116,15 @@ class FastTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         url = request.url
-        origin = (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
-        timeouts = request.extensions.get("timeout", {})
+        body = await request.aread()
+        head = b"%s %s HTTP/1.1\r\n" % (request.method.encode(), url.raw_path) + b"".join(
+            b"%s: %s\r\n" % (k, v) for k, v in request.headers.raw) + b"\r\n"
+        reply = await self.exchange(origin_of(url), head, body, request.extensions.get("timeout", {}))
+        return httpx.Response(reply.status, headers=reply.headers, content=bytes(reply.body), request=request)
+
+    async def exchange(self, origin: tuple[str, str, int], head: bytes, body: bytes, timeouts: dict) -> _Reply:
+        """One request (`head`: request line and headers, ending in a blank line) on a kept-alive
+        connection to `origin` (scheme, host, port); the reply read whole. Errors are httpx's."""
         slots = self._slots[origin]
         if slots.locked():  # a timer only when it has to wait: asyncio.timeout costs a scheduled handle
             try:
@@ -124,16 +135,11 @@ class FastTransport(httpx.AsyncBaseTransport):
         else:
             await slots.acquire()
         try:
-            return await self._exchange(request, origin, timeouts)
+            return await self._exchange(origin, head, body, timeouts)
         finally:
             slots.release()
 
-    async def _exchange(self, request: httpx.Request, origin: tuple, timeouts: dict) -> httpx.Response:
-        url = request.url
-        body = await request.aread()
-        target = url.raw_path.decode("ascii")
-        head = b"%s %s HTTP/1.1\r\n" % (request.method.encode(), target.encode()) + b"".join(
-            b"%s: %s\r\n" % (k, v) for k, v in request.headers.raw) + b"\r\n"
+    async def _exchange(self, origin: tuple, head: bytes, body: bytes, timeouts: dict) -> _Reply:
         idle = self._idle[origin]
         for attempt in (0, 1):  # a kept-alive connection the server already closed: one fresh retry
             reused = False
@@ -170,7 +176,7 @@ class FastTransport(httpx.AsyncBaseTransport):
                 idle.append(conn)
             else:
                 conn.close()
-            return httpx.Response(reply.status, headers=reply.headers, content=bytes(reply.body), request=request)
+            return reply
         raise httpx.RemoteProtocolError("connection failed twice")
 
     async def aclose(self) -> None:
