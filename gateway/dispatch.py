@@ -48,7 +48,10 @@ class Attempt:
     hedge: bool = False
 
     def as_record(self) -> dict:
-        return dataclasses.asdict(self)
+        # Spelled out: dataclasses.asdict deep-copies every value (once per attempt on the request path).
+        return {"backend": self.backend, "model": self.model, "started_ms": self.started_ms,
+                "latency_ms": self.latency_ms, "outcome": self.outcome, "error_class": self.error_class,
+                "error": self.error, "hedge": self.hedge}
 
 
 @dataclass(slots=True)

@@ -38,22 +38,31 @@ class Metrics:
                                  registry=self.registry)
         self._guards, self._pool_model, self._backlog, self._degraded = guards, pool_model, audit_backlog, degraded
         self._budget_use = budget_use
+        # Label children by values: prometheus_client's labels() validates and locks on every call, several
+        # times per request; the children it returns are the same objects every time.
+        self._children: dict[tuple, object] = {}
         self.registry.register(self)  # scrape-time gauges via collect()
+
+    def _child(self, metric, *values: str):
+        child = self._children.get((metric, values))
+        if child is None:
+            child = self._children[(metric, values)] = metric.labels(*values)
+        return child
 
     def observe(self, record: dict) -> None:
         """Fold one finished request's audit record into the counters."""
         backend = record.get("backend") or "none"
-        self.requests.labels(backend, record["outcome"], str(record["status"])).inc()
-        self.latency.labels(backend).observe(record["latency_ms"] / 1000)
+        self._child(self.requests, backend, record["outcome"], str(record["status"])).inc()
+        self._child(self.latency, backend).observe(record["latency_ms"] / 1000)
         if record.get("cost_usd"):
-            self.cost.labels(backend, record.get("tenant") or "anonymous").inc(record["cost_usd"])
+            self._child(self.cost, backend, record.get("tenant") or "anonymous").inc(record["cost_usd"])
         if record.get("images"):
-            self.images.labels(backend).inc(record["images"])
+            self._child(self.images, backend).inc(record["images"])
         if record.get("sla_met") is False:
-            self.sla_missed.labels((record.get("decision") or {}).get("tier") or "none").inc()
+            self._child(self.sla_missed, (record.get("decision") or {}).get("tier") or "none").inc()
         attempts = record.get("attempts") or []
         for a in attempts:
-            self.attempts.labels(a["backend"], a["outcome"], a.get("error_class") or "").inc()
+            self._child(self.attempts, a["backend"], a["outcome"], a.get("error_class") or "").inc()
         chosen = (record.get("decision") or {}).get("chosen")
         if record["outcome"] == "ok" and chosen and backend != chosen:
             self.fallbacks.inc()

@@ -14,7 +14,7 @@ __all__ = ["create_image", "get_image_file"]
 
 @post("/v1/images/generations", status_code=200, summary="Create images (OpenAI-compatible)")
 async def create_image(request: Request, service: GenerationService) -> Response:
-    ctx = RequestContext(base_url=str(request.base_url))
+    ctx = RequestContext(base_url_of=lambda: str(request.base_url))
     try:
         ctx.tenant = request.app.state.keyring.app(request.headers.get("authorization")).tenant
     except GatewayError as exc:
