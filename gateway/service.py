@@ -171,7 +171,7 @@ class GenerationService:
             raise
         finally:
             await self._settle(reservation, 0.0)  # failed or cancelled: nothing was spent
-            self._finish(record.finish())
+            self._finish_soon(record)
 
     async def _within_budget(self, route: RouteRequest, policy: Policy, snapshot, decision: Decision,
                              ctx: RequestContext):
@@ -213,7 +213,14 @@ class GenerationService:
         """Audit a request refused before it was read (authentication)."""
         draft = _AuditDraft(ctx, self._policy.current)
         draft.fail(exc)
-        self._finish(draft.finish())
+        self._finish_soon(draft)
+
+    def _finish_soon(self, draft: _AuditDraft) -> None:
+        """The audit record and the metrics, once the response is on its way: they are built and observed in
+        the event loop's next turn, after the handler has returned and the answer was written (off the
+        request path), with the latency as of now."""
+        ended = time.monotonic()
+        asyncio.get_running_loop().call_soon(lambda: self._finish(draft.finish(ended)))
 
     def _finish(self, record: dict) -> None:
         self._audit.submit(record)
@@ -308,8 +315,8 @@ class _AuditDraft:
         self.result = {"outcome": "error", "status": status, "backend": None, "cost_usd": 0.0,
                        "error": {"code": code, "message": message}}
 
-    def finish(self) -> dict:
-        latency_ms = (time.monotonic() - self.ctx.received_mono) * 1000
+    def finish(self, ended: float | None = None) -> dict:
+        latency_ms = ((time.monotonic() if ended is None else ended) - self.ctx.received_mono) * 1000
         d = self.decision
         sla_ms = d.sla_ms if d else None
         return {
