@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import binascii
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from policies.types import BackendKind, Health, PoolModel, SizeSupport
 
@@ -71,22 +71,28 @@ class GeneratedImage:
     url: str | None = None
     media_type: str = "image/png"
     b64: str | None = None  # the provider's own base64 text, kept so b64_json answers skip re-encoding
+    # Or the provider's JSON string literal of it, quotes included (a msgspec.Raw over the answer's bytes,
+    # without escapes): b64_json answers embed it unchanged, so the text is neither decoded nor re-encoded.
+    b64_literal: Any = None
 
     @property
     def present(self) -> bool:
         """Bytes or base64 in hand (not only a URL still to fetch)."""
-        return self.data is not None or self.b64 is not None
+        return self.data is not None or self.b64 is not None or self.b64_literal is not None
+
+    def _base64(self):
+        return self.b64 if self.b64 is not None else memoryview(self.b64_literal)[1:-1]
 
     def content(self) -> bytes | None:
         """The image bytes: `data`, or the provider's base64 decoded now (2 ms per 2 MB: only when needed)."""
-        if self.data is None and self.b64 is not None:
-            return binascii.a2b_base64(self.b64)
+        if self.data is None and (self.b64 is not None or self.b64_literal is not None):
+            return binascii.a2b_base64(self._base64())
         return self.data
 
     def head(self, size: int = 65536) -> bytes | None:
         """The first ~`size` bytes, enough for the header (width and height) without decoding all of it."""
-        if self.data is None and self.b64 is not None:
-            return binascii.a2b_base64(self.b64[: size // 3 * 4])
+        if self.data is None and (self.b64 is not None or self.b64_literal is not None):
+            return binascii.a2b_base64(self._base64()[: size // 3 * 4])
         return self.data
 
 

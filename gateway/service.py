@@ -239,7 +239,9 @@ class GenerationService:
                 continue
             if not image.present:
                 raise GatewayError("backend returned an image without bytes")
-            if response_format == "b64_json":
+            if response_format == "b64_json" and image.b64_literal is not None:
+                out.append({"b64_json": image.b64_literal})  # the provider's string literal, embedded as is
+            elif response_format == "b64_json":
                 out.append({"b64_json": image.b64 or base64.b64encode(image.data).decode("ascii")})
             else:
                 name = await self._images.put(image.content(), image.media_type)

@@ -332,3 +332,48 @@ async def test_openai_compatible_backend_sends_n_in_one_call_and_maps_to_listed_
         400, json={"error": {"message": "blocked", "code": "content_policy_violation"}})
     with pytest.raises(ContentRefused):
         await backend.generate(JOB, soon())
+
+
+def _answer(body: bytes) -> httpx.Response:
+    return httpx.Response(200, content=body)
+
+
+def test_base64_in_an_openai_shaped_answer_is_kept_as_the_providers_literal_and_embedded_unchanged():
+    import msgspec
+
+    from backends.maas._http import b64_image, parse_images_json
+
+    payload = parse_images_json(_answer(b'{"created":7,"data":[{"b64_json":"%s","revised_prompt":"a fox"}],'
+                                        b'"usage":{"generated_images":1}}' % B64.encode()))
+    item = payload["data"][0]
+    assert isinstance(item["b64_json"], msgspec.Raw) and item["revised_prompt"] == "a fox"
+    assert payload["created"] == 7 and payload["usage"] == {"generated_images": 1}
+    image = b64_image(item["b64_json"], "openai")
+    assert image.content() == PNG and image.head() == PNG  # decoded only when asked
+    assert msgspec.json.encode({"b64_json": image.b64_literal}) == b'{"b64_json":"%s"}' % B64.encode()
+
+
+@pytest.mark.parametrize(("body", "expect"), [
+    (b'{"data":[{"b64_json":"aGVs\\/bG8="}]}', "aGVs/bG8="),  # an escape: decoded as JSON says
+    (b'{"data":[{"b64_json":null,"url":"https://x.test/a.png"}]}', None),  # null stays null
+    (b'{"data":"oops"}', "oops"),  # another shape: parsed as it is, for the backend to refuse
+])
+def test_answers_the_raw_path_cannot_take_are_parsed_as_plain_json(body, expect):
+    import msgspec
+
+    from backends.maas._http import parse_images_json
+
+    data = parse_images_json(_answer(body))["data"]
+    got = data if isinstance(data, str) else data[0]["b64_json"]
+    assert not isinstance(got, msgspec.Raw) and got == expect
+
+
+def test_a_truncated_or_non_base64_literal_is_a_transient_error():
+    from backends.maas._http import b64_image, parse_images_json
+
+    for text in (B64[:-3], "not base64!" * 4):
+        item = parse_images_json(_answer(b'{"data":[{"b64_json":"%s"}]}' % text.encode()))["data"][0]
+        with pytest.raises(BackendTransientError):
+            b64_image(item["b64_json"], "openai")
+    with pytest.raises(BackendTransientError):
+        parse_images_json(_answer(b'{"data":[{"b64_json":"abc'))  # cut off mid-body

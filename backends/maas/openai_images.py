@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 from ..protocol import GeneratedImage, GenerationJob, GenerationResult
-from ._http import b64_image, error_for_status, error_json, parse_json, retry_after_seconds, send
+from ._http import b64_image, error_for_status, error_json, parse_images_json, retry_after_seconds, send
 from .base import ApiBackend
 
 __all__ = ["OpenAIImagesBackend"]
@@ -53,7 +53,7 @@ class OpenAIImagesBackend(ApiBackend):
                                    f"{err.get('message') or response.reason_phrase}", code=err.get("code"),
                                    retry_after_s=retry_after_seconds(response.headers.get("retry-after")),
                                    content=err.get("code") == "content_policy_violation")
-        payload = parse_json(response)
+        payload = parse_images_json(response)
         items = payload.get("data") if isinstance(payload, dict) else None
         if not isinstance(items, list) or len(items) != job.n:
             raise error_for_status(502, f"{self.config.name} returned {len(items or [])} images, expected {job.n}")

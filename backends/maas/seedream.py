@@ -11,7 +11,7 @@ from __future__ import annotations
 from policies.types import SizeSupport
 
 from ..protocol import GeneratedImage, GenerationJob
-from ._http import b64_image, error_for_status, error_json, parse_json, retry_after_seconds, send
+from ._http import b64_image, error_for_status, error_json, parse_images_json, retry_after_seconds, send
 from .base import ApiBackend, Piece
 from .sizes import scale_into_pixel_range
 
@@ -57,7 +57,7 @@ class SeedreamBackend(ApiBackend):
         request_id = response.headers.get("x-request-id")
         if response.status_code != 200:
             raise _error(response)
-        payload = parse_json(response)
+        payload = parse_images_json(response)
         items = payload.get("data") if isinstance(payload, dict) else None
         if not items or not isinstance(items, list) or not isinstance(items[0], dict):
             raise error_for_status(502, "Seedream answered 200 without data[]")

@@ -29,7 +29,8 @@ class _Reply:
     def __init__(self, limit: int):
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
-        self.body = bytearray()
+        self.chunks: list[bytes] = []  # joined once at the end: appending to a bytearray copied twice
+        self.size = 0
         self.done = False
         self.limit = limit
 
@@ -37,12 +38,17 @@ class _Reply:
         self.headers.append((name, value))
 
     def on_body(self, body: bytes) -> None:
-        self.body += body
-        if len(self.body) > self.limit:
+        self.size += len(body)
+        if self.size > self.limit:
             raise httpx.RemoteProtocolError(f"response body over {self.limit} bytes")
+        self.chunks.append(body)
 
     def on_message_complete(self) -> None:
         self.done = True
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(self.chunks)
 
 
 class _Stale(Exception):
@@ -71,7 +77,7 @@ class _Connection:
         received = False
         while not reply.done:
             try:
-                data = await self.reader.read(65536)
+                data = await self.reader.read(1 << 20)  # big answers (2 MB of base64) in few reads
             except ConnectionResetError as exc:
                 if not received:
                     raise _Stale() from exc
@@ -120,7 +126,7 @@ class FastTransport(httpx.AsyncBaseTransport):
         head = b"%s %s HTTP/1.1\r\n" % (request.method.encode(), url.raw_path) + b"".join(
             b"%s: %s\r\n" % (k, v) for k, v in request.headers.raw) + b"\r\n"
         reply = await self.exchange(origin_of(url), head, body, request.extensions.get("timeout", {}))
-        return httpx.Response(reply.status, headers=reply.headers, content=bytes(reply.body), request=request)
+        return httpx.Response(reply.status, headers=reply.headers, content=reply.body, request=request)
 
     async def exchange(self, origin: tuple[str, str, int], head: bytes, body: bytes, timeouts: dict) -> _Reply:
         """One request (`head`: request line and headers, ending in a blank line) on a kept-alive
