@@ -120,8 +120,8 @@ class LocalPool:
     # --- lifecycle ------------------------------------------------------------------
 
     async def start(self) -> None:
-        for worker in self.workers:
-            asyncio.create_task(self._start_worker(worker))
+        # Kept: the loop holds only weak references to tasks, and a collected one would never finish warming.
+        self._starting = [asyncio.create_task(self._start_worker(worker)) for worker in self.workers]
         self._scheduler = asyncio.create_task(self._schedule(), name=f"{self.config.name}-scheduler")
 
     async def _start_worker(self, worker) -> None:
@@ -129,6 +129,9 @@ class LocalPool:
             await worker.start()
             log.info("%s ready (warm-up: %s)", worker.name, worker.warm_timings)
         except Exception as exc:
+            if self._closing:  # shut down while it warmed up: nothing failed
+                log.info("%s stopped before it was ready", worker.name)
+                return
             log.exception("%s failed to start", worker.name)
             worker.state, worker.detail = "failed", f"failed to start: {exc}"
         self._wakeup.set()
