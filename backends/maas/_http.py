@@ -137,10 +137,8 @@ def parse_images_json(response: httpx.Response) -> Any:
         return parse_json(response)
     try:
         answer = _IMAGES_ANSWER.decode(content)
-    except msgspec.ValidationError:
+    except msgspec.DecodeError:  # another shape (ValidationError is one), or malformed: parse_json says which
         return parse_json(response)
-    except msgspec.DecodeError:
-        return parse_json(response)  # says what is malformed
     payload = {k: v for k in ("created", "model", "usage") if (v := getattr(answer, k)) is not None}
     if answer.data is not None:
         payload["data"] = [{k: v if k == "b64_json" and _is_string(v) else msgspec.json.decode(v)
@@ -245,7 +243,8 @@ async def _send_direct(client: httpx.AsyncClient, method: str, url: str, timeout
         head += b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
     else:
         body = content or b""
-        head += b"Content-Length: %d\r\n\r\n" % len(body) if body or method in _BODY_METHODS else b"\r\n"
+        # as httpx: a GET without a body says nothing of its length
+        head += (b"Content-Length: %d\r\n\r\n" % len(body)) if body or method in _BODY_METHODS else b"\r\n"
     reply = await client._transport.exchange(origin, head, body, timeout.as_dict())
     if any(k.lower() == b"content-encoding" and v.strip().lower() != b"identity" for k, v in reply.headers):
         # Compressed (the client accepts what httpx can decode): let httpx decode it.
