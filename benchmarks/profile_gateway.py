@@ -98,7 +98,8 @@ def main() -> None:
         finally:
             gateway.terminate()
             upstream.terminate()
-        print(f"imagegw, load {args.load}, {args.image_kb or 'a 1-pixel'} KB image: {row['req_per_s']:.0f} req/s, "
+        image = f"a {args.image_kb} KB image" if args.image_kb else "a 1-pixel image"
+        print(f"imagegw, load {args.load}, {image}: {row['req_per_s']:.0f} req/s, "
               f"{row['cpu_ms_per_request']:.2f} ms CPU per request, p50 {row['p50_ms']:.1f} ms; "
               f"idle {idle_ms:.1f} ms CPU per second")
         summarize(raw, args.top)
