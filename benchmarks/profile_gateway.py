@@ -74,6 +74,7 @@ def main() -> None:
     p.add_argument("--rate-hz", type=int, default=1000, help="py-spy samples per second")
     p.add_argument("--raw", help="keep py-spy's collapsed stacks here")
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--redis-url", help="imagegw shares state through this Redis (as replicas do)")
     args = p.parse_args()
     exe = py_spy()
     port = bench.free_port()
@@ -81,7 +82,7 @@ def main() -> None:
                                  "--image-kb", str(args.image_kb)])
     bench.wait_up(f"http://127.0.0.1:{port}/")
     with tempfile.TemporaryDirectory() as tmp:
-        gateway, gw_port = bench.start_imagegw(port, Path(tmp))
+        gateway, gw_port = bench.start_imagegw(port, Path(tmp), redis_url=args.redis_url)
         url = f"http://127.0.0.1:{gw_port}/v1/images/generations"
         raw = Path(args.raw or Path(tmp) / "stacks.txt")
         try:
@@ -104,7 +105,7 @@ def main() -> None:
               f"idle {idle_ms:.1f} ms CPU per second")
         summarize(raw, args.top)
     print(f"\ncommand: .venv/bin/python benchmarks/profile_gateway.py --load {args.load} --seconds {args.seconds:g} "
-          f"--image-kb {args.image_kb}")
+          f"--image-kb {args.image_kb}" + (f" --redis-url {args.redis_url}" if args.redis_url else ""))
 
 
 if __name__ == "__main__":
