@@ -16,6 +16,7 @@ from pydantic import SecretStr
 
 from backends.errors import (
     BackendAuthError,
+    BackendError,
     BackendRateLimited,
     BackendRequestRejected,
     BackendTimeout,
@@ -83,6 +84,7 @@ async def test_seedream_request_and_b64_response():
                     "response_format": "b64_json", "watermark": False, "seed": 42,
                     "sequential_image_generation": "disabled"}  # nulls omitted, watermark off
     assert result.images[0].content() == PNG and result.provider_request_id == "req-9" and result.billed_units == 1
+    assert bytes(result.images[0].b64_literal) == b'"%s"' % B64.encode()  # passed through as sent
 
 
 @respx.mock
@@ -135,6 +137,7 @@ async def test_gemini_request_maps_size_to_aspect_ratio_and_tier_and_skips_thoug
     assert body["generationConfig"]["responseModalities"] == ["IMAGE"]
     assert result.images[0].content() == PNG and (result.width, result.height) == (16, 16)
     assert result.provider_request_id == "resp-1" and result.billed_units == 1120
+    assert bytes(result.images[0].b64_literal) == b'"%s"' % B64.encode()  # passed through as sent
 
 
 @pytest.mark.parametrize("finish", ["SAFETY", "IMAGE_SAFETY", "PROHIBITED_CONTENT", "IMAGE_PROHIBITED_CONTENT",
@@ -175,6 +178,7 @@ async def test_reve_request_and_json_response():
     assert sent.headers["accept"] == "application/json"
     assert json.loads(sent.content) == {"prompt": "tall", "aspect_ratio": "9:16", "version": "latest"}
     assert result.images[0].content() == PNG and result.billed_units == 18 and result.provider_request_id == "rsid-1"
+    assert bytes(result.images[0].b64_literal) == b'"%s"' % B64.encode()  # passed through as sent
 
 
 @pytest.mark.parametrize("how", ["body", "header"])
@@ -377,3 +381,15 @@ def test_a_truncated_or_non_base64_literal_is_a_transient_error():
             b64_image(item["b64_json"], "openai")
     with pytest.raises(BackendTransientError):
         parse_images_json(_answer(b'{"data":[{"b64_json":"abc'))  # cut off mid-body
+
+
+@respx.mock
+async def test_gemini_answers_with_escapes_or_odd_shapes_are_read_as_plain_json():
+    escaped = json.dumps({"candidates": [{"content": {"parts": [{"inlineData": {"mimeType": "image/png",
+                         "data": B64}}]}}]}).replace("/", "\\/").encode()  # JSON may escape every '/'
+    route(respx, "gemini").respond(200, content=escaped)
+    result = await make(GEMINI).generate(JOB, soon())
+    assert result.images[0].content() == PNG and result.images[0].b64_literal is None
+    route(respx, "gemini").respond(200, json={"candidates": "not a list"})
+    with pytest.raises(BackendError):  # another shape: plain JSON, then the usual checks refuse it
+        await make(GEMINI).generate(JOB, soon())

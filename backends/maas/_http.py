@@ -29,8 +29,10 @@ __all__ = [
     "ProviderConfig",
     "error_for_status",
     "image_size",
+    "is_string",
     "parse_images_json",
     "parse_json",
+    "parse_json_keeping",
     "remaining",
     "retry_after_seconds",
     "send",
@@ -141,12 +143,28 @@ def parse_images_json(response: httpx.Response) -> Any:
         return parse_json(response)
     payload = {k: v for k in ("created", "model", "usage") if (v := getattr(answer, k)) is not None}
     if answer.data is not None:
-        payload["data"] = [{k: v if k == "b64_json" and _is_string(v) else msgspec.json.decode(v)
+        payload["data"] = [{k: v if k == "b64_json" and is_string(v) else msgspec.json.decode(v)
                             for k, v in item.items()} for item in answer.data]
     return payload
 
 
-def _is_string(raw: msgspec.Raw) -> bool:
+_FLAT_ANSWER = msgspec.json.Decoder(dict[str, msgspec.Raw])
+
+
+def parse_json_keeping(response: httpx.Response, key: str) -> Any:
+    """A JSON object as parse_json gives it, except that the string under top-level `key` stays the
+    provider's literal (msgspec.Raw), as parse_images_json keeps `b64_json`: for flat answers (Reve's)."""
+    content = response.content
+    if b"\\" in content:
+        return parse_json(response)
+    try:
+        top = _FLAT_ANSWER.decode(content)
+    except msgspec.DecodeError:  # not an object, or malformed: parse_json says which
+        return parse_json(response)
+    return {k: v if k == key and is_string(v) else msgspec.json.decode(v) for k, v in top.items()}
+
+
+def is_string(raw: msgspec.Raw) -> bool:
     return len(raw) > 2 and memoryview(raw)[0] == 0x22  # a non-empty JSON string
 
 

@@ -9,10 +9,14 @@ refusal; 429 RESOURCE_EXHAUSTED carries `RetryInfo.retryDelay`.
 
 from __future__ import annotations
 
+from typing import Any
+
+import msgspec
+
 from policies.types import SizeSupport
 
 from ..protocol import GenerationJob
-from ._http import b64_image, error_for_status, error_json, parse_json, retry_after_seconds, send
+from ._http import b64_image, error_for_status, error_json, is_string, parse_json, retry_after_seconds, send
 from .base import ApiBackend, Piece
 from .sizes import nearest_aspect_ratio
 
@@ -50,7 +54,7 @@ class GeminiBackend(ApiBackend):
                               headers=self.auth_headers())
         if response.status_code != 200:
             raise _error(response)
-        payload = parse_json(response)
+        payload = _parse_keeping_images(response)
         if not isinstance(payload, dict):
             raise error_for_status(502, "Gemini answered 200 with a non-object body")
         data, mime = _first_image(payload)
@@ -58,6 +62,69 @@ class GeminiBackend(ApiBackend):
         return Piece(image=b64_image(data, "Gemini", mime),
                      request_id=payload.get("responseId"), billed_units=usage.get("candidatesTokenCount"),
                      model=payload.get("modelVersion"))
+
+
+_NULL = msgspec.Raw(b"null")
+
+
+class _Inline(msgspec.Struct):
+    mimeType: Any = None
+    data: msgspec.Raw = _NULL  # Raw takes no union with None: a missing or null value is the literal null
+
+
+class _Part(msgspec.Struct):
+    inlineData: _Inline | None = None
+    thought: Any = None
+
+
+class _Content(msgspec.Struct):
+    parts: list[_Part] | None = None
+
+
+class _Candidate(msgspec.Struct):
+    content: _Content | None = None
+    finishReason: Any = None
+
+
+class _Answer(msgspec.Struct):
+    """What this module reads of generateContent's answer, with each inline image's base64 left raw."""
+
+    candidates: list[_Candidate] | None = None
+    promptFeedback: Any = None
+    usageMetadata: Any = None
+    responseId: Any = None
+    modelVersion: Any = None
+
+
+_ANSWER = msgspec.json.Decoder(_Answer)
+
+
+def _parse_keeping_images(response) -> Any:
+    """The answer as parse_json gives it (the fields this module reads), each `inlineData.data` kept as the
+    provider's string literal (msgspec.Raw: one scan, embedded unchanged in b64_json answers). Bodies with
+    escapes or of another shape take parse_json."""
+    if b"\\" in response.content:
+        return parse_json(response)
+    try:
+        answer = _ANSWER.decode(response.content)
+    except msgspec.DecodeError:
+        return parse_json(response)
+
+    def inline(i: _Inline | None) -> dict | None:
+        if i is None:
+            return None
+        data = i.data if is_string(i.data) else msgspec.json.decode(i.data)
+        return {"mimeType": i.mimeType, "data": data}
+
+    return {
+        "promptFeedback": answer.promptFeedback, "usageMetadata": answer.usageMetadata,
+        "responseId": answer.responseId, "modelVersion": answer.modelVersion,
+        "candidates": None if answer.candidates is None else [
+            {"finishReason": c.finishReason,
+             "content": None if c.content is None else {"parts": None if c.content.parts is None else [
+                 {"thought": p.thought, "inlineData": inline(p.inlineData)} for p in c.content.parts]}}
+            for c in answer.candidates],
+    }
 
 
 def _first_image(payload: dict) -> tuple[str, str]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from policies.types import SizeSupport
 
 from ..protocol import GenerationJob
-from ._http import b64_image, error_for_status, error_json, parse_json, retry_after_seconds, send
+from ._http import b64_image, error_for_status, error_json, parse_json_keeping, retry_after_seconds, send
 from .base import ApiBackend, Piece
 from .sizes import nearest_aspect_ratio
 
@@ -39,7 +39,7 @@ class ReveBackend(ApiBackend):
                               headers=self.auth_headers())
         if response.status_code != 200:
             raise _error(response)
-        payload = parse_json(response)
+        payload = parse_json_keeping(response, "image")  # the base64 stays the provider's literal
         if not isinstance(payload, dict):
             raise error_for_status(502, "Reve answered 200 with a non-object body")
         violation = payload.get("content_violation") or response.headers.get("x-reve-content-violation") == "true"
