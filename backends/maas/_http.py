@@ -27,6 +27,7 @@ from .transport import FastTransport, origin_of
 
 __all__ = [
     "ProviderConfig",
+    "decode_keeping_literals",
     "error_for_status",
     "image_size",
     "is_string",
@@ -117,6 +118,18 @@ def parse_json(response: httpx.Response) -> Any:
             status=response.status_code) from exc
 
 
+def decode_keeping_literals(response: httpx.Response, decoder: msgspec.json.Decoder) -> Any | None:
+    """The body through `decoder` (a msgspec schema whose base64 fields are msgspec.Raw), or None where it
+    must take parse_json: an escape anywhere (one may sit inside a literal), another shape (a
+    ValidationError is a DecodeError) or a malformed body (parse_json says which)."""
+    if b"\\" in response.content:
+        return None
+    try:
+        return decoder.decode(response.content)
+    except msgspec.DecodeError:
+        return None
+
+
 class _ImagesAnswer(msgspec.Struct):
     """OpenAI's images answer ({"data": [{"b64_json" | "url": ...}], ...}) with each item's values raw."""
 
@@ -134,12 +147,8 @@ def parse_images_json(response: httpx.Response) -> Any:
     provider's JSON string literal (msgspec.Raw): found in one pass, never decoded to a str, and embedded
     unchanged in b64_json answers (decoding and re-encoding 2 MB of base64 cost ~1 ms a request). Bodies
     with escapes, or of another shape, are parsed as parse_json does."""
-    content = response.content
-    if b"\\" in content:  # an escape may sit inside the literal: let the decoder resolve it
-        return parse_json(response)
-    try:
-        answer = _IMAGES_ANSWER.decode(content)
-    except msgspec.DecodeError:  # another shape (ValidationError is one), or malformed: parse_json says which
+    answer = decode_keeping_literals(response, _IMAGES_ANSWER)
+    if answer is None:
         return parse_json(response)
     payload = {k: v for k in ("created", "model", "usage") if (v := getattr(answer, k)) is not None}
     if answer.data is not None:
@@ -154,12 +163,8 @@ _FLAT_ANSWER = msgspec.json.Decoder(dict[str, msgspec.Raw])
 def parse_json_keeping(response: httpx.Response, key: str) -> Any:
     """A JSON object as parse_json gives it, except that the string under top-level `key` stays the
     provider's literal (msgspec.Raw), as parse_images_json keeps `b64_json`: for flat answers (Reve's)."""
-    content = response.content
-    if b"\\" in content:
-        return parse_json(response)
-    try:
-        top = _FLAT_ANSWER.decode(content)
-    except msgspec.DecodeError:  # not an object, or malformed: parse_json says which
+    top = decode_keeping_literals(response, _FLAT_ANSWER)
+    if top is None:
         return parse_json(response)
     return {k: v if k == key and is_string(v) else msgspec.json.decode(v) for k, v in top.items()}
 

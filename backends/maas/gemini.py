@@ -16,7 +16,16 @@ import msgspec
 from policies.types import SizeSupport
 
 from ..protocol import GenerationJob
-from ._http import b64_image, error_for_status, error_json, is_string, parse_json, retry_after_seconds, send
+from ._http import (
+    b64_image,
+    decode_keeping_literals,
+    error_for_status,
+    error_json,
+    is_string,
+    parse_json,
+    retry_after_seconds,
+    send,
+)
 from .base import ApiBackend, Piece
 from .sizes import nearest_aspect_ratio
 
@@ -103,11 +112,8 @@ def _parse_keeping_images(response) -> Any:
     """The answer as parse_json gives it (the fields this module reads), each `inlineData.data` kept as the
     provider's string literal (msgspec.Raw: one scan, embedded unchanged in b64_json answers). Bodies with
     escapes or of another shape take parse_json."""
-    if b"\\" in response.content:
-        return parse_json(response)
-    try:
-        answer = _ANSWER.decode(response.content)
-    except msgspec.DecodeError:
+    answer = decode_keeping_literals(response, _ANSWER)
+    if answer is None:
         return parse_json(response)
 
     def inline(i: _Inline | None) -> dict | None:
