@@ -57,13 +57,8 @@ async def test_close_flushes_everything_still_queued(tmp_path):
 async def test_writer_batches_in_the_background(tmp_path):
     log = AuditLog(tmp_path / "a.sqlite3", batch_size=50, flush_interval_s=0.01)
     await log.start()
-    for i in range(120):
-        log.submit({"id": f"r{i}", "ts": float(i), "outcome": "ok", "status": 200})
-    for _ in range(100):
-        if log.written == 120:
-            break
-        await asyncio.sleep(0.01)
-    assert log.written == 120
+    _submit(log, 120)
+    assert await _written(log, 120, asyncio.sleep)
     assert AuditReader(tmp_path / "a.sqlite3").count() == 120
     await log.close()
 
@@ -85,13 +80,8 @@ async def test_a_failed_write_keeps_its_records_and_the_next_round_writes_them(t
     monkeypatch.setattr(audit.asyncio, "sleep", _fast_sleep)
     log = AuditLog(tmp_path / "a.sqlite3", batch_size=50, flush_interval_s=0.01)
     await log.start()
-    for i in range(30):
-        log.submit({"id": f"r{i}", "ts": float(i), "outcome": "ok", "status": 200})
-    for _ in range(200):
-        if log.written == 30:
-            break
-        await _fast_sleep(0.01)
-    assert failures and log.written == 30
+    _submit(log, 30)
+    assert await _written(log, 30, _fast_sleep) and failures
     await log.close()
     assert AuditReader(tmp_path / "a.sqlite3").count() == 30
 
@@ -111,8 +101,7 @@ async def test_close_during_a_write_waits_for_it_and_loses_nothing(tmp_path, mon
     monkeypatch.setattr(audit, "_insert", slow)
     log = AuditLog(tmp_path / "a.sqlite3", batch_size=10, flush_interval_s=0.001)
     await log.start()
-    for i in range(25):
-        log.submit({"id": f"r{i}", "ts": float(i), "outcome": "ok", "status": 200})
+    _submit(log, 25)
     await asyncio.to_thread(entered.wait, 5)  # the first batch is in the writer thread
     closing = asyncio.create_task(log.close())
     await asyncio.sleep(0.05)
@@ -122,6 +111,20 @@ async def test_close_during_a_write_waits_for_it_and_loses_nothing(tmp_path, mon
 
 
 _real_sleep = asyncio.sleep
+
+
+def _submit(log: AuditLog, n: int) -> None:
+    for i in range(n):
+        log.submit({"id": f"r{i}", "ts": float(i), "outcome": "ok", "status": 200})
+
+
+async def _written(log: AuditLog, n: int, sleep, polls: int = 200) -> bool:
+    """Waits (up to `polls` short sleeps) until the writer reports `n` records written."""
+    for _ in range(polls):
+        if log.written == n:
+            return True
+        await sleep(0.01)
+    return log.written == n
 
 
 async def _fast_sleep(seconds):
