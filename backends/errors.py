@@ -5,6 +5,7 @@
     │   └── ContentRefused          the prompt or output broke the provider's content policy
     ├── BackendAuthError            401/402/403: key, account or credits; opens the breaker
     ├── BackendRateLimited          429; carries retry_after_s when the provider said
+    │   └── BackendPaced            our own pacing held the call back (rate limit, Retry-After): nothing sent
     ├── BackendTransientError       5xx, connect/read errors, malformed or truncated replies
     │   └── BackendTimeout          the deadline passed before the backend answered
     └── BackendUnavailable          not ready, unconfigured or shutting down
@@ -19,6 +20,7 @@ from __future__ import annotations
 __all__ = [
     "BackendAuthError",
     "BackendError",
+    "BackendPaced",
     "BackendRateLimited",
     "BackendReleased",
     "BackendRequestRejected",
@@ -63,6 +65,13 @@ class BackendRateLimited(BackendError):
     def __init__(self, message: str, *, retry_after_s: float | None = None, **kw):
         super().__init__(message, **kw)
         self.retry_after_s = retry_after_s
+
+
+class BackendPaced(BackendRateLimited):
+    """The backend's pacer (requests per minute, a provider's Retry-After) could not let the call go before its
+    deadline: nothing was sent, so it says nothing of the backend's health; the next candidate may serve."""
+
+    retryable = False
 
 
 class BackendTransientError(BackendError):

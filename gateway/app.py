@@ -26,6 +26,7 @@ from .errors import GatewayError, error_body
 from .image_store import ImageStore
 from .metrics import Metrics
 from .policy_admin import PolicyRegistry
+from .redact import Redactor
 from .registry import Backends, build_backends
 from .sandbox_runner import SandboxServer, load_sandbox_config
 from .schemas import GenerationRequest
@@ -66,6 +67,17 @@ def _state_store(settings: Settings) -> StateStore:
     return RedisStore(client, settings.redis_namespace, replica_id=uuid.uuid4().hex)
 
 
+def _redactor(settings: Settings) -> Redactor:
+    """Every secret this process was given: provider keys, the admin key, the Redis password."""
+    from urllib.parse import urlsplit
+
+    secrets = [key.get_secret_value() for p in settings.backends.values() if (key := p.api_key()) is not None]
+    secrets.append(settings.auth.admin_key() or "")
+    if settings.redis_url:
+        secrets.append(urlsplit(settings.redis_url).password or "")
+    return Redactor(secrets)
+
+
 def _policy_payload(entry) -> dict:
     return {"policy": entry.policy.model_dump(mode="json"), "fingerprint": entry.policy.fingerprint,
             "author": entry.author, "note": entry.note, "at": entry.at}
@@ -101,6 +113,7 @@ class Components:
     sync: StateSync
     metrics: Metrics
     sandbox: SandboxServer | None
+    redactor: Redactor
 
     @property
     def backends(self) -> dict[str, Backend]:
@@ -123,9 +136,16 @@ def assemble(settings: Settings, policy: Policy, backends: Mapping[str, Backend]
                      flush_interval_s=settings.audit.flush_interval_s)
     images = ImageStore(settings.resolve(settings.images.dir), settings.images.url_ttl_s)
     store = _state_store(settings)
+    redactor = _redactor(settings)
+    if isinstance(store, RedisStore):
+        for guard in built.guards.values():
+            if guard.pacer.window is not None:
+                guard.pacer.shared_take = store.take_token  # one window for every replica
+    if built.cap is not None:
+        built.cap.groups = _tier_groups(registry, built)
     service = GenerationService(backends=built.backends, policy=registry, audit=audit, images=images,
                                 limits=settings.limits, public_url=settings.server.public_url,
-                                guards=built.guards, store=store)
+                                guards=built.guards, store=store, redact=redactor)
     sync = StateSync(store, service.snapshots.stats, built.guards, settings.state_sync_interval_s)
     registry.on_apply = lambda entry: sync.spawn(store.publish_policy(_policy_payload(entry)))
     local = built.backends.get("local")
@@ -134,7 +154,26 @@ def assemble(settings: Settings, policy: Policy, backends: Mapping[str, Backend]
     service.observers += [sync.observe_record, metrics.observe]
     sandbox = (SandboxServer(built.sandbox_url, load_sandbox_config(settings.sandbox.config_file))
                if built.sandbox_url else None)
-    return Components(settings, built, registry, keyring, audit, images, store, service, sync, metrics, sandbox)
+    return Components(settings, built, registry, keyring, audit, images, store, service, sync, metrics, sandbox,
+                      redactor)
+
+
+def _tier_groups(registry: PolicyRegistry, built: Backends):
+    """Each tier's candidates under the current policy (enabled, configured, good enough): the sets the
+    ejection cap keeps a share of in service. Recomputed only when the policy changes."""
+    cache: dict[str, tuple[frozenset[str], ...]] = {}
+
+    def groups() -> tuple[frozenset[str], ...]:
+        policy = registry.current
+        if policy.fingerprint not in cache:
+            cache.clear()
+            cache[policy.fingerprint] = tuple(
+                frozenset(n for n, bp in policy.backends.items()
+                          if bp.enabled and n in built.backends and bp.quality >= tier.min_quality)
+                for tier in policy.tiers.values())
+        return cache[policy.fingerprint]
+
+    return groups
 
 
 def _budget_use(registry: PolicyRegistry, sync: StateSync) -> list[tuple[str, str, float, float | None]]:
@@ -191,7 +230,9 @@ def openapi_json(request: Request) -> dict:
 
 
 @get("/metrics", include_in_schema=False, sync_to_thread=False)
-def metrics_endpoint(metrics: Metrics) -> Response:
+def metrics_endpoint(request: Request, metrics: Metrics, settings: Settings) -> Response:
+    if settings.metrics.require_key:  # the series name tenants and their spend
+        request.app.state.keyring.admin(request.headers.get("authorization"))
     return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
@@ -212,7 +253,7 @@ def create_app(settings: Settings, policy: Policy,
             "settings": settings, "metrics": c.metrics}.items()},
         exception_handlers={GatewayError: _gateway_error, HTTPException: _http_error, Exception: _unexpected},
         lifespan=[_lifespan(c)],
-        state=State({"keyring": c.keyring}),
+        state=State({"keyring": c.keyring, "redactor": c.redactor}),
         openapi_config=OpenAPIConfig(title="imagegw", version="0.1.0", path="/schema"),
         request_max_body_size=settings.server.max_body_bytes,
         debug=False,

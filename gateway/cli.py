@@ -35,6 +35,16 @@ Try it:
 """
 
 
+def _scrub_logs(redactor) -> None:
+    """Every log line, ours and the libraries', passes through the redactor (secrets never reach logs)."""
+    from .redact import ScrubbingFormatter
+
+    for name in ("", "uvicorn", "uvicorn.error", "uvicorn.access"):
+        for handler in logging.getLogger(name).handlers:
+            fmt = handler.formatter
+            handler.setFormatter(ScrubbingFormatter(redactor, fmt._fmt if fmt else None, fmt.datefmt if fmt else None))
+
+
 def cmd_serve(args) -> int:
     import uvicorn
 
@@ -50,6 +60,7 @@ def cmd_serve(args) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per provider call is noise
     app = create_app(settings, policy)
+    _scrub_logs(app.state.redactor)
     print(_banner(settings, sandbox_active(settings)), flush=True)
     uvicorn.run(app, host=settings.server.host, port=settings.server.port,
                 log_level=settings.server.log_level, access_log=False, timeout_graceful_shutdown=30,

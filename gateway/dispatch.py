@@ -18,6 +18,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait
 
 from backends.errors import (
     BackendError,
+    BackendPaced,
     BackendRateLimited,
     BackendTimeout,
     BackendTransientError,
@@ -42,7 +43,7 @@ class Attempt:
     model: str
     started_ms: float  # since the dispatch began
     latency_ms: float = 0.0
-    outcome: str = "pending"  # ok | error | timeout | skipped | cancelled
+    outcome: str = "pending"  # ok | error | timeout | skipped (guard refused) | paced (held back) | cancelled
     error_class: str | None = None
     error: str | None = None
     hedge: bool = False
@@ -88,10 +89,10 @@ class Dispatcher:
     def __init__(self, backends: Mapping[str, Backend], guards: Mapping[str, BackendGuard] | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-                 take_token: Callable[[str, float], Awaitable[bool]] | None = None):
+                 redact: Callable[[str], str] | None = None):
         self._backends = backends
         self._guards = guards or {}
-        self._take_token = take_token  # shared requests-per-minute buckets (StateStore), when guards ask
+        self._redact = redact  # scrubs secrets out of upstream error text
         self._clock = clock
         self._sleep = sleep
 
@@ -103,12 +104,19 @@ class Dispatcher:
         queue = list(decision.candidates)
         while queue and self._clock() < deadline:
             candidate = queue.pop(0)
-            hedge_with = decision.hedge_partner(candidate, queue)
+            hedge_with, hedge_after_ms = decision.hedge_partner(candidate, queue), candidate.predicted_latency_ms
+            if hedge_with is None and dispatch.hedge_at_p99 and candidate.p99_ms is not None and queue:
+                # No answer by its p99: the next candidate starts too, if the cost ceiling pays for both.
+                hedge_with = dataclasses.replace(decision, hedge=True).hedge_partner(candidate, queue)
+                hedge_after_ms = max(candidate.p99_ms, candidate.predicted_latency_ms)
             try:
                 if hedge_with is not None:
                     queue.remove(hedge_with)
-                    return await self._hedged(candidate, hedge_with, job, deadline, attempts, began, dispatch)
-                result = await self._with_retries(candidate, job, deadline, attempts, began, dispatch)
+                    return await self._hedged(candidate, hedge_with, job, deadline, attempts, began, dispatch,
+                                              hedge_after_ms, last_resort=not queue)
+                cap = self._attempt_deadline(candidate, queue, deadline) if dispatch.attempt_budget else deadline
+                result = await self._with_retries(candidate, job, cap, attempts, began, dispatch,
+                                                  last_resort=not queue)
                 return DispatchOutcome(candidate, result, attempts)
             except BackendError as exc:
                 last_error = exc
@@ -116,14 +124,22 @@ class Dispatcher:
                     break
         raise self._failure(attempts, last_error)
 
+    def _attempt_deadline(self, candidate: Candidate, rest: list[Candidate], deadline: float) -> float:
+        """How long an API attempt may take: what leaves the next candidate its predicted latency before the
+        deadline. Queueing backends (the pool) keep the whole deadline: late binding hands their jobs back."""
+        if not rest or candidate.p99_ms is None:
+            return deadline
+        cap = deadline - rest[0].predicted_latency_ms / 1000
+        return cap if cap > self._clock() else deadline  # the next one cannot make it anyway: take it all
+
     async def _with_retries(self, candidate: Candidate, job: GenerationJob, deadline: float,
                             attempts: list[Attempt], began: float, dispatch: Dispatch,
-                            hedge: bool = False) -> GenerationResult:
+                            hedge: bool = False, last_resort: bool = False) -> GenerationResult:
         # The first try runs bare: it almost always succeeds, and tenacity's bookkeeping (its retry object,
         # strategies and per-try state) cost ~6% of the gateway's CPU per request. Only a retryable failure
         # brings tenacity in, which sees that failure as its own first attempt.
         try:
-            return await self._attempt(candidate, job, deadline, attempts, began, hedge)
+            return await self._attempt(candidate, job, deadline, attempts, began, hedge, last_resort)
         except BaseException as exc:
             if not _retryable(exc) or dispatch.max_attempts_per_backend <= 1:
                 raise
@@ -145,20 +161,15 @@ class Dispatcher:
                 if first_error is not None:  # tenacity counts the bare first try and waits as it says
                     error, first_error = first_error, None
                     raise error
-                return await self._attempt(candidate, job, deadline, attempts, began, hedge)
+                return await self._attempt(candidate, job, deadline, attempts, began, hedge, last_resort)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _attempt(self, candidate: Candidate, job: GenerationJob, deadline: float,
-                       attempts: list[Attempt], began: float, hedge: bool) -> GenerationResult:
+                       attempts: list[Attempt], began: float, hedge: bool, last_resort: bool) -> GenerationResult:
         attempt = Attempt(candidate.backend, candidate.model, (self._clock() - began) * 1000, hedge=hedge)
         attempts.append(attempt)
         guard = self._guards.get(candidate.backend)
-        refusal = guard.admit() if guard else None
-        if refusal is None and guard is not None and guard.bucket is None and guard.requests_per_minute \
-                and self._take_token is not None \
-                and not await self._take_token(candidate.backend, guard.requests_per_minute):
-            guard.release_unused()
-            refusal = "requests-per-minute limit reached (shared)"
+        refusal = guard.admit(job.id, last_resort) if guard else None
         if refusal is not None:
             self._close(attempt, began, "skipped", _Skipped(refusal))
             raise _Skipped(f"{candidate.backend}: {refusal}")
@@ -167,14 +178,19 @@ class Dispatcher:
             result = await self._call(candidate, job, deadline, began)
         except BaseException as exc:
             error = exc
+            if isinstance(exc, BackendError) and self._redact is not None:
+                exc.message = self._redact(exc.message)  # before the guard, audit, logs or the client see it
+                exc.args = (exc.message,)
             if isinstance(exc, asyncio.CancelledError):
                 self._close(attempt, began, "cancelled")
+            elif isinstance(exc, BackendPaced):
+                self._close(attempt, began, "paced", exc)  # our own pacing held it back: nothing was sent
             else:
                 self._close(attempt, began, "timeout" if isinstance(exc, BackendTimeout) else "error", exc)
             raise
         finally:
             if guard:
-                guard.release(error)
+                guard.release(error, job.id)
         self._close(attempt, began, "ok")
         return result
 
@@ -198,17 +214,19 @@ class Dispatcher:
         return result
 
     async def _hedged(self, first: Candidate, second: Candidate, job: GenerationJob, deadline: float,
-                      attempts: list[Attempt], began: float, dispatch: Dispatch) -> DispatchOutcome:
-        """Start `second` if `first` has not answered by its predicted latency; the first success wins."""
+                      attempts: list[Attempt], began: float, dispatch: Dispatch, hedge_after_ms: float,
+                      last_resort: bool) -> DispatchOutcome:
+        """Start `second` if `first` has not answered `hedge_after_ms` into the request; the first success wins."""
 
         def start(candidate: Candidate, hedge: bool) -> asyncio.Task:
-            return asyncio.create_task(self._with_retries(candidate, job, deadline, attempts, began, dispatch, hedge))
+            return asyncio.create_task(self._with_retries(candidate, job, deadline, attempts, began, dispatch, hedge,
+                                                          last_resort))
 
         primary = start(first, False)
         tasks = {primary: first}
         errors: list[BaseException] = []
         try:
-            hedge_in = max(0.0, began + first.predicted_latency_ms / 1000 - self._clock())
+            hedge_in = max(0.0, began + hedge_after_ms / 1000 - self._clock())
             done, _ = await asyncio.wait({primary}, timeout=hedge_in)
             if primary in done:
                 if primary.exception() is None:
@@ -246,7 +264,7 @@ class Dispatcher:
     @staticmethod
     def _failure(attempts: list[Attempt], last_error: BackendError | None):
         tried = [a.as_record() for a in attempts]
-        sent = [a for a in attempts if a.outcome != "skipped"]
+        sent = [a for a in attempts if a.outcome not in ("skipped", "paced")]
         if isinstance(last_error, ContentRefused):
             return ContentPolicyViolation(f"refused by content policy: {last_error.message}", param="prompt",
                                           extra={"attempts": tried})

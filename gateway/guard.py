@@ -1,106 +1,103 @@
-"""Per-backend admission: circuit breaker, concurrency cap and requests-per-minute limit."""
+"""Per-backend admission: outlier ejection (broken), pacing (slow down) and a concurrency cap.
+
+The two signals never mix: a 429 paces the backend (gateway/pacing.py) and says nothing of its health;
+5xx, timeouts and malformed replies feed its ejector (gateway/ejection.py).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from backends.errors import (
     BackendAuthError,
     BackendError,
+    BackendPaced,
     BackendRateLimited,
     BackendReleased,
     BackendRequestRejected,
 )
 from policies.types import Health
 
-from .breaker import BreakerConfig, CircuitBreaker
+from .ejection import EjectionCap, EjectionConfig, Ejector
+from .pacing import Pacer
 
-__all__ = ["BackendGuard", "TokenBucket"]
-
-
-class TokenBucket:
-    """Requests per minute as a token bucket (burst up to the per-minute figure)."""
-
-    def __init__(self, per_minute: float, clock: Callable[[], float] = time.monotonic):
-        self.capacity = per_minute
-        self.rate = per_minute / 60.0
-        self._tokens = per_minute
-        self._clock = clock
-        self._at = clock()
-
-    def _refill(self) -> None:
-        now = self._clock()
-        self._tokens = min(self.capacity, self._tokens + (now - self._at) * self.rate)
-        self._at = now
-
-    def try_take(self) -> bool:
-        self._refill()
-        if self._tokens >= 1:
-            self._tokens -= 1
-            return True
-        return False
-
-    def has_token(self) -> bool:
-        self._refill()
-        return self._tokens >= 1
+__all__ = ["BackendGuard"]
 
 
 class BackendGuard:
     """Says whether a backend may take a call now, and learns from each call's outcome."""
 
-    def __init__(self, *, breaker: BreakerConfig = BreakerConfig(), max_concurrency: int | None = None,
-                 requests_per_minute: float | None = None, clock: Callable[[], float] = time.monotonic,
-                 shared_rate_limit: bool = False):
-        self.breaker = CircuitBreaker(breaker, clock)
+    def __init__(self, name: str = "backend", *, ejection: EjectionConfig = EjectionConfig(),
+                 max_concurrency: int | None = None, requests_per_minute: float | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep, cap: EjectionCap | None = None):
+        self.name = name
+        self.ejector = Ejector(name, ejection, clock, cap)
+        self.pacer = Pacer(name, requests_per_minute, clock, sleep)
         self.max_concurrency = max_concurrency
-        self.requests_per_minute = requests_per_minute
-        # With a shared store the dispatcher takes tokens from it (every replica draws on one bucket).
-        local = requests_per_minute and not shared_rate_limit
-        self.bucket = TokenBucket(requests_per_minute, clock) if local else None
         self.inflight = 0
+        self._clock = clock
 
     def health(self) -> tuple[Health, str]:
-        """For the snapshot: breaker state, or capacity exhausted, else OK."""
-        health = self.breaker.health()
-        if health is not Health.OK:
-            return health, self.breaker.reason
+        """For the snapshot: ejected or recovering, or at its concurrency cap, else OK (pacing is a wait)."""
+        health = self.ejector.health()
+        if health is Health.OPEN:
+            return health, f"ejected for {self.ejector.until - self._clock():.0f} s more: {self.ejector.reason}"
+        if health is Health.HALF_OPEN:
+            return health, f"recovering ({self.ejector.share:.0%} of calls): {self.ejector.reason}"
         if self.max_concurrency is not None and self.inflight >= self.max_concurrency:
             return Health.OPEN, f"at its concurrency cap ({self.max_concurrency})"
-        if self.bucket is not None and not self.bucket.has_token():
-            return Health.OPEN, "requests-per-minute limit reached"
         return Health.OK, ""
 
-    def admit(self) -> str | None:
+    def wait_ms(self) -> float:
+        """How long a call would wait for its turn now (pacing), for predictions."""
+        return self.pacer.wait_s() * 1000
+
+    def admit(self, request_id: str | None = None, last_resort: bool = False) -> str | None:
         """Take a slot for one call; returns why not, or None when admitted (then call release())."""
         if self.max_concurrency is not None and self.inflight >= self.max_concurrency:
             return "concurrency cap reached"
-        if not self.breaker.allow():
-            return f"circuit {self.breaker.state}: {self.breaker.reason}"
-        if self.bucket is not None and not self.bucket.try_take():
-            self.breaker.on_neutral()
-            return "requests-per-minute limit reached"
+        if not self.ejector.admit(request_id, last_resort):
+            return f"{self.ejector.state}: {self.ejector.reason}"
         self.inflight += 1
         return None
 
-    def release_unused(self) -> None:
-        """An admitted call that was never sent (no shared token): frees its slot, says nothing of health."""
-        self.inflight -= 1
-        self.breaker.on_neutral()
-
-    def release(self, error: BaseException | None) -> None:
+    def release(self, error: BaseException | None, request_id: str | None = None) -> None:
         """Close one admitted call with its outcome (None for success)."""
         self.inflight -= 1
         if error is None:
-            self.breaker.on_success()
-        elif isinstance(error, BackendAuthError):
-            self.breaker.open_for(self.breaker.config.auth_cooldown_s, f"auth/account error: {error.message}")
+            self.ejector.on_success()
+            self.pacer.on_success()
+        elif isinstance(error, BackendPaced):
+            pass  # held back by our own pacing: nothing was sent
         elif isinstance(error, BackendRateLimited):
-            self.breaker.on_neutral()
-            if error.retry_after_s:
-                self.breaker.open_for(error.retry_after_s, "rate limited by the provider (Retry-After)")
+            self.pacer.on_rate_limited(error.retry_after_s)  # slow down, not broken
+        elif isinstance(error, BackendAuthError):
+            # the status, not the provider's text: reasons show on status pages
+            self.ejector.eject(f"auth/account error (HTTP {error.status or '?'})", request_id,
+                               seconds=self.ejector.config.auth_ejection_s)
         elif isinstance(error, BackendRequestRejected | BackendReleased) or \
                 not isinstance(error, BackendError | TimeoutError):
-            self.breaker.on_neutral()  # the request's fault, or cancelled: says nothing of health
+            pass  # the request's fault, or cancelled: says nothing of health
         else:
-            self.breaker.on_failure(type(error).__name__)
+            self.ejector.on_failure(error.kind if isinstance(error, BackendError) else type(error).__name__,
+                                    request_id)
+
+    def status(self, wall_now: float | None = None) -> dict:
+        """State, reason and until when (wall-clock seconds), for /v1/backends."""
+        wall_now = time.time() if wall_now is None else wall_now
+        now = self._clock()
+        e, p = self.ejector, self.pacer
+        out: dict = {"state": e.state, "share": round(e.share, 3), "inflight": self.inflight}
+        if e.state != "serving" or e.reason:
+            out["reason"] = e.reason
+        if e.until is not None:
+            out["until"] = round(wall_now + e.until - now, 3)
+        wait = p.wait_s()
+        out["pacing"] = {"paced": wait > 0, "requests_per_minute": p.per_minute, "calls": p.calls}
+        if wait > 0:
+            out["pacing"].update(reason=p.pause_reason if p.paused_until > now else "requests-per-minute window",
+                                 until=round(wall_now + wait, 3))
+        return out

@@ -1,5 +1,5 @@
 """Prometheus metrics, observed from outside the request path: from finished audit records
-and, at scrape time, from the snapshot (queue, occupancy, breakers).
+and, at scrape time, from the snapshot (queue, occupancy, ejection and pacing).
 
 One registry per app (no globals), served at /metrics.
 """
@@ -16,7 +16,7 @@ from .guard import BackendGuard
 __all__ = ["Metrics"]
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
-_BREAKER_VALUE = {"closed": 0, "half_open": 1, "open": 2}
+_EJECTION_VALUE = {"serving": 0, "recovering": 1, "ejected": 2}
 
 
 class Metrics:
@@ -68,13 +68,22 @@ class Metrics:
             self.fallbacks.inc()
 
     def collect(self):
-        breaker = GaugeMetricFamily("imagegw_breaker_state", "Circuit state (0 closed, 1 half-open, 2 open)",
-                                    labels=["backend"])
+        ejection = GaugeMetricFamily("imagegw_ejection_state",
+                                     "Outlier ejection (0 serving, 1 recovering, 2 ejected)", labels=["backend"])
+        share = GaugeMetricFamily("imagegw_backend_share", "Share of calls let through (1 serving, 0 ejected)",
+                                  labels=["backend"])
+        paced = GaugeMetricFamily("imagegw_backend_pacing_wait_seconds",
+                                  "How long a call would wait for its turn now (429 pause, requests per minute)",
+                                  labels=["backend"])
         inflight = GaugeMetricFamily("imagegw_backend_inflight", "Calls in flight", labels=["backend"])
         for name, guard in self._guards.items():
-            breaker.add_metric([name], _BREAKER_VALUE[guard.breaker.state])
+            ejection.add_metric([name], _EJECTION_VALUE[guard.ejector.state])
+            share.add_metric([name], guard.ejector.share)
+            paced.add_metric([name], guard.pacer.wait_s())
             inflight.add_metric([name], guard.inflight)
-        yield breaker
+        yield ejection
+        yield share
+        yield paced
         yield inflight
         pool = self._pool_model()
         if pool is not None:

@@ -14,7 +14,7 @@ from pydantic import SecretStr
 
 from backends.protocol import Backend
 
-from .breaker import BreakerConfig
+from .ejection import EjectionCap, EjectionConfig
 from .guard import BackendGuard
 from .settings import ProviderSettings, Settings
 
@@ -30,6 +30,7 @@ class Backends:
     backends: dict[str, Backend]
     guards: dict[str, BackendGuard] = field(default_factory=dict)
     sandbox_url: str | None = None
+    cap: EjectionCap | None = None  # told the tiers' candidate sets once the policy is known
 
 
 def sandbox_active(settings: Settings) -> bool:
@@ -117,10 +118,11 @@ def build_backends(settings: Settings) -> Backends:
     """The local pool (when enabled) plus one backend per `backends:` entry, each with its guard."""
     backends: dict[str, Backend] = {}
     guards: dict[str, BackendGuard] = {}
-    breaker = BreakerConfig(**settings.breaker.model_dump())
+    ejection = EjectionConfig(**settings.ejection.model_dump())
+    cap = EjectionCap(ejection.max_ejected_percent)
     if settings.local.enabled:
         backends["local"] = build_local_pool(settings)
-        guards["local"] = BackendGuard(breaker=breaker)
+        guards["local"] = BackendGuard("local", ejection=ejection, cap=cap)
     sandbox_url = None
     if sandbox_active(settings):
         port = settings.sandbox.port or _free_port(settings.sandbox.host)
@@ -128,8 +130,9 @@ def build_backends(settings: Settings) -> Backends:
         log.warning("SANDBOX MODE: no provider keys set; %s are emulated at %s (placeholder images)",
                     ", ".join(settings.backends), sandbox_url)
     for name, provider in settings.backends.items():
-        backends[name] = _provider(name, provider, settings, sandbox_url)
-        guards[name] = BackendGuard(breaker=breaker, max_concurrency=provider.max_concurrency,
-                                    requests_per_minute=provider.requests_per_minute,
-                                    shared_rate_limit=bool(settings.redis_url))
-    return Backends(backends, guards, sandbox_url)
+        backend = backends[name] = _provider(name, provider, settings, sandbox_url)
+        guard = guards[name] = BackendGuard(name, ejection=ejection, max_concurrency=provider.max_concurrency,
+                                            requests_per_minute=provider.requests_per_minute, cap=cap)
+        if hasattr(backend, "pace"):
+            backend.pace = guard.pacer.acquire  # every upstream call takes a turn
+    return Backends(backends, guards, sandbox_url, cap)

@@ -85,7 +85,8 @@ class GenerationService:
     def __init__(self, *, backends: Mapping[str, Backend], policy: PolicyRegistry, audit: AuditLog,
                  images: ImageStore, limits: LimitSettings, public_url: str | None = None,
                  guards: Mapping[str, BackendGuard] | None = None,
-                 observers: list[Callable[[dict], None]] | None = None, store: StateStore | None = None):
+                 observers: list[Callable[[dict], None]] | None = None, store: StateStore | None = None,
+                 redact: Callable[[str], str] | None = None):
         self._backends = backends
         self.store = store or MemoryStore()
         self.observers = observers if observers is not None else []  # metrics, live stats: fed each record
@@ -95,7 +96,7 @@ class GenerationService:
         self._limits = limits
         self._public_url = public_url.rstrip("/") if public_url else None
         self.snapshots = SnapshotSource(backends, guards)
-        self._dispatcher = Dispatcher(backends, guards, take_token=self.store.take_token)
+        self._dispatcher = Dispatcher(backends, guards, redact=redact)
 
     def _route_request(self, req: GenerationRequest, policy: Policy, ctx: RequestContext) -> RouteRequest:
         if len(req.prompt) > self._limits.prompt_max_chars:

@@ -18,10 +18,11 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 __all__ = [
     "AuditSettings",
-    "BreakerSettings",
+    "EjectionSettings",
     "ImageSettings",
     "LimitSettings",
     "LocalPoolSettings",
+    "MetricsSettings",
     "ProviderSettings",
     "SandboxSettings",
     "WarmShapeSettings",
@@ -117,7 +118,11 @@ class ProviderSettings(_Section):
     connect_timeout_s: float = Field(5.0, gt=0)
     max_n: int = Field(10, ge=1, description="Images per request (sent as parallel calls).")
     max_concurrency: int | None = Field(None, ge=1, description="Calls in flight at once.")
-    requests_per_minute: float | None = Field(None, gt=0)
+    requests_per_minute: float | None = Field(
+        None, gt=0, description="Upstream calls per minute at most (each of n, each submit and poll), in any "
+        "60 s, shared by replicas through Redis.")
+    ca_bundle: Path | None = Field(None, description="CA certificates (PEM) to verify this provider's TLS "
+                                   "certificate; default: SSL_CERT_FILE, else the system's.")
     transport: Literal["fast", "httpx"] = Field(
         "fast", description="fast: the gateway's lean HTTP/1.1 keep-alive transport; httpx: httpx's own pool.")
     options: dict = Field(default_factory=dict, description="Provider-specific knobs (see docs/providers.md).")
@@ -136,13 +141,27 @@ class ProviderSettings(_Section):
         return SecretStr(value) if value else None
 
 
-class BreakerSettings(_Section):
-    consecutive_failures: int = Field(5, ge=1)
-    error_rate: float = Field(0.5, gt=0, le=1)
+class EjectionSettings(_Section):
+    """When a broken backend is taken out of rotation (5xx, timeouts, malformed replies; never 429s, which
+    pace it instead), for how long, and how it comes back (gateway/ejection.py)."""
+
+    consecutive_failures: int = Field(5, ge=1, description="Failures in a row that eject a backend.")
+    error_rate: float = Field(0.5, gt=0, le=1, description="Failure share over window_s that ejects it.")
     window_s: float = Field(60.0, gt=0)
-    min_requests: int = Field(10, ge=1)
-    cooldown_s: float = Field(30.0, gt=0)
-    auth_cooldown_s: float = Field(300.0, gt=0)
+    min_requests: int = Field(10, ge=1, description="Calls in the window before error_rate applies.")
+    base_ejection_s: float = Field(10.0, gt=0, description="First ejection; the n-th in a row lasts n times this.")
+    max_ejection_s: float = Field(300.0, gt=0)
+    max_ejected_percent: float = Field(
+        50.0, ge=0, le=100, description="Most of a tier's candidates ejected at once (at least one of two or "
+        "more; never the last one).")
+    recovery_share: float = Field(0.25, gt=0, le=1, description="Share of calls let through after an ejection; "
+                                  "doubles with each success until full service.")
+    auth_ejection_s: float = Field(300.0, gt=0, description="Ejection after a bad key or account (401/402/403).")
+
+
+class MetricsSettings(_Section):
+    require_key: bool = Field(
+        False, description="GET /metrics needs an admin key (its series name tenants and their spend).")
 
 
 class SandboxSettings(_Section):
@@ -187,13 +206,14 @@ class Settings(BaseSettings):
     limits: LimitSettings = LimitSettings()
     local: LocalPoolSettings = LocalPoolSettings()
     backends: dict[str, ProviderSettings] = Field(default_factory=dict)
-    breaker: BreakerSettings = BreakerSettings()
+    ejection: EjectionSettings = EjectionSettings()
     auth: AuthSettings = AuthSettings()
     policy_reload_interval_s: float = Field(2.0, ge=0, description="Poll policy.yaml for edits; 0 disables.")
     redis_url: str | None = Field(None, description="Share live state across replicas (e.g. redis://127.0.0.1:6379/0).")
     redis_namespace: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$", description="Key prefix imagegw:<ns>:")
     state_sync_interval_s: float = Field(1.0, gt=0, description="How often shared state is pulled into memory.")
     sandbox: SandboxSettings = SandboxSettings()
+    metrics: MetricsSettings = MetricsSettings()
 
     @classmethod
     def settings_customise_sources(

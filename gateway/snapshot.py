@@ -60,4 +60,11 @@ class SnapshotSource:
             default_steps=offer.default_steps,
             latency=self._latency(offer.name, prior, policy),
             pool=load.pool,
+            **self._live(offer.name),
         )
+
+    def _live(self, name: str) -> dict:
+        guard = self._guards.get(name)
+        if guard is None:
+            return {}
+        return {"wait_ms": guard.wait_ms(), "inflight": guard.inflight}

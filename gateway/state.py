@@ -1,5 +1,5 @@
 """Live state shared by gateway replicas: spend and budget reservations, outcome samples,
-open circuit breakers, and policy changes.
+ejected backends, requests-per-minute windows, and policy changes.
 
 `MemoryStore` is the embedded default (one replica). `RedisStore` shares it all
 through Redis (keys namespaced; read-modify-write atomic in Lua); when Redis is
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import time
@@ -18,7 +19,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from .guard import TokenBucket
+from .pacing import RateWindow
 
 __all__ = ["MemoryStore", "RedisStore", "Reservation", "StateStore", "period_keys"]
 
@@ -66,15 +67,16 @@ class StateStore(ABC):
     async def outcomes(self, backends: list[str]) -> dict[str, list[tuple[float, float, bool]]]: ...
 
     @abstractmethod
-    async def open_breaker(self, backend: str, seconds: float, reason: str) -> None: ...
+    async def eject(self, backend: str, seconds: float, reason: str) -> None: ...
 
     @abstractmethod
-    async def open_breakers(self, backends: list[str]) -> dict[str, tuple[float, str]]:
-        """{backend: (seconds left, reason)} for breakers some replica opened."""
+    async def ejections(self, backends: list[str]) -> dict[str, tuple[float, str]]:
+        """{backend: (seconds left, reason)} for backends some replica ejected."""
 
     @abstractmethod
-    async def take_token(self, backend: str, per_minute: float) -> bool:
-        """One request's worth of the backend's requests-per-minute, shared by every replica."""
+    async def take_token(self, backend: str, per_minute: float) -> float | None:
+        """A turn in the backend's requests-per-minute window (at most per_minute calls in any 60 s), shared
+        by every replica: 0 when taken, else seconds until one frees; None when the store is unreachable."""
 
     async def publish_policy(self, payload: dict) -> None:  # noqa: B027 (optional hook)
         """Tell other replicas a policy was applied (no-op for one replica)."""
@@ -88,7 +90,7 @@ class StateStore(ABC):
 
 class MemoryStore(StateStore):
     def __init__(self, max_samples: int = 1000):
-        self._buckets: dict[str, TokenBucket] = {}
+        self._windows: dict[str, RateWindow] = {}
         self._spend: dict[tuple[str, str], float] = {}
         self._samples: dict[str, list[tuple[float, float, bool]]] = {}
         self._breakers: dict[str, tuple[float, str]] = {}
@@ -124,16 +126,16 @@ class MemoryStore(StateStore):
     async def outcomes(self, backends):
         return {b: list(self._samples.get(b, [])) for b in backends}
 
-    async def open_breaker(self, backend, seconds, reason):
+    async def eject(self, backend, seconds, reason):
         self._breakers[backend] = (time.monotonic() + seconds, reason)
 
     async def take_token(self, backend, per_minute):
-        bucket = self._buckets.get(backend)
-        if bucket is None or bucket.capacity != per_minute:
-            bucket = self._buckets[backend] = TokenBucket(per_minute)
-        return bucket.try_take()
+        window = self._windows.get(backend)
+        if window is None or window.limit != max(1, int(per_minute)):
+            window = self._windows[backend] = RateWindow(per_minute)
+        return window.take()
 
-    async def open_breakers(self, backends):
+    async def ejections(self, backends):
         now = time.monotonic()
         return {b: (until - now, reason) for b, (until, reason) in self._breakers.items()
                 if b in backends and until > now}
@@ -155,17 +157,18 @@ return {1, tostring(day + amount), tostring(month + amount)}
 
 
 _TAKE_TOKEN = """
+-- A sliding log: at most ARGV[1] calls in any 60 s, every replica's calls in one sorted set.
 local now_parts = redis.call('TIME')
 local now = tonumber(now_parts[1]) + tonumber(now_parts[2]) / 1e6
-local capacity, rate = tonumber(ARGV[1]), tonumber(ARGV[1]) / 60
-local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
-local tokens, at = tonumber(state[1]) or capacity, tonumber(state[2]) or now
-tokens = math.min(capacity, tokens + (now - at) * rate)
-local ok = 0
-if tokens >= 1 then tokens = tokens - 1; ok = 1 end
-redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(now))
-redis.call('EXPIRE', KEYS[1], 3600)
-return ok
+local limit = math.max(1, math.floor(tonumber(ARGV[1])))
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 60)
+if redis.call('ZCARD', KEYS[1]) < limit then
+  redis.call('ZADD', KEYS[1], now, now_parts[1] .. now_parts[2] .. ':' .. ARGV[2])
+  redis.call('EXPIRE', KEYS[1], 120)
+  return '0'
+end
+local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+return tostring(tonumber(oldest[2]) + 60 - now)
 """
 
 
@@ -181,6 +184,7 @@ class RedisStore(StateStore):
         self._take = client.register_script(_TAKE_TOKEN)
         self._offline_spend: dict[tuple[str, str, str], float] = {}  # (tenant, day, month) -> usd while degraded
         self.replica_id = replica_id
+        self._calls = itertools.count()
         self.degraded = False
         self._tasks: list[asyncio.Task] = []
 
@@ -290,18 +294,18 @@ class RedisStore(StateStore):
 
         return await self._guard(op, lambda: self._local.outcomes(backends))
 
-    async def open_breaker(self, backend, seconds, reason):
+    async def eject(self, backend, seconds, reason):
         async def op():
-            await self._redis.set(self._k("breaker", backend), reason, px=max(1, int(seconds * 1000)))
+            await self._redis.set(self._k("ejected", backend), reason, px=max(1, int(seconds * 1000)))
 
-        await self._guard(op, lambda: self._local.open_breaker(backend, seconds, reason))
+        await self._guard(op, lambda: self._local.eject(backend, seconds, reason))
 
-    async def open_breakers(self, backends):
+    async def ejections(self, backends):
         async def op():
             async with self._redis.pipeline(transaction=False) as pipe:
                 for b in backends:
-                    pipe.get(self._k("breaker", b))
-                    pipe.pttl(self._k("breaker", b))
+                    pipe.get(self._k("ejected", b))
+                    pipe.pttl(self._k("ejected", b))
                 rows = await pipe.execute()
             out = {}
             for i, b in enumerate(backends):
@@ -310,13 +314,17 @@ class RedisStore(StateStore):
                     out[b] = (ttl / 1000, reason.decode() if isinstance(reason, bytes) else reason)
             return out
 
-        return await self._guard(op, lambda: self._local.open_breakers(backends))
+        return await self._guard(op, lambda: self._local.ejections(backends))
 
     async def take_token(self, backend, per_minute):
         async def op():
-            return bool(await self._take(keys=[self._k("tokens", backend)], args=[per_minute]))
+            member = f"{self.replica_id}:{next(self._calls)}"  # unique even within one microsecond
+            return float(await self._take(keys=[self._k("calls", backend)], args=[per_minute, member]))
 
-        return await self._guard(op, lambda: self._local.take_token(backend, per_minute))
+        async def offline():
+            return None  # the caller paces on its own share of the limit meanwhile
+
+        return await self._guard(op, offline)
 
     async def publish_policy(self, payload):
         async def op():

@@ -1,8 +1,8 @@
 """Keeps this replica's in-memory view in step with the shared StateStore, off the request path.
 
-Pushes: each finished request's attempts (latency samples) and every breaker this
-replica opens. Pulls, every `interval_s`: everyone's samples (into OutcomeStats,
-which the snapshot reads), breakers other replicas opened (applied locally), and
+Pushes: each finished request's attempts (latency samples) and every ejection this
+replica makes. Pulls, every `interval_s`: everyone's samples (into OutcomeStats,
+which the snapshot reads), ejections other replicas made (applied locally), and
 per-tenant spend (for metrics).
 """
 
@@ -35,13 +35,13 @@ class StateSync:
         self._pending: set[asyncio.Task] = set()
         self._outcomes: list[tuple[str, float, bool, float]] = []
         for name, guard in guards.items():
-            guard.breaker.on_open = lambda seconds, reason, name=name: self.spawn(
-                store.open_breaker(name, seconds, reason))
+            guard.ejector.on_eject = lambda seconds, reason, name=name: self.spawn(
+                store.eject(name, seconds, reason))
 
     def spawn(self, coro) -> None:
         try:
             task = asyncio.get_running_loop().create_task(coro)
-        except RuntimeError:  # no loop (a test driving the breaker synchronously)
+        except RuntimeError:  # no loop (a test driving the ejector synchronously)
             coro.close()
             return
         self._pending.add(task)
@@ -63,8 +63,8 @@ class StateSync:
         for backend, samples in (await self.store.outcomes(names)).items():
             if samples:
                 self.stats.replace(backend, samples)
-        for backend, (seconds, reason) in (await self.store.open_breakers(names)).items():
-            self.guards[backend].breaker.open_for(seconds, f"{reason} (shared)", shared=True)
+        for backend, (seconds, reason) in (await self.store.ejections(names)).items():
+            self.guards[backend].ejector.eject_shared(seconds, reason)
         self.spend = await self.store.spend(time.time())
 
     async def start(self) -> None:

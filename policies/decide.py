@@ -81,11 +81,13 @@ def _static_rejection(
 
 
 def _rank_key(objective: Objective):
+    # Ties go to the expected completion under live load (shortest expected delay), not the name: equal
+    # deployments share traffic instead of one taking it all.
     if objective is Objective.MIN_LATENCY:
-        return lambda c: (c.predicted_latency_ms, c.predicted_cost_usd, -c.quality, c.backend)
+        return lambda c: (c.expected_ms, c.predicted_latency_ms, c.predicted_cost_usd, -c.quality, c.backend)
     if objective is Objective.MAX_QUALITY:
-        return lambda c: (-c.quality, c.predicted_cost_usd, c.predicted_latency_ms, c.backend)
-    return lambda c: (c.predicted_cost_usd, c.predicted_latency_ms, -c.quality, c.backend)
+        return lambda c: (-c.quality, c.predicted_cost_usd, c.expected_ms, c.predicted_latency_ms, c.backend)
+    return lambda c: (c.predicted_cost_usd, c.expected_ms, c.predicted_latency_ms, -c.quality, c.backend)
 
 
 def decide(request: RouteRequest, policy: Policy, snapshot: Snapshot) -> Decision:
@@ -125,7 +127,7 @@ def decide(request: RouteRequest, policy: Policy, snapshot: Snapshot) -> Decisio
         assert bp is not None
         steps = request.steps or view.default_steps
         pool = view.pool
-        latency = view.latency.predict(request, steps, policy.latency_quantile, pool, sla_ms)
+        latency = view.latency.predict(request, steps, policy.latency_quantile, pool, sla_ms) + view.wait_ms
         cost = predicted_cost_usd(view, bp, request, steps, policy.cost_accounting)
         if pool is not None and tier.local_max_ms is not None and latency > tier.local_max_ms:
             rejected.append(Rejection(name, RejectReason.SLA_MISS,
@@ -140,7 +142,11 @@ def decide(request: RouteRequest, policy: Policy, snapshot: Snapshot) -> Decisio
                                       f"predicted ${cost:.6f} > ceiling ${max_cost:.6f}"))
             continue
         candidate = Candidate(name, request.model or view.models[0], latency, cost, bp.quality, steps)
-        if pool is not None:
+        if pool is None:
+            candidate.p99_ms = view.latency.p99_ms + view.wait_ms
+            candidate.expected_ms = view.latency.p50_ms * (1 + view.inflight) + view.wait_ms
+        else:
+            candidate.expected_ms = latency
             pooled.add(name)
             if pool.delays_committed(request, steps, sla_ms / 1000):
                 reserve_bound.append((pool, candidate))

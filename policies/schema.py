@@ -90,6 +90,12 @@ class Dispatch(_Strict):
     fallback_on_content_refusal: bool = Field(
         False, description="May another backend try a prompt one provider's content policy refused?")
     hedge: bool = Field(False, description="Start the next candidate if the first is late (rules may override).")
+    attempt_budget: bool = Field(
+        True, description="An API attempt may take at most what leaves the next candidate its predicted latency "
+        "before the deadline (a hung provider cannot use the whole SLA).")
+    hedge_at_p99: bool = Field(
+        True, description="An API call with no answer by its predicted p99 starts the next candidate too, if the "
+        "cost ceiling pays for both; the first answer wins, the loser is cancelled and audited.")
 
 
 class Match(_Strict):

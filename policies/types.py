@@ -222,6 +222,8 @@ class BackendView:
     default_steps: int
     latency: LatencyModel
     pool: PoolModel | None = None  # the local pool's queue model; None for APIs
+    wait_ms: float = 0.0  # pacing: how long its next call waits for a turn (429 pause, requests per minute)
+    inflight: int = 0  # calls in flight now: equal candidates share traffic by it
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,6 +253,10 @@ class Candidate:
     # For a queueing backend with a fallback: give the job back unstarted if it would finish late, up to
     # this long after the decision (the SLA less the next candidate's p99), so the fallback still makes it.
     start_within_ms: float | None = None
+    p99_ms: float | None = None  # an API's predicted p99: past it, the dispatcher starts the next candidate
+    # Expected completion under live load (p50 x (1 + calls in flight) for an API, plus any pacing wait):
+    # ranks equal candidates, so two deployments of one price share traffic and a slow one gets less.
+    expected_ms: float = 0.0
 
 
 @dataclass(slots=True)

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pytest
 
 from backends.errors import BackendAuthError, BackendRateLimited, BackendTransientError, ContentRefused
 from backends.protocol import GenerationJob
-from gateway.breaker import BreakerConfig
 from gateway.dispatch import Dispatcher
+from gateway.ejection import EjectionConfig
 from gateway.errors import AllBackendsFailed, ContentPolicyViolation, DeadlineExceeded
 from gateway.guard import BackendGuard
 from policies.schema import Dispatch
@@ -145,24 +146,31 @@ async def test_no_hedge_when_the_first_answers_in_time_or_the_cost_cap_cannot_pa
     assert out.candidate.backend == "slow" and not b.calls
 
 
-async def test_breaker_opens_after_consecutive_failures_and_later_lets_a_probe_through():
+async def test_consecutive_failures_eject_a_backend_and_it_recovers_on_a_share_of_traffic():
     now = [0.0]
-    guard = BackendGuard(breaker=BreakerConfig(consecutive_failures=3, cooldown_s=10), clock=lambda: now[0])
+    guard = BackendGuard("a", ejection=EjectionConfig(consecutive_failures=3, base_ejection_s=10,
+                                                      recovery_share=0.5), clock=lambda: now[0])
     broken = [True]
     a = ScriptedBackend("a", fail=lambda j: BackendTransientError("500") if broken[0] else None)
     b = ScriptedBackend("b")
     dispatcher = Dispatcher({"a": a, "b": b}, guards={"a": guard}, clock=lambda: now[0])
+    ids = iter(range(100))
+
+    def job():  # each run its own request (a request's own retry passes an ejection it caused)
+        return dataclasses.replace(JOB, id=f"r{next(ids)}")
+
     one = Dispatch(max_attempts_per_backend=1)
     for _ in range(3):
-        await dispatcher.run(decision("a", "b"), JOB, 100, [], one)
-    assert guard.breaker.state == "open" and len(a.calls) == 3
+        await dispatcher.run(decision("a", "b"), job(), 100, [], one)
+    assert guard.ejector.state == "ejected" and len(a.calls) == 3
     attempts = []
-    out = await dispatcher.run(decision("a", "b"), JOB, 100, attempts, one)
+    out = await dispatcher.run(decision("a", "b"), job(), 100, attempts, one)
     assert out.candidate.backend == "b" and attempts[0].outcome == "skipped" and len(a.calls) == 3
-    now[0] = 11  # cooldown over: half-open, one probe; it succeeds and closes the circuit
+    now[0] = 11  # ejection over: recovering, half the calls go through; successes bring it back in full
     broken[0] = False
-    out = await dispatcher.run(decision("a", "b"), JOB, 100, [], one)
-    assert out.candidate.backend == "a" and guard.breaker.state == "closed"
+    served = [(await dispatcher.run(decision("a", "b"), job(), 100, [], one)).candidate.backend for _ in range(4)]
+    assert served.count("a") >= 1 and served.count("b") >= 1
+    assert guard.ejector.state == "serving"
 
 
 async def test_concurrency_cap_sends_the_overflow_elsewhere():

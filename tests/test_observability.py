@@ -9,7 +9,7 @@ from policies.types import BackendKind
 from tests.fakes import ScriptedBackend
 
 
-def test_metrics_count_requests_latency_cost_and_expose_pool_and_breakers(settings, shipped_policy, serve):
+def test_metrics_count_requests_latency_cost_and_expose_pool_and_ejection(settings, shipped_policy, serve):
     backends = {"local": ScriptedBackend("local", kind=BackendKind.LOCAL, models=("tiny",))}
     server = serve(settings, shipped_policy, backends)
     for _ in range(3):
@@ -20,7 +20,7 @@ def test_metrics_count_requests_latency_cost_and_expose_pool_and_breakers(settin
     assert 'imagegw_requests_total{backend="local",outcome="ok",status="200"} 3.0' in text
     assert 'imagegw_requests_total{backend="none",outcome="error",status="400"} 1.0' in text
     assert "imagegw_request_latency_seconds_bucket" in text and "imagegw_cost_usd_total" in text
-    assert "imagegw_breaker_state" in text  # one series per guarded backend (none here: plain backends)
+    assert "imagegw_ejection_state" in text and "imagegw_backend_pacing_wait_seconds" in text
     assert "imagegw_local_work_ahead_seconds" in text and "imagegw_audit_backlog" in text
 
 

@@ -99,7 +99,7 @@ async def test_seedream_scales_small_sizes_into_its_pixel_range_and_reports_the_
 async def test_seedream_url_response_is_downloaded_for_b64_json_and_passed_through_for_url():
     route(respx, "seedream").respond(200, json={"data": [{"url": "https://cdn.test/img.png"}]})
     respx.get("https://cdn.test/img.png").respond(200, content=PNG)
-    got = await make(SEEDREAM).generate(JOB, soon())
+    got = await make(SEEDREAM, image_hosts=["*.test"]).generate(JOB, soon())
     assert got.images[0].content() == PNG
     import dataclasses
 
@@ -108,12 +108,37 @@ async def test_seedream_url_response_is_downloaded_for_b64_json_and_passed_throu
 
 
 @respx.mock
+async def test_an_image_link_is_fetched_only_from_the_upstreams_own_host_or_the_allow_list():
+    route(respx, "seedream").respond(200, json={"data": [{"url": "http://169.254.169.254/latest/meta-data"}]})
+    metadata = respx.get("http://169.254.169.254/latest/meta-data").respond(200, content=b"secret")
+    with pytest.raises(BackendRequestRejected, match="not allowed"):
+        await make(SEEDREAM).generate(JOB, soon())
+    assert not metadata.called
+    route(respx, "seedream").respond(200, json={"data": [{"url": "https://ark.test/files/own.png"}]})
+    respx.get("https://ark.test/files/own.png").respond(200, content=PNG)
+    assert (await make(SEEDREAM).generate(JOB, soon())).images[0].content() == PNG  # its own host: fetched
+
+
+@respx.mock
+async def test_an_openai_compatible_upstream_answering_with_a_link_when_bytes_were_asked_is_fetched():
+    from backends.maas.openai_images import OpenAIImagesBackend
+
+    backend = OpenAIImagesBackend(ProviderConfig(name="vllm", base_url="https://img.test/v1", api_key=SecretStr("k"),
+                                                 model="m", transport="httpx"))
+    respx.post("https://img.test/v1/images/generations").respond(
+        200, json={"data": [{"url": "https://img.test/files/a.png"}]})
+    respx.get("https://img.test/files/a.png").respond(200, content=PNG)
+    got = await backend.generate(JOB, soon())
+    assert got.images[0].content() == PNG
+
+
+@respx.mock
 async def test_download_over_the_size_cap_is_refused():
     route(respx, "seedream").respond(200, json={"data": [{"url": "https://cdn.test/big.png"}]})
     respx.get("https://cdn.test/big.png").respond(200, content=b"x" * 2000)
     backend = SeedreamBackend(ProviderConfig(name="seedream", base_url="https://ark.test/api/v3",
                                              api_key=SecretStr("k"), model="m", max_download_bytes=1000,
-                                             transport="httpx"))
+                                             transport="httpx", options={"image_hosts": ["cdn.test"]}))
     with pytest.raises(BackendTransientError, match="cap"):
         await backend.generate(JOB, soon())
 

@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import fnmatch
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import httpx
 
 from policies.types import BackendKind, Health, SizeSupport
 
-from ..errors import BackendUnavailable
+from ..errors import BackendRequestRejected, BackendTransientError, BackendUnavailable
 from ..protocol import GeneratedImage, GenerationJob, GenerationResult, LoadReport, Offer
-from ._http import ProviderConfig, download_image, image_size
+from ._http import ProviderConfig, download_image, image_size, send
 
-__all__ = ["ApiBackend", "Piece"]
+__all__ = ["ApiBackend", "Pace", "Piece"]
+
+Pace = Callable[[float], Awaitable[None]]  # waits for an upstream call's turn before `deadline`, or raises
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +41,8 @@ class ApiBackend:
     """Base for provider backends; subclasses set `sizes` and implement `create` and `auth_headers`."""
 
     sizes: SizeSupport = SizeSupport(min_side=64, max_side=4096)
+    # Hosts image links may be fetched from besides the upstream's own (options.image_hosts replaces it).
+    default_image_hosts: tuple[str, ...] = ()
 
     def __init__(self, config: ProviderConfig, client: httpx.AsyncClient | None = None):
         self.config = config
@@ -44,6 +50,7 @@ class ApiBackend:
         self._owns_client = client is None
         self._offer = Offer(name=config.name, kind=BackendKind.API, models=(config.model,), sizes=self.sizes,
                             max_n=config.max_n, sandbox=config.sandbox)
+        self.pace: Pace | None = None  # injected: every upstream call takes a turn (each of n, submits, polls)
 
     @property
     def offer(self) -> Offer:
@@ -69,6 +76,37 @@ class ApiBackend:
     async def aclose(self) -> None:
         if self._owns_client and self._client is not None:
             await self._client.aclose()
+
+    async def call(self, method: str, url: str, deadline: float, **kw) -> httpx.Response:
+        """One upstream API call, after its turn under the backend's pacing."""
+        if self.pace is not None:
+            await self.pace(deadline)
+        return await send(self.client, method, url, deadline, **kw)
+
+    def image_host_allowed(self, url: str) -> bool:
+        """Image links are fetched only from the upstream's own host or the `image_hosts` allow-list
+        (glob patterns, e.g. "*.cloudfront.net"): a provider's answer must not make us fetch anything else."""
+        try:
+            target = httpx.URL(url)
+        except Exception:
+            return False
+        if target.scheme not in ("http", "https") or not target.host:
+            return False
+        if target.host == httpx.URL(self.config.base_url).host:
+            return True
+        patterns = self.config.options.get("image_hosts", self.default_image_hosts)
+        return any(fnmatch.fnmatch(target.host, p) for p in patterns)
+
+    async def fetch_image(self, url: str, deadline: float) -> bytes:
+        """An image link's bytes (size-capped, deadline-bounded), for b64_json answers."""
+        if not self.image_host_allowed(url):
+            raise BackendRequestRejected(
+                f"{self.config.name} answered with an image link on a host not allowed "
+                "(the upstream's own, or options.image_hosts)")
+        data = await download_image(self.client, url, deadline, self.config.max_download_bytes)
+        if not data:
+            raise BackendTransientError(f"{self.config.name}: the image link returned no bytes")
+        return data
 
     async def create(self, job: GenerationJob, index: int, deadline: float) -> Piece:
         """One provider call for image `index` of the job."""
@@ -100,7 +138,7 @@ class ApiBackend:
             job = dataclasses.replace(job, seed=job.seed + index)
         piece = await self.create(job, index, deadline)
         if not piece.image.present and job.response_format == "b64_json" and piece.image.url:
-            data = await download_image(self.client, piece.image.url, deadline, self.config.max_download_bytes)
+            data = await self.fetch_image(piece.image.url, deadline)
             piece = dataclasses.replace(piece, image=GeneratedImage(data=data, url=piece.image.url,
                                                                    media_type=piece.image.media_type))
         if piece.width is None and piece.image.present and (size := image_size(piece.image.head())):

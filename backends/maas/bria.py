@@ -16,7 +16,7 @@ from policies.types import SizeSupport
 
 from ..errors import BackendRateLimited, BackendTimeout
 from ..protocol import GeneratedImage, GenerationJob
-from ._http import error_for_status, error_json, parse_json, retry_after_seconds, send
+from ._http import error_for_status, error_json, parse_json, retry_after_seconds
 from .base import ApiBackend, Piece
 from .sizes import nearest_aspect_ratio
 
@@ -27,6 +27,9 @@ ASPECT_RATIOS = ("1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9"
 
 class BriaBackend(ApiBackend):
     sizes = SizeSupport(min_side=64, max_side=4096)
+    # Bria always answers with a link on its result storage, whose host it does not document: any host
+    # (http/https only) unless options.image_hosts narrows it.
+    default_image_hosts = ("*",)
 
     def auth_headers(self) -> dict[str, str]:
         return {"api_token": self.config.api_key.get_secret_value()}
@@ -47,8 +50,8 @@ class BriaBackend(ApiBackend):
         return body
 
     async def create(self, job: GenerationJob, index: int, deadline: float) -> Piece:
-        response = await send(self.client, "POST", "/v2/image/generate", deadline, json=self.build_body(job),
-                              headers=self.auth_headers())
+        response = await self.call("POST", "/v2/image/generate", deadline, json=self.build_body(job),
+                                   headers=self.auth_headers())
         if response.status_code not in (200, 202):
             raise _error(response)
         payload = parse_json(response)
@@ -70,8 +73,8 @@ class BriaBackend(ApiBackend):
                 raise BackendTimeout(f"Bria job {request_id} still in progress at the deadline")
             await asyncio.sleep(wait)
             interval = min(ceiling, interval * 1.5)
-            response = await send(self.client, "GET", f"/v2/status/{request_id}", deadline,
-                                  headers=self.auth_headers())
+            response = await self.call("GET", f"/v2/status/{request_id}", deadline,
+                                       headers=self.auth_headers())
             if response.status_code == 429 or response.status_code >= 500:
                 error = _error(response)
                 if isinstance(error, BackendRateLimited) and error.retry_after_s:

@@ -24,7 +24,6 @@ from ._http import (
     is_string,
     parse_json,
     retry_after_seconds,
-    send,
 )
 from .base import ApiBackend, Piece
 from .sizes import nearest_aspect_ratio
@@ -59,8 +58,8 @@ class GeminiBackend(ApiBackend):
     async def create(self, job: GenerationJob, index: int, deadline: float) -> Piece:
         version = self.config.options.get("api_version", "v1beta")
         url = f"/{version}/models/{self.config.model}:generateContent"
-        response = await send(self.client, "POST", url, deadline, json=self.build_body(job),
-                              headers=self.auth_headers())
+        response = await self.call("POST", url, deadline, json=self.build_body(job),
+                                   headers=self.auth_headers())
         if response.status_code != 200:
             raise _error(response)
         payload = _parse_keeping_images(response)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 from ..protocol import GeneratedImage, GenerationJob, GenerationResult
-from ._http import b64_image, error_for_status, error_json, parse_images_json, retry_after_seconds, send
+from ._http import b64_image, error_for_status, error_json, parse_images_json, retry_after_seconds
 from .base import ApiBackend
 
 __all__ = ["OpenAIImagesBackend"]
@@ -44,8 +44,8 @@ class OpenAIImagesBackend(ApiBackend):
 
         if self.config.api_key is None:
             raise BackendUnavailable(f"{self.config.name} has no API key")
-        response = await send(self.client, "POST", "/images/generations", deadline, json=self.build_body(job),
-                              headers=self.auth_headers())
+        response = await self.call("POST", "/images/generations", deadline, json=self.build_body(job),
+                                   headers=self.auth_headers())
         if response.status_code != 200:
             err = error_json(response).get("error") or {}
             err = err if isinstance(err, dict) else {"message": str(err)}
@@ -61,6 +61,9 @@ class OpenAIImagesBackend(ApiBackend):
         for item in items:
             if isinstance(item, dict) and item.get("b64_json"):
                 images.append(b64_image(item["b64_json"], self.config.name))
+            elif isinstance(item, dict) and item.get("url") and job.response_format == "b64_json":
+                # asked for bytes, answered with a link: fetch it (bounded, from the upstream's own host)
+                images.append(GeneratedImage(data=await self.fetch_image(item["url"], deadline), url=item["url"]))
             elif isinstance(item, dict) and item.get("url"):
                 images.append(GeneratedImage(url=item["url"]))
             else:

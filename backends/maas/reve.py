@@ -12,7 +12,7 @@ from __future__ import annotations
 from policies.types import SizeSupport
 
 from ..protocol import GenerationJob
-from ._http import b64_image, error_for_status, error_json, parse_json_keeping, retry_after_seconds, send
+from ._http import b64_image, error_for_status, error_json, parse_json_keeping, retry_after_seconds
 from .base import ApiBackend, Piece
 from .sizes import nearest_aspect_ratio
 
@@ -35,8 +35,8 @@ class ReveBackend(ApiBackend):
         return body
 
     async def create(self, job: GenerationJob, index: int, deadline: float) -> Piece:
-        response = await send(self.client, "POST", "/v1/image/create", deadline, json=self.build_body(job),
-                              headers=self.auth_headers())
+        response = await self.call("POST", "/v1/image/create", deadline, json=self.build_body(job),
+                                   headers=self.auth_headers())
         if response.status_code != 200:
             raise _error(response)
         payload = parse_json_keeping(response, "image")  # the base64 stays the provider's literal

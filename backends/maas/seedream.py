@@ -11,7 +11,7 @@ from __future__ import annotations
 from policies.types import SizeSupport
 
 from ..protocol import GeneratedImage, GenerationJob
-from ._http import b64_image, error_for_status, error_json, parse_images_json, retry_after_seconds, send
+from ._http import b64_image, error_for_status, error_json, parse_images_json, retry_after_seconds
 from .base import ApiBackend, Piece
 from .sizes import scale_into_pixel_range
 
@@ -52,8 +52,8 @@ class SeedreamBackend(ApiBackend):
 
     async def create(self, job: GenerationJob, index: int, deadline: float) -> Piece:
         body, (width, height) = self.build_body(job)
-        response = await send(self.client, "POST", "/images/generations", deadline, json=body,
-                              headers=self.auth_headers())
+        response = await self.call("POST", "/images/generations", deadline, json=body,
+                                   headers=self.auth_headers())
         request_id = response.headers.get("x-request-id")
         if response.status_code != 200:
             raise _error(response)

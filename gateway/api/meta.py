@@ -45,7 +45,7 @@ async def list_backends(backends: Mapping[str, Backend], policy: PolicyRegistry,
         out.append({
             "name": view.name, "kind": view.kind.value, "health": view.health.value,
             "detail": snapshots.health(view.name, load)[1], "models": list(view.models), "max_n": view.max_n,
-            "circuit": guard.breaker.state if guard else None,
+            "ejection": guard.status() if guard else None,
             "inflight": guard.inflight if guard else None,
             "sandbox": backend.offer.sandbox, "enabled": bool(bp and bp.enabled),
             "quality": bp.quality if bp else None,
@@ -87,7 +87,9 @@ async def readyz(backends: Mapping[str, Backend], audit: AuditLog, snapshots: Sn
     states = {}
     for name in backends:
         health, detail = snapshots.health(name)
-        states[name] = {"health": health.value, "detail": detail}
+        # Unauthenticated: health, never upstream text (an ejection's reason may quote a provider).
+        states[name] = {"health": health.value,
+                        "detail": detail if health in (Health.WARMING, Health.UNCONFIGURED, Health.OK) else ""}
     serving = [n for n, s in states.items() if s["health"] == Health.OK.value]
     warming = [n for n, s in states.items() if s["health"] == Health.WARMING.value]
     ready = bool(serving)
