@@ -152,8 +152,8 @@ class Ejector:
             return False
         now = self._clock()
         if seconds is None:
-            if now - self._last_recovered > self.config.max_ejection_s:
-                self._count = 0
+            if not self._ejected and now - self._last_recovered > self.config.max_ejection_s:
+                self._count = 0  # a long healthy spell since it last came back: start over
             self._count += 1
             seconds = min(self.config.base_ejection_s * self._count, self.config.max_ejection_s)
         self._set_ejected(now + seconds, reason, request_id)
