@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
@@ -32,7 +33,8 @@ from .sandbox_runner import SandboxServer, load_sandbox_config
 from .schemas import GenerationRequest
 from .service import GenerationService
 from .settings import Settings
-from .state import MemoryStore, RedisStore, StateStore
+from .state import MemoryStore, StateStore
+from .state_redis import RedisStore
 from .state_sync import StateSync
 
 __all__ = ["create_app"]
@@ -56,15 +58,55 @@ def _unexpected(_: Request, exc: Exception) -> Response:
                     status_code=500, media_type=MediaType.JSON)
 
 
-def _state_store(settings: Settings) -> StateStore:
+def _state_store(settings: Settings, replica_id: str) -> StateStore:
     if not settings.redis_url:
         return MemoryStore()
-    import uuid
-
     import redis.asyncio as redis
 
     client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=1.0, socket_timeout=1.0)
-    return RedisStore(client, settings.redis_namespace, replica_id=uuid.uuid4().hex)
+    return RedisStore(client, settings.redis_namespace, replica_id=replica_id)
+
+
+def _replica_identity(data_dir) -> tuple[str, object | None]:
+    """(replica id, the data folder's lock if this process owns the folder). The id is kept in the data folder, so a
+    restarted replica writes its spend to the same field it wrote before; a second process on the same
+    folder gets a fresh id and does not claim the folder's audit log as its own record."""
+    import fcntl
+    import uuid
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    lock = open(data_dir / ".replica.lock", "a+")  # noqa: SIM115 (held for the process's life)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        log.warning("data folder %s is in use by another gateway process: this one gets its own replica id",
+                    data_dir)
+        return uuid.uuid4().hex, None
+    path = data_dir / "replica_id"
+    if not path.exists():
+        path.write_text(uuid.uuid4().hex)
+    return path.read_text().strip(), lock
+
+
+def _seed_spend(store: StateStore, audit: AuditLog, now: float) -> None:
+    """This month's and today's spend per tenant from this replica's own audit log: budgets and shared totals
+    survive a restart (and a Redis that lost everything)."""
+    import calendar
+
+    from .audit import AuditReader
+    from .state import period_keys
+
+    t = time.gmtime(now)
+    day_start = calendar.timegm((t.tm_year, t.tm_mon, t.tm_mday, 0, 0, 0))
+    month_start = calendar.timegm((t.tm_year, t.tm_mon, 1, 0, 0, 0))
+    day, month = period_keys(now)
+    totals = {}
+    for tenant, (d, m) in AuditReader(audit.path).spend_since(day_start, month_start).items():
+        totals[(tenant, day)], totals[(tenant, month)] = d, m
+    if totals:
+        store.seed_spend(totals)
+        log.info("spend of %d tenants restored from the audit log", len(totals) // 2)
 
 
 def _redactor(settings: Settings) -> Redactor:
@@ -114,6 +156,7 @@ class Components:
     metrics: Metrics
     sandbox: SandboxServer | None
     redactor: Redactor
+    data_lock: object | None = None  # held while this process owns the data folder
 
     @property
     def backends(self) -> dict[str, Backend]:
@@ -135,7 +178,8 @@ def assemble(settings: Settings, policy: Policy, backends: Mapping[str, Backend]
     audit = AuditLog(settings.resolve(settings.audit.path), batch_size=settings.audit.batch_size,
                      flush_interval_s=settings.audit.flush_interval_s)
     images = ImageStore(settings.resolve(settings.images.dir), settings.images.url_ttl_s)
-    store = _state_store(settings)
+    replica_id, data_lock = _replica_identity(settings.data_dir)
+    store = _state_store(settings, replica_id)
     redactor = _redactor(settings)
     if isinstance(store, RedisStore):
         for guard in built.guards.values():
@@ -155,7 +199,7 @@ def assemble(settings: Settings, policy: Policy, backends: Mapping[str, Backend]
     sandbox = (SandboxServer(built.sandbox_url, load_sandbox_config(settings.sandbox.config_file))
                if built.sandbox_url else None)
     return Components(settings, built, registry, keyring, audit, images, store, service, sync, metrics, sandbox,
-                      redactor)
+                      redactor, data_lock)
 
 
 def _tier_groups(registry: PolicyRegistry, built: Backends):
@@ -189,6 +233,8 @@ def _lifespan(c: Components):
     @contextlib.asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
         await c.audit.start()
+        if c.data_lock is not None:
+            _seed_spend(c.store, c.audit, time.time())
         await c.images.start()
         if c.settings.policy_reload_interval_s > 0:
             await c.policy.watch(c.settings.policy_reload_interval_s)
@@ -213,6 +259,8 @@ def _lifespan(c: Components):
             if c.sandbox is not None:
                 await c.sandbox.stop()
             await c.audit.close()
+            if c.data_lock is not None:
+                c.data_lock.close()  # the folder is free for the next process
             log.info("shut down; audit records written: %d", c.audit.written)
 
     return lifespan

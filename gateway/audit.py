@@ -178,6 +178,12 @@ class AuditReader:
         rows = self._rows("SELECT COUNT(*) FROM audit")
         return rows[0][0] if rows else 0
 
+    def spend_since(self, day_start: float, month_start: float) -> dict[str, tuple[float, float]]:
+        """{tenant: (spend since day_start, since month_start)}: what this log says was billed."""
+        rows = self._rows("SELECT tenant, SUM(CASE WHEN ts >= ? THEN cost_usd ELSE 0 END), SUM(cost_usd) FROM audit "
+                          "WHERE ts >= ? AND cost_usd > 0 GROUP BY tenant", (day_start, month_start))
+        return {tenant: (day or 0.0, month or 0.0) for tenant, day, month in rows}
+
 
 _FILTERS = {
     "tenant": "tenant = ?", "backend": "backend = ?", "outcome": "outcome = ?",

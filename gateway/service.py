@@ -151,6 +151,8 @@ class GenerationService:
             ) + outcome.hedge_cost_usd
             data = await self._deliver(outcome.result.images, req.response_format, ctx)
             record.succeed(outcome, cost)
+            if reservation is None:
+                await self._record_spend(ctx, cost)  # no budget to reserve against: counted all the same
             await self._settle(reservation, cost)
             reservation = None
             return ServedImages(
@@ -202,6 +204,12 @@ class GenerationService:
             f"tenant {ctx.tenant!r} is over its budget (spent today ${day:.4f} of "
             f"{_usd(budget.daily_usd)}, this month ${month:.4f} of {_usd(budget.monthly_usd)}; "
             f"this request needs up to ${worst:.4f})", extra={"tenant": ctx.tenant, "on_limit": on_limit.value})
+
+    async def _record_spend(self, ctx: RequestContext, cost: float) -> None:
+        try:
+            await self.store.record_spend(ctx.tenant, cost, ctx.received_wall)
+        except Exception:
+            log.exception("could not record spend for %s", ctx.tenant)
 
     async def _settle(self, reservation, cost: float) -> None:
         if reservation is not None:

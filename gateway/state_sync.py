@@ -73,6 +73,7 @@ class StateSync:
     async def _loop(self) -> None:
         while True:
             try:
+                await self.store.tick(time.time())
                 await self.flush()
                 await self.pull()
             except Exception:
@@ -88,3 +89,5 @@ class StateSync:
             await asyncio.gather(*self._pending, return_exceptions=True)
         with contextlib.suppress(Exception):
             await self.flush()
+        with contextlib.suppress(Exception):
+            await self.store.tick(time.time())  # the last spend written back
