@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 
 def _gateway_error(_: Request, exc: GatewayError) -> Response:
-    return Response(exc.body(), status_code=exc.status, media_type=MediaType.JSON)
+    return Response(exc.body(), status_code=exc.status, media_type=MediaType.JSON, headers=exc.headers)
 
 
 def _http_error(_: Request, exc: HTTPException) -> Response:

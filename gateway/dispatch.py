@@ -271,9 +271,9 @@ class Dispatcher:
         if not attempts or (sent and all(a.outcome == "timeout" for a in sent)):
             return DeadlineExceeded("the request's deadline passed before any backend delivered",
                                     extra={"attempts": tried})
-        if not sent:
-            return NoBackendAvailable("every candidate backend is at capacity, rate limited or open-circuit",
-                                      extra={"attempts": tried})
+        if not sent:  # held back by caps, pacing or ejections: all of which pass
+            return NoBackendAvailable("every candidate backend is at capacity, paced or ejected",
+                                      extra={"attempts": tried}, headers={"retry-after": "1"})
         return AllBackendsFailed(
             f"all {len({a.backend for a in attempts})} candidate backend(s) failed; "
             f"last: {last_error.message if last_error else '?'}", extra={"attempts": tried})

@@ -23,9 +23,11 @@ def parse_size(size: str) -> tuple[int, int]:
 
 
 class GenerationRequest(BaseModel):
-    """OpenAI images.generate body; unknown fields are ignored as OpenAI adds them over time."""
+    """OpenAI images.generate body plus the gateway's fields. Every field of OpenAI's images API is accepted
+    (some only for compatibility); an unknown field is a 400 naming it, since a typo (`max_cost` for
+    `max_cost_usd`) would otherwise silently drop a constraint."""
 
-    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     prompt: Annotated[str, Field(min_length=1)]
     n: Annotated[int, Field(ge=1, le=10)] = 1
@@ -36,9 +38,12 @@ class GenerationRequest(BaseModel):
     model: Annotated[str, Field(min_length=1, max_length=200)] = "auto"
     user: Annotated[str, Field(max_length=256)] | None = None
     stream: bool = False
-    style: str | None = None
-    background: str | None = None
-    moderation: str | None = None
+    # Accepted as OpenAI defines them; the backends we route to have no such controls (ignored).
+    style: Literal["vivid", "natural"] | None = None
+    background: Literal["transparent", "opaque", "auto"] | None = None
+    moderation: Literal["low", "auto"] | None = None
+    output_compression: Annotated[int, Field(ge=0, le=100)] | None = None
+    partial_images: Annotated[int, Field(ge=0, le=3)] | None = None
     # Gateway extensions (the OpenAI SDK sends them through extra_body).
     tier: Annotated[str, Field(min_length=1, max_length=64)] | None = None
     sla_ms: Annotated[int, Field(gt=0, le=3_600_000)] | None = None
@@ -68,6 +73,17 @@ class GenerationRequest(BaseModel):
         return parse_size(self.size)
 
 
+def _unknown_field(name: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, list(GenerationRequest.model_fields), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; known fields: {', '.join(GenerationRequest.model_fields)}"
+    return f"unknown field{hint}"
+
+
+_CODES = {"missing": "missing_required_parameter", "extra_forbidden": "unknown_parameter"}
+
+
 def _first_error(exc: ValidationError) -> InvalidRequest:
     err = exc.errors()[0]
     loc = [str(p) for p in err["loc"]]
@@ -76,12 +92,13 @@ def _first_error(exc: ValidationError) -> InvalidRequest:
     message = err["msg"].removeprefix("Value error, ")
     if err["type"] == "missing":
         message = "is required"
+    elif err["type"] == "extra_forbidden":
+        message = _unknown_field(loc[0] if loc else "")
     detail = f"{where}: {message}" if len(exc.errors()) == 1 else (
         f"{where}: {message} (and {len(exc.errors()) - 1} more: "
         + ", ".join(".".join(str(p) for p in e["loc"]) for e in exc.errors()[1:]) + ")"
     )
-    return InvalidRequest(detail, param=param,
-                          code="missing_required_parameter" if err["type"] == "missing" else "invalid_value")
+    return InvalidRequest(detail, param=param, code=_CODES.get(err["type"], "invalid_value"))
 
 
 def parse_generation_request(body: bytes) -> GenerationRequest:

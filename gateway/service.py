@@ -11,6 +11,7 @@ import base64
 import dataclasses
 import hashlib
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -20,7 +21,7 @@ from backends.protocol import Backend, GeneratedImage, GenerationJob
 from policies.costs import settled_cost_usd
 from policies.decide import decide
 from policies.schema import Policy
-from policies.types import Decision, RouteRequest
+from policies.types import Decision, RejectReason, RouteRequest
 
 from .audit import AuditLog
 from .dispatch import Attempt, Dispatcher, DispatchOutcome
@@ -95,6 +96,7 @@ class GenerationService:
         self._images = images
         self._limits = limits
         self._public_url = public_url.rstrip("/") if public_url else None
+        self._guards = guards or {}
         self.snapshots = SnapshotSource(backends, guards)
         self._dispatcher = Dispatcher(backends, guards, redact=redact)
 
@@ -133,7 +135,7 @@ class GenerationService:
             decision = decide(route, policy, snapshot)
             record.decision = decision
             if not decision.candidates:
-                raise _no_candidate(decision)
+                raise _no_candidate(decision, self._retry_after)
             decision, reservation = await self._within_budget(route, policy, snapshot, decision, ctx)
             record.decision = decision
             deadline = ctx.received_mono + decision.sla_ms / 1000
@@ -203,7 +205,22 @@ class GenerationService:
         raise BudgetExceeded(
             f"tenant {ctx.tenant!r} is over its budget (spent today ${day:.4f} of "
             f"{_usd(budget.daily_usd)}, this month ${month:.4f} of {_usd(budget.monthly_usd)}; "
-            f"this request needs up to ${worst:.4f})", extra={"tenant": ctx.tenant, "on_limit": on_limit.value})
+            f"this request needs up to ${worst:.4f})", extra={"tenant": ctx.tenant, "on_limit": on_limit.value},
+            # a retry in seconds cannot help; the budget's window says when one can
+            headers={"x-should-retry": "false",
+                     "retry-after": str(_seconds_to_reset(ctx.received_wall, budget, day + worst, month + worst))})
+
+    def _retry_after(self, backends: list[str]) -> float:
+        """Seconds until the first of these backends could serve again (an ejection ends, a pacing pause)."""
+        waits = []
+        for name in backends:
+            guard = self._guards.get(name)
+            if guard is None:
+                waits.append(5.0)  # warming or otherwise not ready: check back soon
+                continue
+            until = guard.ejector.until
+            waits.append(max(guard.pacer.wait_s(), (until - time.monotonic()) if until is not None else 1.0))
+        return min(waits, default=1.0)
 
     async def _record_spend(self, ctx: RequestContext, cost: float) -> None:
         try:
@@ -258,18 +275,40 @@ class GenerationService:
         return out
 
 
+def _seconds_to_reset(now: float, budget, day_need: float, month_need: float) -> int:
+    """Until the UTC day (or, where the month's limit is what binds, the month) starts again."""
+    import calendar
+
+    t = time.gmtime(now)
+    next_day = calendar.timegm((t.tm_year, t.tm_mon, t.tm_mday, 0, 0, 0)) + 86400
+    month_binds = budget.monthly_usd is not None and month_need > budget.monthly_usd
+    if month_binds or budget.daily_usd is None:
+        year, month = (t.tm_year + 1, 1) if t.tm_mon == 12 else (t.tm_year, t.tm_mon + 1)
+        return max(1, int(calendar.timegm((year, month, 1, 0, 0, 0)) - now))
+    return max(1, int(next_day - now))
+
+
 def _usd(limit: float | None) -> str:
     return "no limit" if limit is None else f"${limit:.4f}"
 
 
-def _no_candidate(decision: Decision) -> NoBackendAvailable:
+# Rejections that pass with time (an ejection ends, a pool warms up): worth retrying. The others (SLA,
+# cost ceiling, quality, rules, size) hold for this request whatever the client does.
+_PASSING = {RejectReason.UNHEALTHY, RejectReason.NOT_READY}
+
+
+def _no_candidate(decision: Decision, retry_after: Callable[[list[str]], float]) -> NoBackendAvailable:
     reasons = sorted({r.reason.value for r in decision.rejected})
+    passing = [r.backend for r in decision.rejected if r.reason in _PASSING]
+    headers = {"retry-after": f"{max(1, math.ceil(retry_after(passing)))}"} if passing else \
+        {"x-should-retry": "false"}
     return NoBackendAvailable(
         f"no backend can serve this request within tier {decision.tier!r}, SLA {decision.sla_ms} ms"
         + (f" and max cost ${decision.max_cost_usd}" if decision.max_cost_usd is not None else "")
         + f"; reasons: {', '.join(reasons) or 'no backends configured'}",
         extra={"rejected": [{"backend": r.backend, "reason": r.reason.value, "detail": r.detail}
                             for r in decision.rejected]},
+        headers=headers,
     )
 
 

@@ -72,11 +72,34 @@ def test_policy_validate_reports_errors_with_paths_and_warnings(gateway):
     assert any(e.startswith("objective") for e in bad.json()["errors"])
     policy = admin(gateway, "GET", "/admin/policy").json()["policy"]
     policy["rules"] = [{"name": "all", "match": {}}, {"name": "never", "match": {"tiers": ["premium"]}}]
-    policy["tiers"]["ultra"] = {"min_quality": 0.99}
     warned = admin(gateway, "POST", "/admin/policy/validate", content=json.dumps(policy)).json()
     assert warned["valid"] is True
-    text = "\n".join(warned["warnings"])
-    assert "rules[1] ('never') is unreachable" in text and "tiers.ultra" in text
+    assert "rules[1] ('never') is unreachable" in "\n".join(warned["warnings"])
+    policy["tiers"]["ultra"] = {"min_quality": 0.99}  # nothing can serve it: refused, with its path
+    refused = admin(gateway, "POST", "/admin/policy/validate", content=json.dumps(policy)).json()
+    assert refused["valid"] is False and any(e.startswith("tiers.ultra") for e in refused["errors"])
+
+
+@pytest.mark.parametrize("body", ["", "{}", "null", "\n"])
+def test_an_empty_policy_is_refused_and_the_running_one_stays(gateway, body):
+    before = admin(gateway, "GET", "/admin/policy").json()["version"]
+    r = admin(gateway, "PUT", "/admin/policy", content=body)
+    assert r.status_code == 422 and "empty" in " ".join(r.json()["error"]["errors"])
+    assert admin(gateway, "GET", "/admin/policy").json()["version"] == before
+    assert generate(gateway).status_code == 200
+
+
+def test_a_policy_leaving_a_tier_with_no_backend_is_refused_with_the_path(gateway):
+    policy = admin(gateway, "GET", "/admin/policy").json()["policy"]
+    policy["tiers"]["premium"]["min_quality"] = 0.999
+    r = admin(gateway, "PUT", "/admin/policy", content=json.dumps(policy))
+    assert r.status_code == 422 and any(e.startswith("tiers.premium") for e in r.json()["error"]["errors"])
+
+
+@pytest.mark.parametrize("cursor", ["null", "abc", "1.5", "~", "1~ZZ"])
+def test_a_malformed_audit_cursor_is_a_400_naming_it(gateway, cursor):
+    r = admin(gateway, "GET", "/admin/audit", params={"cursor": cursor})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "cursor"
 
 
 def test_replace_history_diff_and_rollback(gateway):

@@ -75,10 +75,19 @@ def test_unknown_route_is_404_in_openai_shape(client):
     assert "error" in r.json()
 
 
-def test_unknown_openai_fields_are_ignored(client):
-    r = client.post("/v1/images/generations", json={"prompt": "x", "size": "256x256", "style": "vivid",
-                                                     "output_compression": 50, "future_field": {"a": 1}})
+def test_every_openai_images_field_is_accepted(client):
+    r = client.post("/v1/images/generations", json={
+        "prompt": "x", "size": "256x256", "style": "vivid", "output_compression": 50, "background": "opaque",
+        "moderation": "auto", "stream": False, "partial_images": 0, "quality": "high", "user": "u1",
+        "output_format": "png", "response_format": "b64_json", "n": 1, "model": "auto"})
     assert r.status_code == 200, r.text
+
+
+def test_an_unknown_field_is_a_400_naming_it_so_a_typo_never_drops_a_constraint(client):
+    r = client.post("/v1/images/generations", json={"prompt": "x", "size": "256x256", "max_cost": 0.0})
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["param"] == "max_cost" and err["code"] == "unknown_parameter" and "max_cost_usd" in err["message"]
 
 
 def test_no_candidate_is_503_listing_every_rejected_backend(client):

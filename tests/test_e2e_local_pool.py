@@ -20,7 +20,7 @@ def test_concurrent_requests_are_batched_and_the_snapshot_shows_the_pool(setting
         async with httpx.AsyncClient(base_url=server.base_url, timeout=60) as client:
             return await asyncio.gather(*(
                 client.post("/v1/images/generations",
-                            json={"prompt": f"p{i}", "size": "64x64", "extra": 1, "steps": 2, "seed": i})
+                            json={"prompt": f"p{i}", "size": "64x64", "steps": 2, "seed": i})
                 for i in range(12)))
 
     responses = asyncio.run(fire())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator, Mapping
 
@@ -29,13 +30,37 @@ class PolicyRejected(InvalidRequest):
     code = "policy_invalid"
 
 
-async def _policy_body(request: Request):
+def _refusals(candidate, backends: Mapping[str, Backend]) -> list[str]:
+    """What makes a valid policy unsafe to apply: a tier no configured backend can serve (every request of
+    it would get 503) is refused, with its path."""
+    return [w for w in policy_warnings(candidate, set(backends)) if w.startswith("tiers.")]
+
+
+async def _policy_body(request: Request, backends: Mapping[str, Backend]):
     body = await request.body()
+    text = body.decode("utf-8", "replace")
     try:
-        return parse_policy(body.decode("utf-8", "replace"), "request body")
+        candidate = parse_policy(text, "request body")
+        if not text.strip() or not _non_empty(text):
+            raise ConfigError("request body", ["(root): the policy is empty; send a whole policy (GET /admin/policy "
+                                               "shows the running one)"])
     except ConfigError as exc:
         raise PolicyRejected("the policy is invalid; the running policy stays",
                              extra={"errors": exc.errors}) from exc
+    refusals = _refusals(candidate, backends)
+    if refusals:
+        raise PolicyRejected("the policy would leave a tier with no backend; the running policy stays",
+                             extra={"errors": refusals})
+    return candidate
+
+
+def _non_empty(text: str) -> bool:
+    import yaml
+
+    try:
+        return bool(yaml.safe_load(text))
+    except yaml.YAMLError:
+        return True  # parse_policy has said what is wrong
 
 
 def _who(request: Request) -> str:
@@ -56,13 +81,16 @@ async def validate_policy(request: Request, backends: Mapping[str, Backend]) -> 
         candidate = parse_policy((await request.body()).decode("utf-8", "replace"), "request body")
     except ConfigError as exc:
         return {"valid": False, "errors": exc.errors, "warnings": []}
+    refusals = _refusals(candidate, backends)
+    if refusals:
+        return {"valid": False, "errors": refusals, "warnings": []}
     return {"valid": True, "errors": [], "fingerprint": candidate.fingerprint,
             "warnings": policy_warnings(candidate, set(backends))}
 
 
 @put("/policy")
 async def replace_policy(request: Request, policy: PolicyRegistry, backends: Mapping[str, Backend]) -> dict:
-    candidate = await _policy_body(request)
+    candidate = await _policy_body(request, backends)
     entry = policy.apply(candidate, _who(request), request.query_params.get("note", ""))
     return {**entry.summary(), "warnings": policy_warnings(candidate, set(backends))}
 
@@ -119,10 +147,16 @@ async def query_audit(audit: AuditLog, limit: int = 100, cursor: str | None = No
                       policy_version: str | None = None) -> dict:
     if not 1 <= limit <= 1000:
         raise InvalidRequest("limit: 1..1000", param="limit")
+    if cursor is not None and not _CURSOR.match(cursor):
+        raise InvalidRequest("cursor: not a cursor this API gave (use next_cursor from the previous page)",
+                             param="cursor")
     page, next_cursor = audit_query(AuditReader(audit.path), limit=limit, cursor=cursor, since=since,
                                     until=until, tenant=tenant, backend=backend, outcome=outcome,
                                     sla_missed=sla_missed, policy_version=policy_version)
     return {"data": page, "next_cursor": next_cursor}
+
+
+_CURSOR = re.compile(r"^\d+(\.\d+)?(e[+-]?\d+)?~[0-9a-f]{1,64}$")
 
 
 @get("/audit/export")
