@@ -63,9 +63,27 @@ def cmd_serve(args) -> int:
     _scrub_logs(app.state.redactor)
     print(_banner(settings, sandbox_active(settings)), flush=True)
     uvicorn.run(app, host=settings.server.host, port=settings.server.port,
-                log_level=settings.server.log_level, access_log=False, timeout_graceful_shutdown=30,
+                log_level=settings.server.log_level, access_log=False,
+                timeout_graceful_shutdown=settings.server.drain_timeout_s,
                 loop=settings.server.loop, http=settings.server.http)
+    _exit_past_lingering_threads()
     return 0
+
+
+def _exit_past_lingering_threads() -> None:
+    """The app has shut down (requests drained, audit flushed). A local-pool warm-up still compiling in a
+    thread cannot be interrupted; the interpreter would wait for it at exit (minutes), so exit now."""
+    import os
+    import threading
+
+    lingering = [t.name for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon
+                 and t.is_alive()]
+    if lingering:
+        logging.getLogger(__name__).warning("exiting without waiting for %s", ", ".join(lingering))
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def cmd_policy_schema(args) -> int:

@@ -42,6 +42,9 @@ class ServerSettings(_Section):
         None, description="Base URL clients reach us at, for image links; default: the request's."
     )
     max_body_bytes: int = Field(1_048_576, gt=0)
+    drain_timeout_s: float = Field(
+        30.0, gt=0, description="On SIGTERM/SIGINT: how long requests in flight may finish before they are cut; "
+        "the process exits within this plus 5 s in any state (warming, serving, draining).")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     loop: Literal["auto", "uvloop", "asyncio"] = Field(
         "auto", description="Event loop; auto = uvloop when installed (measured: docs/benchmarks.md).")

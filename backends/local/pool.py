@@ -160,6 +160,8 @@ class LocalPool:
         for worker in self.workers:
             with contextlib.suppress(Exception):
                 await worker.stop()
+        for task in self._starting:
+            task.cancel()  # a warm-up still running is abandoned, not awaited
         self._save_profile()
 
     def _save_profile(self) -> None:

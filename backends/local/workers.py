@@ -118,8 +118,14 @@ class ThreadWorker(_WorkerBase):
         await self.start()
 
     async def stop(self) -> None:
+        warming = self.state != "ready"
         self.state, self.detail = "stopped", "stopped"
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        if warming:
+            # A warm-up (minutes of compiling on a GPU) cannot be interrupted in a thread: leave it, and the
+            # process exits without waiting for it (gateway.cli), rather than hanging the shutdown.
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            return
+        await asyncio.to_thread(self._executor.shutdown, True, cancel_futures=True)
 
 
 def _child_main(spec: EngineSpec, warm: list[WarmShape], conn) -> None:
@@ -218,12 +224,13 @@ class ProcessWorker(_WorkerBase):
             self._conn.close()
 
     async def stop(self) -> None:
+        ready = self.state == "ready"
         self.state, self.detail = "stopped", "stopped"
-        if self._conn is not None and self._process is not None and self._process.is_alive():
-            try:
+        if ready and self._conn is not None and self._process is not None and self._process.is_alive():
+            try:  # a ready child finishes its batch and exits; a warming one is not listening: killed at once
                 self._conn.send(None)
-                self._process.join(timeout=10)
+                await asyncio.to_thread(self._process.join, 10)
             except OSError:
                 pass
-        self._terminate()
+        await asyncio.to_thread(self._terminate)
         self._executor.shutdown(wait=False, cancel_futures=True)
