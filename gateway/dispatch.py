@@ -105,13 +105,15 @@ class Dispatcher:
         while queue and self._clock() < deadline:
             candidate = queue.pop(0)
             hedge_with, hedge_after_ms = decision.hedge_partner(candidate, queue), candidate.predicted_latency_ms
-            if hedge_with is None and dispatch.hedge_at_p99 and candidate.p99_ms is not None and queue:
-                # No answer by its p99: the next candidate starts too, if the cost ceiling pays for both.
-                hedge_with = dataclasses.replace(decision, hedge=True).hedge_partner(candidate, queue)
+            if hedge_with is None and dispatch.hedge_at_p99 and candidate.p99_ms is not None:
+                # No answer by its p99: the next candidate starts too (the same backend again when it is the
+                # last: a hung call must not take the request down with it), if the cost ceiling pays for both.
+                hedge_with = dataclasses.replace(decision, hedge=True).hedge_partner(candidate, queue or [candidate])
                 hedge_after_ms = max(candidate.p99_ms, candidate.predicted_latency_ms)
             try:
                 if hedge_with is not None:
-                    queue.remove(hedge_with)
+                    if hedge_with is not candidate:
+                        queue.remove(hedge_with)
                     return await self._hedged(candidate, hedge_with, job, deadline, attempts, began, dispatch,
                                               hedge_after_ms, last_resort=not queue)
                 cap = self._attempt_deadline(candidate, queue, deadline) if dispatch.attempt_budget else deadline
@@ -138,10 +140,12 @@ class Dispatcher:
         # The first try runs bare: it almost always succeeds, and tenacity's bookkeeping (its retry object,
         # strategies and per-try state) cost ~6% of the gateway's CPU per request. Only a retryable failure
         # brings tenacity in, which sees that failure as its own first attempt.
+        tries = max(dispatch.max_attempts_per_backend, dispatch.last_candidate_attempts) if last_resort \
+            else dispatch.max_attempts_per_backend
         try:
             return await self._attempt(candidate, job, deadline, attempts, began, hedge, last_resort)
         except BaseException as exc:
-            if not _retryable(exc) or dispatch.max_attempts_per_backend <= 1:
+            if not _retryable(exc) or tries <= 1:
                 raise
             first_error = exc
 
@@ -149,7 +153,7 @@ class Dispatcher:
             return self._clock() + state.upcoming_sleep >= deadline
 
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(dispatch.max_attempts_per_backend) | past_deadline,
+            stop=stop_after_attempt(tries) | past_deadline,
             wait=_wait_for(wait_random_exponential(multiplier=dispatch.backoff_initial_ms / 1000,
                                                    max=dispatch.backoff_max_ms / 1000)),
             retry=retry_if_exception(_retryable),
@@ -233,6 +237,11 @@ class Dispatcher:
                     return DispatchOutcome(first, primary.result(), attempts)
                 errors.append(primary.exception())
                 del tasks[primary]
+                if second is first:  # it failed, retries spent: a hedge on itself would only repeat them
+                    raise primary.exception()
+            guard = self._guards.get(first.backend)
+            if second is first and guard is not None and guard.pacer.paced:
+                return DispatchOutcome(first, await primary, attempts)  # it asked us to slow down: no second call
             tasks[start(second, primary not in done)] = second
             while tasks:
                 done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)

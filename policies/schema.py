@@ -90,12 +90,16 @@ class Dispatch(_Strict):
     fallback_on_content_refusal: bool = Field(
         False, description="May another backend try a prompt one provider's content policy refused?")
     hedge: bool = Field(False, description="Start the next candidate if the first is late (rules may override).")
+    last_candidate_attempts: int = Field(
+        4, ge=1, le=10, description="Tries of the last candidate left (nowhere else to go) on retryable errors, "
+        "within the deadline.")
     attempt_budget: bool = Field(
         True, description="An API attempt may take at most what leaves the next candidate its predicted latency "
         "before the deadline (a hung provider cannot use the whole SLA).")
     hedge_at_p99: bool = Field(
-        True, description="An API call with no answer by its predicted p99 starts the next candidate too, if the "
-        "cost ceiling pays for both; the first answer wins, the loser is cancelled and audited.")
+        True, description="An API call with no answer by its predicted p99 starts the next candidate too (the same "
+        "backend again when it is the last), if the cost ceiling pays for both; the first answer wins, the loser "
+        "is cancelled and audited.")
 
 
 class Match(_Strict):

@@ -20,6 +20,7 @@ class FaultProfile(BaseModel):
     hang_rate: float = Field(0.0, ge=0, le=1, description="never answer (until hang_s)")
     malformed_rate: float = Field(0.0, ge=0, le=1, description="200 with truncated JSON")
     content_violation_rate: float = Field(0.0, ge=0, le=1)
+    job_error_rate: float = Field(0.0, ge=0, le=1, description="async jobs (Bria) accepted, then ending in ERROR")
     retry_after_s: float = Field(1.0, ge=0)
     hang_s: float = Field(600.0, ge=0)
 
@@ -41,7 +42,7 @@ class Verdict(BaseModel):
     """What the sandbox will do with one request."""
 
     latency_s: float
-    fault: str | None = None  # error | rate_limit | hang | malformed | content_violation
+    fault: str | None = None  # error | rate_limit | hang | malformed | content_violation | job_error
 
 
 def draw(profile: FaultProfile, rng: random.Random) -> Verdict:
@@ -52,7 +53,7 @@ def draw(profile: FaultProfile, rng: random.Random) -> Verdict:
     roll = rng.random()
     for fault, rate in (("error", profile.error_rate), ("rate_limit", profile.rate_limit_rate),
                         ("hang", profile.hang_rate), ("malformed", profile.malformed_rate),
-                        ("content_violation", profile.content_violation_rate)):
+                        ("content_violation", profile.content_violation_rate), ("job_error", profile.job_error_rate)):
         if roll < rate:
             return Verdict(latency_s=latency, fault=fault)
         roll -= rate

@@ -238,6 +238,9 @@ async def bria_generate(request: Request, state: State) -> Response:
     v = sbx.verdict("bria")
     if v.fault == "rate_limit":
         return _bria_error(429, "rate limit exceeded", **{"retry-after": str(sbx.config.bria.retry_after_s)})
+    if v.fault == "error":
+        await sbx.wait("bria", v)
+        return _bria_error(503, "service unavailable")
     if v.fault == "content_violation":
         return _bria_error(422, "prompt failed content moderation")
     request_id = secrets.token_hex(8)
@@ -256,7 +259,7 @@ def _bria_status(sbx: _Sandbox, request_id: str, base: str) -> dict:
     job = sbx.bria_jobs[request_id]
     if job["fault"] == "hang" or time.monotonic() < job["ready_at"]:
         return {"request_id": request_id, "status": "IN_PROGRESS"}
-    if job["fault"] in ("error", "malformed"):
+    if job["fault"] in ("job_error", "malformed"):
         return {"request_id": request_id, "status": "ERROR",
                 "error": {"code": 500, "message": "generation failed", "details": ""}}
     url = job.get("url") or sbx.keep(job["png"], base)

@@ -7,6 +7,7 @@ import dataclasses
 import time
 from collections import Counter
 
+from backends.errors import BackendTransientError
 from backends.protocol import GenerationJob
 from gateway.dispatch import Dispatcher
 from gateway.guard import BackendGuard
@@ -115,3 +116,31 @@ async def test_two_equal_deployments_share_the_traffic_and_a_slow_one_gets_less(
     assert 30 <= equal["east"] <= 50  # about half each (a name tie-break gave 100/0)
     skewed = await share(0.05, 0.2)
     assert skewed["east"] > skewed["west"] > 0
+
+
+async def test_the_last_candidate_hedges_on_itself_past_its_p99_so_one_hung_call_does_not_fail_the_request():
+    calls = []
+
+    class HangsOnce(ScriptedBackend):
+        async def generate(self, job, deadline):
+            calls.append(job)
+            if len(calls) == 1:
+                await asyncio.sleep(60)
+            return await super().generate(job, deadline)
+
+    only = HangsOnce("only")
+    attempts = []
+    started = time.monotonic()
+    out = await Dispatcher({"only": only}).run(decision(("only", 100, 300), sla_ms=5000), JOB, started + 5, attempts)
+    assert out.candidate.backend == "only" and time.monotonic() - started < 1.0
+    assert [(a.outcome, a.hedge) for a in attempts] == [("cancelled", False), ("ok", True)]
+
+
+async def test_the_last_candidate_keeps_trying_within_the_deadline():
+    fails = iter([BackendTransientError("500")] * 3)
+    only = ScriptedBackend("only", fail=lambda j: next(fails, None))
+    attempts = []
+    out = await Dispatcher({"only": only}).run(decision(("only", 100, 300), sla_ms=5000), JOB,
+                                               time.monotonic() + 5, attempts,
+                                               Dispatch(backoff_initial_ms=1, backoff_max_ms=2, hedge_at_p99=False))
+    assert out.candidate.backend == "only" and [a.outcome for a in attempts] == ["error"] * 3 + ["ok"]

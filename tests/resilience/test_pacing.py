@@ -24,7 +24,7 @@ JOB = GenerationJob(id="j1", prompt="p", width=1024, height=1024)
 def decision(*names: str, sla_ms: int = 10_000, latency_ms: float = 100.0) -> Decision:
     return Decision(policy_version="v", tier="standard", sla_ms=sla_ms, max_cost_usd=None, objective="min_cost",
                     rule=None, rejected=(), reason="test",
-                    candidates=tuple(Candidate(n, "m1", latency_ms, 0.01, 0.8, 4, p99_ms=latency_ms * 2)
+                    candidates=tuple(Candidate(n, "m1", latency_ms, 0.01, 0.8, 4, p99_ms=latency_ms * 50)
                                      for n in names))
 
 
