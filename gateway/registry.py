@@ -58,7 +58,7 @@ def _provider(name: str, provider: ProviderSettings, settings: Settings, sandbox
         timeout_s=provider.timeout_s, connect_timeout_s=provider.connect_timeout_s,
         max_download_bytes=settings.images.max_download_bytes, max_n=provider.max_n,
         sandbox=sandbox_url is not None and provider.kind in SANDBOX_PREFIX, options=provider.options,
-        transport=provider.transport,
+        transport=provider.transport, ca_bundle=str(provider.ca_bundle) if provider.ca_bundle else None,
     )
     return cls(config)
 

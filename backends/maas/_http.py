@@ -23,7 +23,7 @@ from ..errors import (
     BackendTransientError,
     ContentRefused,
 )
-from .transport import FastTransport, origin_of
+from .transport import FastTransport, origin_of, ssl_context
 
 __all__ = [
     "ProviderConfig",
@@ -55,6 +55,7 @@ class ProviderConfig:
     sandbox: bool = False
     options: dict[str, Any] = field(default_factory=dict)
     transport: str = "fast"  # fast: backends.maas.transport (lean keep-alive pool); httpx: httpx's own
+    ca_bundle: str | None = None  # CA certificates (PEM) to verify the provider; default SSL_CERT_FILE, else system
 
     def timeout(self) -> httpx.Timeout:
         return httpx.Timeout(self.timeout_s, connect=self.connect_timeout_s)
@@ -63,11 +64,11 @@ class ProviderConfig:
         """One pooled client per backend, for its whole life."""
         transport = None
         if self.transport == "fast":
-
-            transport = FastTransport(max_connections=100, max_body_bytes=self.max_download_bytes + 1024 * 1024)
+            transport = FastTransport(max_connections=100, max_body_bytes=self.max_download_bytes + 1024 * 1024,
+                                      ca_bundle=self.ca_bundle)
         return httpx.AsyncClient(base_url=self.base_url.rstrip("/"), timeout=self.timeout(), headers=headers,
                                  limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
-                                 transport=transport)
+                                 transport=transport, verify=ssl_context(self.ca_bundle))
 
 
 def remaining(deadline: float) -> float:
