@@ -110,12 +110,13 @@ def wait_up(url: str, timeout: float = 60) -> None:
 
 
 def start_imagegw(upstream_port: int, tmp: Path, server: dict | None = None,
-                  redis_url: str | None = None) -> tuple[subprocess.Popen, int]:
+                  redis_url: str | None = None, transport: str = "fast") -> tuple[subprocess.Popen, int]:
     port = free_port()
     config = tmp / "config"
     config.mkdir()
     backends = {f"up{i}": {"kind": "openai", "base_url": f"http://127.0.0.1:{upstream_port}/v1",
-                           "api_key_env": "BENCH_UPSTREAM_KEY", "model": "bench"} for i in (1, 2)}
+                           "api_key_env": "BENCH_UPSTREAM_KEY", "model": "bench", "transport": transport}
+                for i in (1, 2)}
     (config / "gateway.yaml").write_text(json.dumps({
         "server": {"host": "127.0.0.1", "port": port, "log_level": "warning", **(server or {})},
         "data_dir": str(tmp / "data"),
@@ -307,6 +308,8 @@ def main() -> None:
     p.add_argument("--servers", default="", help="also imagegw with these event loop/HTTP parser pairs, "
                    "e.g. asyncio/h11,uvloop/h11,asyncio/httptools")
     p.add_argument("--redis-url", help="imagegw shares state through this Redis (as replicas do)")
+    p.add_argument("--transports", default="", help="also imagegw with these provider transports, side by side "
+                   "with the default (fast), e.g. aiohttp,httpx")
     p.add_argument("--loadgen", choices=["raw", "httpx"], default="raw",
                    help="raw: prebuilt requests on kept-alive sockets (cheap); httpx: an httpx.AsyncClient")
     args = p.parse_args()
@@ -329,6 +332,12 @@ def main() -> None:
                                                {"loop": loop, "http": http}, args.redis_url)
             procs.append(proc)
             targets.append((f"imagegw {variant}", f"http://127.0.0.1:{variant_port}{path}", proc.pid, {}))
+        for transport in args.transports.split(",") if args.transports else []:
+            (Path(tmp) / f"t-{transport}").mkdir()
+            proc, t_port = start_imagegw(up_port, Path(tmp) / f"t-{transport}", redis_url=args.redis_url,
+                                         transport=transport)
+            procs.append(proc)
+            targets.append((f"imagegw transport={transport}", f"http://127.0.0.1:{t_port}{path}", proc.pid, {}))
         rows = []
         try:
             if args.peers:
@@ -359,7 +368,8 @@ def main() -> None:
     print(f"\ncommand: .venv/bin/python benchmarks/gateway_overhead.py --seconds {args.seconds:.0f} "
           f"--delay-ms {args.delay_ms:.0f} --image-kb {args.image_kb} --loads {args.loads} --loadgen {args.loadgen}"
           + (f" --peers {args.peers}" if args.peers else "") + (f" --servers {args.servers}" if args.servers else "")
-          + (f" --redis-url {args.redis_url}" if args.redis_url else ""))
+          + (f" --redis-url {args.redis_url}" if args.redis_url else "")
+          + (f" --transports {args.transports}" if args.transports else ""))
 
 
 if __name__ == "__main__":

@@ -126,8 +126,9 @@ class ProviderSettings(_Section):
         "60 s, shared by replicas through Redis.")
     ca_bundle: Path | None = Field(None, description="CA certificates (PEM) to verify this provider's TLS "
                                    "certificate; default: SSL_CERT_FILE, else the system's.")
-    transport: Literal["fast", "httpx"] = Field(
-        "fast", description="fast: the gateway's lean HTTP/1.1 keep-alive transport; httpx: httpx's own pool.")
+    transport: Literal["fast", "httpx", "aiohttp"] = Field(
+        "fast", description="fast: the gateway's lean HTTP/1.1 keep-alive transport; httpx: httpx's own pool; "
+        "aiohttp: aiohttp's client (needs the aiohttp package; measured in docs/benchmarks.md).")
     options: dict = Field(default_factory=dict, description="Provider-specific knobs (see docs/providers.md).")
 
     @field_validator("kind")

@@ -63,7 +63,12 @@ class ProviderConfig:
     def make_client(self, **headers: str) -> httpx.AsyncClient:
         """One pooled client per backend, for its whole life."""
         transport = None
-        if self.transport == "fast":
+        if self.transport == "aiohttp":
+            from .transport_aiohttp import AiohttpTransport
+
+            transport = AiohttpTransport(max_connections=100, max_body_bytes=self.max_download_bytes + 1024 * 1024,
+                                         ca_bundle=self.ca_bundle)
+        elif self.transport == "fast":
             transport = FastTransport(max_connections=100, max_body_bytes=self.max_download_bytes + 1024 * 1024,
                                       ca_bundle=self.ca_bundle)
         return httpx.AsyncClient(base_url=self.base_url.rstrip("/"), timeout=self.timeout(), headers=headers,
@@ -178,7 +183,7 @@ async def send(client: httpx.AsyncClient, method: str, url: str, deadline: float
     """One HTTP call bounded by the deadline; transport failures become our errors."""
     timeout = min(remaining(deadline), client.timeout.read or 1e9)
     try:
-        if isinstance(client._transport, FastTransport) and kw.keys() <= _DIRECT_KWARGS:
+        if hasattr(client._transport, "exchange") and kw.keys() <= _DIRECT_KWARGS:
             return await _send_direct(client, method, url, httpx.Timeout(timeout, connect=min(timeout, 10.0)), **kw)
         return await client.request(method, url, timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)), **kw)
     except httpx.TimeoutException as exc:
@@ -261,6 +266,8 @@ async def _send_direct(client: httpx.AsyncClient, method: str, url: str, timeout
     """The request straight to the lean transport. httpx's client layer (URL merging and parsing, cookie
     jar, auth and redirect flows) and its Request/Response objects were over a quarter of the gateway's
     CPU per proxied call; provider APIs need none of it: a fixed URL per backend, no cookies, no redirects."""
+    if not isinstance(client._transport, FastTransport):
+        return await _send_aiohttp(client, method, url, timeout, json=json, headers=headers, content=content)
     origin, target, head = _request_head(client, method, url, headers)
     if json is not None:
         body = msgspec.json.encode(json)
@@ -272,6 +279,33 @@ async def _send_direct(client: httpx.AsyncClient, method: str, url: str, timeout
     reply = await client._transport.exchange(origin, head, body, timeout.as_dict())
     if any(k.lower() == b"content-encoding" and v.strip().lower() != b"identity" for k, v in reply.headers):
         # Compressed (the client accepts what httpx can decode): let httpx decode it.
+        return httpx.Response(reply.status, headers=reply.headers, content=reply.body,
+                              request=httpx.Request(method, target))
+    return DirectResponse(reply.status, reply.headers, reply.body, target)
+
+
+async def _send_aiohttp(client: httpx.AsyncClient, method: str, url: str, timeout: httpx.Timeout, *,
+                        json: Any = None, headers: dict[str, str] | None = None,
+                        content: bytes | None = None) -> DirectResponse | httpx.Response:
+    """The direct path over aiohttp's client: the same headers as the lean path, no httpx objects."""
+    heads = client.__dict__.setdefault("_imagegw_aio_heads", {})
+    key = (url, tuple(headers.items()) if headers else ())
+    cached = heads.get(key)
+    if cached is None:
+        merged = list(client.headers.raw)
+        if headers:
+            override = {k.lower().encode() for k in headers}
+            merged = [(k, v) for k, v in merged if k.lower() not in override] + \
+                [(k.encode(), v.encode()) for k, v in headers.items()]
+        if len(heads) >= 256:
+            heads.clear()
+        cached = heads[key] = (str(client._merge_url(url)), merged)
+    target, merged = cached
+    body = msgspec.json.encode(json) if json is not None else (content or b"")
+    if json is not None:
+        merged = [*merged, (b"Content-Type", b"application/json")]
+    reply = await client._transport.exchange(method, target, merged, body, timeout.as_dict())
+    if any(k.lower() == b"content-encoding" and v.strip().lower() != b"identity" for k, v in reply.headers):
         return httpx.Response(reply.status, headers=reply.headers, content=reply.body,
                               request=httpx.Request(method, target))
     return DirectResponse(reply.status, reply.headers, reply.body, target)

@@ -141,59 +141,66 @@ def proxy():
     p.close()
 
 
-def backend(base_url: str, **kw) -> OpenAIImagesBackend:
+@pytest.fixture(params=["fast", "aiohttp"])
+def transport(request):
+    return request.param
+
+
+def backend(base_url: str, transport: str, **kw) -> OpenAIImagesBackend:
     return OpenAIImagesBackend(ProviderConfig(name="images", base_url=base_url, api_key=SecretStr("k"), model="m",
-                                              transport="fast", **kw))
+                                              transport=transport, **kw))
 
 
 def soon() -> float:
     return time.monotonic() + 10
 
 
-async def test_tls_verifies_against_the_configured_ca_bundle(tls_upstream, ca, tmp_path):
+async def test_tls_verifies_against_the_configured_ca_bundle(tls_upstream, ca, tmp_path, transport):
     bundle = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(bundle))
-    got = await backend(tls_upstream, ca_bundle=str(bundle)).generate(JOB, soon())
+    got = await backend(tls_upstream, transport, ca_bundle=str(bundle)).generate(JOB, soon())
     assert got.images[0].content()[:4] == b"\x89PNG"
 
 
-async def test_tls_refuses_a_certificate_no_trusted_ca_signed(tls_upstream, monkeypatch):
+async def test_tls_refuses_a_certificate_no_trusted_ca_signed(tls_upstream, monkeypatch, transport):
     monkeypatch.delenv("SSL_CERT_FILE", raising=False)
     with pytest.raises(BackendTransientError, match="ConnectError"):
-        await backend(tls_upstream).generate(JOB, soon())
+        await backend(tls_upstream, transport).generate(JOB, soon())
 
 
-async def test_ssl_cert_file_names_the_bundle_when_the_provider_does_not(tls_upstream, ca, tmp_path, monkeypatch):
+async def test_ssl_cert_file_names_the_bundle_when_the_provider_does_not(tls_upstream, ca, tmp_path, monkeypatch,
+                                                                       transport):
     bundle = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(bundle))
     monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
-    assert (await backend(tls_upstream).generate(JOB, soon())).images
+    assert (await backend(tls_upstream, transport).generate(JOB, soon())).images
 
 
-async def test_https_goes_through_the_proxy_as_a_connect_tunnel(tls_upstream, ca, tmp_path, proxy, monkeypatch):
+async def test_https_goes_through_the_proxy_as_a_connect_tunnel(tls_upstream, ca, tmp_path, proxy, monkeypatch,
+                                                                transport):
     bundle = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(bundle))
     monkeypatch.setenv("HTTPS_PROXY", proxy.url)
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
-    got = await backend(tls_upstream, ca_bundle=str(bundle)).generate(JOB, soon())
+    got = await backend(tls_upstream, transport, ca_bundle=str(bundle)).generate(JOB, soon())
     assert got.images and proxy.connects == [tls_upstream.split("//")[1].split("/")[0]]  # TLS end to end
 
 
-async def test_no_proxy_sends_matching_hosts_direct(tls_upstream, ca, tmp_path, proxy, monkeypatch):
+async def test_no_proxy_sends_matching_hosts_direct(tls_upstream, ca, tmp_path, proxy, monkeypatch, transport):
     bundle = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(bundle))
     monkeypatch.setenv("HTTPS_PROXY", proxy.url)
     monkeypatch.setenv("NO_PROXY", "localhost,127.0.0.1")
-    assert (await backend(tls_upstream, ca_bundle=str(bundle)).generate(JOB, soon())).images
+    assert (await backend(tls_upstream, transport, ca_bundle=str(bundle)).generate(JOB, soon())).images
     assert proxy.connects == []
 
 
-async def test_plain_http_goes_through_the_proxy_in_absolute_form(http_upstream, proxy, monkeypatch):
+async def test_plain_http_goes_through_the_proxy_in_absolute_form(http_upstream, proxy, monkeypatch, transport):
     monkeypatch.setenv("HTTP_PROXY", proxy.url)
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
-    b = backend(http_upstream)
+    b = backend(http_upstream, transport)
     for _ in range(2):  # the second on the kept-alive connection through the proxy
         assert (await b.generate(JOB, soon())).images
     assert proxy.forwards and proxy.forwards[0] == http_upstream + "/images/generations"
