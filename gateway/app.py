@@ -26,11 +26,11 @@ from .auth import KeyRing
 from .errors import GatewayError, error_body
 from .image_store import ImageStore
 from .metrics import Metrics
+from .openapi import complete_openapi
 from .policy_admin import PolicyRegistry
 from .redact import Redactor
 from .registry import Backends, build_backends
 from .sandbox_runner import SandboxServer, load_sandbox_config
-from .schemas import GenerationRequest
 from .service import GenerationService
 from .settings import Settings
 from .state import MemoryStore, StateStore
@@ -267,14 +267,14 @@ def _lifespan(c: Components):
 
 
 @get("/openapi.json", include_in_schema=False, sync_to_thread=False)
-def openapi_json(request: Request) -> dict:
-    # Litestar's schema plus the generation body, which the handler parses itself (to answer
-    # OpenAI-shaped errors).
-    schema = request.app.openapi_schema.to_schema()
-    op = schema["paths"]["/v1/images/generations"]["post"]
-    op["requestBody"] = {"required": True, "content": {"application/json": {
-        "schema": GenerationRequest.model_json_schema()}}}
-    return schema
+def openapi_json(request: Request, settings: Settings, policy: PolicyRegistry,
+                 backends: Mapping[str, Backend]) -> dict:
+    # Litestar's schema, completed with what it cannot infer (gateway/openapi.py): the generation body the
+    # handler parses itself, OpenAI's error body, every status, the limits in force now.
+    models = ["auto", *settings.limits.model_aliases]
+    for name, backend in backends.items():
+        models += [name, *(f"{name}/{m}" for m in backend.offer.models), *backend.offer.models]
+    return complete_openapi(request.app.openapi_schema.to_schema(), settings, policy.current.tiers, set(models))
 
 
 @get("/metrics", include_in_schema=False, sync_to_thread=False)

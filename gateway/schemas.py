@@ -53,6 +53,14 @@ class GenerationRequest(BaseModel):
     negative_prompt: Annotated[str, Field(max_length=32_000)] | None = None
     tags: Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]], Field(max_length=32)] | None = None
 
+    @field_validator("n", "output_compression", "partial_images", "sla_ms", "seed", "steps", mode="before")
+    @classmethod
+    def _integral(cls, value):
+        """JSON Schema counts 2.0 as an integer: so do we (1.5, "2" and true stay errors)."""
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        return value
+
     @field_validator("size")
     @classmethod
     def _size_shape(cls, value: str) -> str:

@@ -115,3 +115,27 @@ def test_openapi_describes_the_generation_body(client):
 def test_openai_model_names_route_automatically(client):
     r = client.post("/v1/images/generations", json={"prompt": "x", "size": "256x256", "model": "dall-e-3"})
     assert r.status_code == 200 and r.headers["x-gateway-backend"] == "local"
+
+
+def test_the_openapi_document_says_what_the_server_does(client):
+    doc = client.get("/openapi.json").json()
+    gen = doc["paths"]["/v1/images/generations"]["post"]
+    assert {"400", "401", "413", "429", "502", "503", "504"} <= set(gen["responses"])
+    assert gen["responses"]["503"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
+    assert {"x-should-retry", "retry-after"} <= set(gen["responses"]["503"]["headers"])
+    assert "x-gateway-backend" in gen["responses"]["200"]["headers"]
+    props = gen["requestBody"]["content"]["application/json"]["schema"]["properties"]
+    steps = next(s for s in props["steps"]["anyOf"] if s.get("type") == "integer")
+    assert steps["maximum"] == 150  # the server's limit (limits.max_steps), not the model's 500
+    assert "standard" in next(s for s in props["tier"]["anyOf"] if "enum" in s)["enum"]
+    export = doc["paths"]["/admin/audit/export"]["get"]["responses"]["200"]["content"]
+    assert list(export) == ["application/x-ndjson"]
+    limit = next(p for p in doc["paths"]["/admin/audit"]["get"]["parameters"] if p["name"] == "limit")
+    assert (limit["schema"]["minimum"], limit["schema"]["maximum"]) == (1, 1000)
+    assert set(doc["paths"]["/admin/policy"]) >= {"get", "put"}
+    assert client.options("/admin/policy").status_code in (204, 401)
+
+
+def test_an_integral_float_is_an_integer_as_json_schema_says(client):
+    assert client.post("/v1/images/generations", json={"prompt": "x", "size": "256x256", "n": 1.0}).status_code == 200
+    assert client.post("/v1/images/generations", json={"prompt": "x", "size": "256x256", "n": 1.5}).status_code == 400

@@ -8,7 +8,7 @@ import time
 from collections.abc import AsyncIterator, Mapping
 
 import msgspec
-from litestar import Request, Router, get, post, put
+from litestar import HttpMethod, Request, Router, get, post, route
 from litestar.response import Stream
 
 from backends.protocol import Backend
@@ -54,13 +54,22 @@ async def _policy_body(request: Request, backends: Mapping[str, Backend]):
     return candidate
 
 
-def _non_empty(text: str) -> bool:
+_UNPARSED = object()
+
+
+def _loaded(text: str):
+    """The body as YAML (JSON is YAML), or _UNPARSED when it does not parse (parse_policy says why)."""
     import yaml
 
     try:
-        return bool(yaml.safe_load(text))
+        return yaml.safe_load(text)
     except yaml.YAMLError:
-        return True  # parse_policy has said what is wrong
+        return _UNPARSED
+
+
+def _non_empty(text: str) -> bool:
+    loaded = _loaded(text)  # called once parse_policy has parsed it
+    return loaded is not _UNPARSED and bool(loaded)
 
 
 def _who(request: Request) -> str:
@@ -68,8 +77,7 @@ def _who(request: Request) -> str:
     return principal.tenant if principal else "?"
 
 
-@get("/policy")
-async def get_policy(policy: PolicyRegistry) -> dict:
+def _current(policy: PolicyRegistry) -> dict:
     v = policy.version
     return {**v.summary(), "policy": v.policy.model_dump(mode="json"), "yaml": v.yaml(),
             "file_reload_error": policy.last_reload_error}
@@ -77,8 +85,13 @@ async def get_policy(policy: PolicyRegistry) -> dict:
 
 @post("/policy/validate", status_code=200)
 async def validate_policy(request: Request, backends: Mapping[str, Backend]) -> dict:
+    body = await request.body()
+    if not body.strip():
+        raise InvalidRequest("request body is empty; send the policy (YAML or JSON) to validate", param="body")
+    if not isinstance(_loaded(body.decode("utf-8", "replace")), dict):  # not even the shape of a policy
+        raise InvalidRequest("request body: a policy is a mapping (a JSON object, or YAML)", param="body")
     try:
-        candidate = parse_policy((await request.body()).decode("utf-8", "replace"), "request body")
+        candidate = parse_policy(body.decode("utf-8", "replace"), "request body")
     except ConfigError as exc:
         return {"valid": False, "errors": exc.errors, "warnings": []}
     refusals = _refusals(candidate, backends)
@@ -88,8 +101,12 @@ async def validate_policy(request: Request, backends: Mapping[str, Backend]) -> 
             "warnings": policy_warnings(candidate, set(backends))}
 
 
-@put("/policy")
-async def replace_policy(request: Request, policy: PolicyRegistry, backends: Mapping[str, Backend]) -> dict:
+@route("/policy", http_method=[HttpMethod.GET, HttpMethod.PUT], status_code=200)
+async def policy_route(request: Request, policy: PolicyRegistry, backends: Mapping[str, Backend]) -> dict:
+    """GET: the running policy. PUT (YAML or JSON): a new version, validated first. One handler for both, so
+    the path's Allow header lists both."""
+    if request.method == HttpMethod.GET:
+        return _current(policy)
     candidate = await _policy_body(request, backends)
     entry = policy.apply(candidate, _who(request), request.query_params.get("note", ""))
     return {**entry.summary(), "warnings": policy_warnings(candidate, set(backends))}
@@ -197,10 +214,12 @@ async def spend(store: StateStore, policy: PolicyRegistry) -> dict:
 
 @get("/stats")
 async def stats(audit: AuditLog, window_s: float = 3600.0) -> dict:
+    if not 0 < window_s <= 31_622_400:
+        raise InvalidRequest("window_s: seconds, more than 0 and at most a year (31622400)", param="window_s")
     return {"window_s": window_s, "backends": audit_stats(AuditReader(audit.path), time.time() - window_s)}
 
 
 admin_router = Router(path="/admin", guards=[admin_only], include_in_schema=True, route_handlers=[
-    get_policy, validate_policy, replace_policy, simulate_policy, policy_history, policy_diff, rollback_policy,
+    policy_route, validate_policy, simulate_policy, policy_history, policy_diff, rollback_policy,
     query_audit, export_audit, get_audit, stats, spend,
 ])
