@@ -284,6 +284,11 @@ def report(args, fleet: Fleet, results: list[dict], seen: dict, memory: dict, sp
     errors = Counter(f"{r['status']} {r.get('code')}" for r in counted if r["status"] != 200)
     print(f"errors: {dict(errors.most_common())}")
     print(f"audit records: {len(audits)} for {len(results)} requests")
+    attempts = [a for _, _, rec in audits for a in json.loads(rec).get("attempts") or []]
+    invalid = sum(1 for a in attempts if a.get("error_class") == "BackendRequestRejected")
+    print(f"provider calls: {sum(1 for a in attempts if a['outcome'] not in ('skipped', 'paced'))} attempts "
+          f"({sum(1 for a in attempts if a['outcome'] == 'paced')} held back by pacing), "
+          f"{invalid} refused by a provider as invalid")
     print(f"spend: books ${spend_books:.6f}  audit ${audit_cost:.6f}  answers billed ${billed:.6f}  "
           f"(books - billed: ${spend_books - billed:+.6f})")
     for name, c in sorted(seen.items()):
