@@ -185,6 +185,7 @@ def assemble(settings: Settings, policy: Policy, backends: Mapping[str, Backend]
         for guard in built.guards.values():
             if guard.pacer.window is not None:
                 guard.pacer.shared_take = store.take_token  # one window for every replica
+                guard.pacer.local_share = lambda: 1 / store.ledger.replicas  # while Redis is away
     if built.cap is not None:
         built.cap.groups = _tier_groups(registry, built)
     service = GenerationService(backends=built.backends, policy=registry, audit=audit, images=images,

@@ -61,8 +61,9 @@ class Pacer:
         self.min_call_s = min_call_s  # a call is not worth starting with less than this before its deadline
         self.window = RateWindow(per_minute, clock=clock) if per_minute else None
         self.shared_take: SharedTake | None = None  # set when replicas share the window (Redis)
-        self.local_share = 1.0  # the share of per_minute this replica may use while the shared window is away
-        self._shared_wait = 0.0
+        # This replica's share of per_minute while the shared window is away (1 / replicas alive).
+        self.local_share: Callable[[], float] = lambda: 1.0
+        self._shared_until = 0.0  # when the shared window said a turn frees
         self.paused_until = 0.0
         self.pause_reason = ""
         self._backoff_s = 0.0
@@ -70,9 +71,9 @@ class Pacer:
 
     def wait_s(self) -> float:
         """Seconds before the next call could go (for predictions; 0 when it may go now)."""
-        pause = self.paused_until - self._clock()
-        window = self._shared_wait if self.shared_take else (self.window.wait_s() if self.window else 0.0)
-        return max(0.0, pause, window)
+        now = self._clock()
+        window = self._shared_until - now if self.shared_take else (self.window.wait_s() if self.window else 0.0)
+        return max(0.0, self.paused_until - now, window)
 
     @property
     def paced(self) -> bool:
@@ -120,8 +121,8 @@ class Pacer:
         if self.shared_take is not None:
             wait = await self.shared_take(self.name, self.per_minute)
             if wait is not None:
-                self._shared_wait = wait
+                self._shared_until = self._clock() + wait
                 return wait
             # the shared window is unreachable: this replica's share of the limit, locally
-            self.window.limit = max(1, int(self.per_minute * self.local_share))
+            self.window.limit = max(1, int(self.per_minute * self.local_share()))
         return self.window.take()

@@ -126,3 +126,23 @@ async def test_every_upstream_call_takes_a_turn_each_of_n_each_submit_and_each_p
     await bria.generate(dataclasses.replace(JOB, n=2), time.monotonic() + 5)
     assert pacer.calls == submits.call_count + polls.call_count == 2 + 3
     assert len(pacer.window._calls) == 5
+
+
+async def test_replicas_share_one_window_and_each_keeps_to_its_share_while_the_store_is_away():
+    answers = iter([0.0, 12.5, None, None, None, None])
+
+    async def shared(backend, per_minute):
+        return next(answers)
+
+    now = [0.0]
+    pacer = Pacer("a", per_minute=6, clock=lambda: now[0])
+    pacer.shared_take, pacer.local_share = shared, lambda: 1 / 3
+    await pacer.acquire(100)  # the shared window gave a turn
+    with pytest.raises(BackendRateLimited):
+        await pacer.acquire(5)  # the shared window is full for 12.5 s: too late for this deadline
+    assert pacer.wait_s() == pytest.approx(12.5)
+    now[0] = 13
+    await pacer.acquire(100)
+    await pacer.acquire(100)  # the store is away: this replica's third of 6 per minute, locally
+    with pytest.raises(BackendRateLimited):
+        await pacer.acquire(20)
