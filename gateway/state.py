@@ -66,7 +66,7 @@ class StateStore(ABC):
 
     @abstractmethod
     async def ejections(self, backends: list[str]) -> dict[str, tuple[float, str]]:
-        """{backend: (seconds left, reason)} for backends some replica ejected."""
+        """{backend: (seconds left, reason)} for backends some *other* replica ejected (never our own back)."""
 
     @abstractmethod
     async def take_token(self, backend: str, per_minute: float) -> float | None:
@@ -100,7 +100,6 @@ class MemoryStore(StateStore):
         self._windows: dict[str, RateWindow] = {}
         self._spend: dict[tuple[str, str], float] = {}
         self._samples: dict[str, list[tuple[float, float, bool]]] = {}
-        self._breakers: dict[str, tuple[float, str]] = {}
         self._max = max_samples
 
     async def reserve(self, tenant, amount, daily, monthly, now):
@@ -137,7 +136,7 @@ class MemoryStore(StateStore):
         return {b: list(self._samples.get(b, [])) for b in backends}
 
     async def eject(self, backend, seconds, reason):
-        self._breakers[backend] = (time.monotonic() + seconds, reason)
+        pass  # one replica: nobody else to tell
 
     async def take_token(self, backend, per_minute):
         window = self._windows.get(backend)
@@ -146,6 +145,4 @@ class MemoryStore(StateStore):
         return window.take()
 
     async def ejections(self, backends):
-        now = time.monotonic()
-        return {b: (until - now, reason) for b, (until, reason) in self._breakers.items()
-                if b in backends and until > now}
+        return {}  # one replica: its own ejections are already in its guards (no echo labelled "shared")

@@ -252,7 +252,8 @@ class RedisStore(StateStore):
 
     async def eject(self, backend, seconds, reason):
         async def op():
-            await self._redis.set(self._k("ejected", backend), reason, px=max(1, int(seconds * 1000)))
+            value = f"{self.replica_id}\x1f{reason}"  # who ejected it: a replica never takes its own back
+            await self._redis.set(self._k("ejected", backend), value, px=max(1, int(seconds * 1000)))
 
         await self._guard(op, lambda: self._local.eject(backend, seconds, reason))
 
@@ -267,7 +268,9 @@ class RedisStore(StateStore):
             for i, b in enumerate(backends):
                 reason, ttl = rows[2 * i], rows[2 * i + 1]
                 if reason is not None and ttl and ttl > 0:
-                    out[b] = (ttl / 1000, reason.decode() if isinstance(reason, bytes) else reason)
+                    origin, _, text = _text(reason).rpartition("\x1f")
+                    if origin != self.replica_id:
+                        out[b] = (ttl / 1000, text)
             return out
 
         return await self._guard(op, lambda: self._local.ejections(backends))

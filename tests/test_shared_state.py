@@ -45,13 +45,15 @@ async def test_reservations_are_atomic_under_concurrency(kind, namespace):
 
 async def test_redis_store_shares_outcomes_and_ejections(namespace):
     a, b = await _redis_store(namespace), await _redis_store(namespace)
+    a.replica_id, b.replica_id = "a", "b"
     await a.add_outcomes([("reve", 812.0, True, time.time()), ("bria", 900.0, False, time.time()),
                           ("reve", 700.0, True, time.time())])
     shared = await b.outcomes(["reve", "bria"])
     assert [s[1] for s in shared["reve"]] == [812.0, 700.0] and shared["bria"][0][2] is False
     await a.eject("reve", 5.0, "5 consecutive failures")
     seconds, reason = (await b.ejections(["reve", "bria"]))["reve"]
-    assert 4 < seconds <= 5 and "consecutive" in reason
+    assert 4 < seconds <= 5 and reason == "5 consecutive failures"
+    assert await a.ejections(["reve"]) == {}  # its own ejection is not echoed back as "shared"
     await a.close()
     await b.close()
 
