@@ -210,9 +210,13 @@ async def drive(fleet: Fleet, args, results: list[dict]) -> None:
         await asyncio.gather(*tasks)
 
 
-async def watch(fleet: Fleet, seen: dict[str, Counter], stop: asyncio.Event) -> None:
+async def watch(fleet: Fleet, seen: dict[str, Counter], stop: asyncio.Event, rss: list[list[float]]) -> None:
     async with httpx.AsyncClient() as client:
+        started = time.monotonic()
         while not stop.is_set():
+            if time.monotonic() - started >= 60 * len(rss[0]):  # each gateway's memory once a minute
+                for i, (proc, _, _) in enumerate(fleet.replicas):
+                    rss[i].append(rss_mb(proc.pid))
             for _, base, _ in fleet.replicas:
                 try:
                     for b in (await client.get(base + "/v1/backends", timeout=2)).json()["data"]:
@@ -331,10 +335,11 @@ def main() -> int:
     memory = {i: [rss_mb(p.pid), 0.0] for i, (p, _, _) in enumerate(fleet.replicas)}
     results: list[dict] = []
     seen: dict[str, Counter] = defaultdict(Counter)
+    rss: list[list[float]] = [[] for _ in fleet.replicas]
 
     async def run() -> float:
         stop = asyncio.Event()
-        watcher = asyncio.create_task(watch(fleet, seen, stop))
+        watcher = asyncio.create_task(watch(fleet, seen, stop, rss))
         chaos_task = asyncio.create_task(chaos(fleet, args))
         await drive(fleet, args, results)
         stop.set()
@@ -351,6 +356,8 @@ def main() -> int:
         fleet.stop()
     audits = [row for _, _, data in fleet.replicas for row in audit_rows(data)]
     report(args, fleet, results, seen, memory, spend, audits)
+    for i, series in enumerate(rss):
+        print(f"gateway {i} RSS once a minute (MB): {' '.join(f'{x:.0f}' for x in series)}")
     (work / "results.json").write_text(json.dumps(results))
     if args.keep:
         print(f"work folder: {work}")
