@@ -28,6 +28,7 @@ from .image_store import ImageStore
 from .metrics import Metrics
 from .openapi import complete_openapi
 from .policy_admin import PolicyRegistry
+from .policy_history import PolicyHistory
 from .redact import Redactor
 from .registry import Backends, build_backends
 from .sandbox_runner import SandboxServer, load_sandbox_config
@@ -169,7 +170,8 @@ def assemble(settings: Settings, policy: Policy, backends: Mapping[str, Backend]
     if backends is None:
         backends = build_backends(settings)
     built = backends if isinstance(backends, Backends) else Backends(dict(backends))
-    registry = PolicyRegistry(policy, path=settings.config_dir / settings.policy_file if settings.config_dir else None)
+    registry = PolicyRegistry(policy, path=settings.config_dir / settings.policy_file if settings.config_dir else None,
+                              store=PolicyHistory(settings.resolve("policy_history.sqlite3")))
     keyring, generated_admin_key = KeyRing.from_settings(settings.auth)
     if generated_admin_key:
         # Shown once, like a notebook server's token: only its hash is kept.

@@ -1,11 +1,13 @@
 """The policy in force, its versions, and how it changes: API edits, rollbacks and file reloads.
 
-Every change is validated first and kept in history with who and when; requests
-already in flight finish under the version they started with (they hold a
-reference to it). With Redis, each applied policy is published and appended to a
-shared history; every other replica adopts it (`adopt`), and a replica that
-(re)starts takes the shared history (`restore`). The fingerprint identifies a
-policy everywhere; version numbers follow the shared history's order.
+Every change is validated first and kept in history with who and when, durably
+(gateway/policy_history.py: the file seeds it, API changes survive restarts, file
+edits are new versions); requests already in flight finish under the version they
+started with (they hold a reference to it). With Redis, each applied policy is
+published and appended to a shared history; every other replica adopts it
+(`adopt`), and a replica that (re)starts takes the shared history (`restore`).
+A version is an integer (following the shared history's order) with the policy's
+fingerprint beside it, in headers, the audit log and the admin API alike.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import yaml
 from policies.schema import Policy
 
 from .config import ConfigError, parse_policy
+from .policy_history import PolicyHistory
 
 __all__ = ["PolicyRegistry", "PolicyVersion"]
 
@@ -50,15 +53,44 @@ class PolicyRegistry:
     """Holds `current` (read once per request) and the ordered history of versions."""
 
     def __init__(self, policy: Policy, author: str = "startup", path: Path | None = None,
-                 clock=time.time):
+                 clock=time.time, store: PolicyHistory | None = None):
         self._clock = clock
-        self.history: list[PolicyVersion] = [PolicyVersion(1, policy, author, clock(), "initial")]
+        self._store = store
         self.path = path
         self.last_reload_error: str | None = None
         self._digest = self._read_digest()
         self._pending: str | None = None  # a changed digest seen once; applied when seen again (editor done)
         self._watcher: asyncio.Task | None = None
         self.on_apply = None  # called with each locally applied version (to share it with other replicas)
+        stored = self._load(store)
+        if not stored:
+            self.history = [PolicyVersion(1, policy, author, clock(), "initial")]
+            self._persist(self.history[0])
+        else:
+            self.history = stored
+            edited = self._digest is not None and self._digest != store.file_digest()
+            if edited and policy.fingerprint != self.current.fingerprint:
+                self.apply(policy, "file", f"{path.name} changed while the gateway was stopped")
+        if store is not None:
+            store.set_file_digest(self._digest)
+
+    @staticmethod
+    def _load(store: PolicyHistory | None) -> list[PolicyVersion]:
+        if store is None:
+            return []
+        try:
+            return store.load()
+        except Exception as exc:  # e.g. a stored version this release's schema no longer reads
+            log.error("policy history %s unreadable (%s): starting a new history from the policy file",
+                      store.path, exc)
+            return []
+
+    def _persist(self, entry: PolicyVersion) -> None:
+        if self._store is not None:
+            try:
+                self._store.append(entry)
+            except Exception:  # the policy still applies; its history entry is what is lost
+                log.exception("policy v%d could not be written to the history file", entry.version)
 
     @property
     def current(self) -> Policy:
@@ -72,6 +104,7 @@ class PolicyRegistry:
         """Make `policy` current; `shared` marks one received from another replica (not re-announced)."""
         entry = PolicyVersion(self.history[-1].version + 1, policy, author, self._clock(), note)
         self.history.append(entry)
+        self._persist(entry)
         log.info("policy v%d (%s) applied by %s %s", entry.version, policy.fingerprint, author, note)
         if self.on_apply is not None and not shared:
             self.on_apply(entry)
@@ -85,6 +118,8 @@ class PolicyRegistry:
                                           p.get("at", 0.0), p.get("note", "")))
         if restored:
             self.history = restored
+            if self._store is not None:
+                self._store.replace(restored)
 
     def adopt(self, payload: dict) -> PolicyVersion | None:
         """Apply a policy another replica published, unless it is already in force."""
@@ -122,6 +157,8 @@ class PolicyRegistry:
             self._pending = digest
             return None
         self._digest, self._pending = digest, None
+        if self._store is not None:
+            self._store.set_file_digest(digest)
         try:
             text = self.path.read_text()
             if not text.strip():

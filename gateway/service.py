@@ -124,8 +124,9 @@ class GenerationService:
 
     async def generate(self, body: bytes, ctx: RequestContext) -> ServedImages:
         """Serve one raw request body; always leaves one audit record, success or not."""
-        policy = self._policy.current
-        record = _AuditDraft(ctx, policy)
+        entry = self._policy.version  # held for the whole request: it finishes under the version it began with
+        policy = entry.policy
+        record = _AuditDraft(ctx, entry)
         reservation = None
         try:
             req = parse_generation_request(body)
@@ -161,7 +162,7 @@ class GenerationService:
                 body={"created": int(ctx.received_wall), "data": data,
                       "size": f"{outcome.result.width}x{outcome.result.height}",
                       "output_format": req.output_format},
-                headers=_headers(ctx, decision, outcome.candidate.backend, cost,
+                headers=_headers(ctx, entry, outcome.candidate.backend, cost,
                                  self._backends[outcome.candidate.backend].offer.sandbox),
             )
         except GatewayError as exc:
@@ -237,7 +238,7 @@ class GenerationService:
 
     def record_rejection(self, ctx: RequestContext, exc: GatewayError) -> None:
         """Audit a request refused before it was read (authentication)."""
-        draft = _AuditDraft(ctx, self._policy.current)
+        draft = _AuditDraft(ctx, self._policy.version)
         draft.fail(exc)
         self._finish_soon(draft)
 
@@ -312,12 +313,13 @@ def _no_candidate(decision: Decision, retry_after: Callable[[list[str]], float])
     )
 
 
-def _headers(ctx: RequestContext, decision: Decision, backend: str, cost: float, sandbox: bool) -> dict[str, str]:
+def _headers(ctx: RequestContext, entry, backend: str, cost: float, sandbox: bool) -> dict[str, str]:
     headers = {
         "x-gateway-backend": backend,
         "x-gateway-cost-usd": f"{cost:.6f}",
         "x-gateway-decision-id": ctx.id,
-        "x-gateway-policy-version": decision.policy_version,
+        "x-gateway-policy-version": str(entry.version),  # the integer the admin API's history uses
+        "x-gateway-policy-fingerprint": entry.policy.fingerprint,
     }
     if sandbox:
         headers["x-gateway-sandbox"] = "true"  # placeholder images from the providers' emulator
@@ -327,9 +329,10 @@ def _headers(ctx: RequestContext, decision: Decision, backend: str, cost: float,
 class _AuditDraft:
     """Collects one request's audit record as it goes; `finish()` returns the final dict."""
 
-    def __init__(self, ctx: RequestContext, policy: Policy):
+    def __init__(self, ctx: RequestContext, entry):
         self.ctx = ctx
-        self.policy_version = policy.fingerprint
+        self.policy_version = entry.version
+        self.policy_fingerprint = entry.policy.fingerprint
         self.decision: Decision | None = None
         self.attempts: list[Attempt] = []
         self.request: dict | None = None  # stays None when the body did not parse
@@ -371,7 +374,8 @@ class _AuditDraft:
         sla_ms = d.sla_ms if d else None
         return {
             "id": self.ctx.id, "ts": self.ctx.received_wall, "tenant": self.ctx.tenant,
-            "policy_version": self.policy_version, "request": self.request,
+            "policy_version": self.policy_version, "policy_fingerprint": self.policy_fingerprint,
+            "request": self.request,
             "decision": _decision_record(d) if d else None,
             "attempts": [a.as_record() for a in self.attempts],
             "latency_ms": round(latency_ms, 2),

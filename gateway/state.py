@@ -40,6 +40,11 @@ class StateStore(ABC):
 
     degraded: bool = False
 
+    @property
+    def shared(self) -> bool:
+        """Whether these figures are the fleet's (a reachable shared store) or this replica's alone."""
+        return False
+
     @abstractmethod
     async def reserve(self, tenant: str, amount: float, daily: float | None, monthly: float | None,
                       now: float) -> tuple[Reservation | None, float, float]:

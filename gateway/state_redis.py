@@ -90,6 +90,10 @@ class RedisStore(StateStore):
         self._timeouts_before_outage = timeouts_before_outage  # a slow answer under load is not an outage
         self._tasks: list[asyncio.Task] = []
 
+    @property
+    def shared(self) -> bool:
+        return not self.degraded
+
     def _k(self, *parts: str) -> str:
         return ":".join((self._ns, *parts))
 

@@ -104,12 +104,14 @@ def test_a_malformed_audit_cursor_is_a_400_naming_it(gateway, cursor):
 
 def test_replace_history_diff_and_rollback(gateway):
     v1 = admin(gateway, "GET", "/admin/policy").json()
-    first = generate(gateway).headers["x-gateway-policy-version"]
-    assert first == v1["fingerprint"]
+    first = generate(gateway).headers
+    assert first["x-gateway-policy-version"] == "1" and first["x-gateway-policy-fingerprint"] == v1["fingerprint"]
     changed = {**v1["policy"], "objective": "min_latency"}
     put = admin(gateway, "PUT", "/admin/policy", content=yaml.safe_dump(changed), params={"note": "faster"})
     assert put.status_code == 200 and put.json()["version"] == 2
-    assert generate(gateway).headers["x-gateway-policy-version"] == put.json()["fingerprint"]
+    served = generate(gateway).headers
+    assert served["x-gateway-policy-version"] == "2"
+    assert served["x-gateway-policy-fingerprint"] == put.json()["fingerprint"]
     refused = admin(gateway, "PUT", "/admin/policy", content="objective: [")
     assert refused.status_code == 422 and refused.json()["error"]["errors"]
     assert admin(gateway, "GET", "/admin/policy").json()["version"] == 2  # the running policy stays
@@ -157,9 +159,54 @@ def test_audit_query_filters_pages_exports_and_stats(gateway):
     missed = admin(gateway, "GET", "/admin/audit", params={"sla_missed": "true"}).json()["data"]
     assert missed == []  # everything met its SLA
     version = first["data"][0]["policy_version"]
+    assert version == 1 and first["data"][0]["policy_fingerprint"]  # one identity: the history's integer
     assert len(admin(gateway, "GET", "/admin/audit", params={"policy_version": version}).json()["data"]) == 8
+    assert admin(gateway, "GET", "/admin/audit", params={"policy_version": 2}).json()["data"] == []
     lines = admin(gateway, "GET", "/admin/audit/export").text.strip().splitlines()
     assert len(lines) == 8 and all(json.loads(line)["id"] for line in lines)
     stats = {s["backend"]: s for s in admin(gateway, "GET", "/admin/stats").json()["backends"]}
     assert stats["local"]["requests"] == 7 and stats["reve"]["cost_per_image_usd"] == pytest.approx(0.024)
     assert stats["local"]["sla_attainment"] == 1.0 and stats["local"]["latency_ms"]["p95"] is not None
+
+
+def _restart(settings, serve, server):
+    server.stop()
+    backends = {"local": ScriptedBackend("local", kind=BackendKind.LOCAL, models=("tiny",)),
+                "reve": ScriptedBackend("reve", models=("reve-create",))}
+    from gateway.config import load_policy
+
+    return serve(settings, load_policy(settings), backends)
+
+
+def test_an_api_change_survives_a_restart_and_an_untouched_file_never_replaces_it(gateway, settings, serve):
+    v1 = admin(gateway, "GET", "/admin/policy").json()
+    changed = {**v1["policy"], "objective": "min_latency"}
+    assert admin(gateway, "PUT", "/admin/policy", content=json.dumps(changed), params={"note": "n"}).status_code == 200
+    again = _restart(settings, serve, gateway)
+    now = admin(again, "GET", "/admin/policy").json()
+    assert now["version"] == 2 and now["policy"]["objective"] == "min_latency"
+    history = admin(again, "GET", "/admin/policy/history").json()["versions"]
+    assert [(v["version"], v["author"]) for v in history] == [(2, "ops"), (1, "startup")]
+    assert generate(again).headers["x-gateway-policy-version"] == "2"
+
+
+def test_a_file_edited_while_the_gateway_was_stopped_becomes_a_new_version_at_start(gateway, settings, serve):
+    path = settings.config_dir / "policy.yaml"
+    gateway.stop()
+    text = path.read_text().replace("objective: min_cost", "objective: max_quality")
+    assert "max_quality" in text
+    path.write_text(text)
+    again = _restart(settings, serve, gateway)
+    now = admin(again, "GET", "/admin/policy").json()
+    assert now["version"] == 2 and now["policy"]["objective"] == "max_quality" and now["author"] == "file"
+    third = _restart(settings, serve, again)  # unchanged since: the history goes on as it was
+    assert admin(third, "GET", "/admin/policy").json()["version"] == 2
+
+
+def test_spend_without_redis_reports_this_replicas_books(gateway):
+    for _ in range(2):
+        assert generate(gateway, model="reve", size="1024x1024").status_code == 200
+    spend = admin(gateway, "GET", "/admin/spend").json()
+    assert spend["shared"] is False
+    assert spend["data"] == [{"tenant": "anonymous", "day_usd": pytest.approx(0.048), "month_usd": pytest.approx(0.048),
+                              "daily_limit_usd": None, "monthly_limit_usd": None}]

@@ -124,11 +124,12 @@ def test_a_policy_change_on_one_replica_reaches_the_others(settings, serve, name
                     headers={"authorization": "Bearer adm"})
     assert put.status_code == 200
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and _post(b).headers["x-gateway-policy-version"] != put.json()["fingerprint"]:
+    while time.monotonic() < deadline and _post(b).headers["x-gateway-policy-fingerprint"] != put.json()["fingerprint"]:
         time.sleep(0.05)
     assert _post(b).headers["x-gateway-backend"] == "gemini"  # max_quality, applied on B too
     c = serve(settings, _policy(), _backends())  # a replica that starts later adopts the current policy
-    assert _post(c).headers["x-gateway-policy-version"] == put.json()["fingerprint"]
+    assert _post(c).headers["x-gateway-policy-fingerprint"] == put.json()["fingerprint"]
+    assert _post(c).headers["x-gateway-policy-version"] == "2"
     history = httpx.get(c.base_url + "/admin/policy/history", headers={"authorization": "Bearer adm"}).json()
     assert [v["version"] for v in history["versions"]] == [2, 1]  # and the shared history, same numbers
     assert history["versions"][0]["fingerprint"] == put.json()["fingerprint"]

@@ -161,7 +161,7 @@ async def rollback_policy(request: Request, policy: PolicyRegistry, version: int
 async def query_audit(audit: AuditLog, limit: int = 100, cursor: str | None = None, since: float | None = None,
                       until: float | None = None, tenant: str | None = None, backend: str | None = None,
                       outcome: str | None = None, sla_missed: bool | None = None,
-                      policy_version: str | None = None) -> dict:
+                      policy_version: int | None = None) -> dict:
     if not 1 <= limit <= 1000:
         raise InvalidRequest("limit: 1..1000", param="limit")
     if cursor is not None and not _CURSOR.match(cursor):
@@ -209,7 +209,7 @@ async def spend(store: StateStore, policy: PolicyRegistry) -> dict:
         out.append({"tenant": tenant, "day_usd": used["day"], "month_usd": used["month"],
                     "daily_limit_usd": limit.daily_usd if limit else None,
                     "monthly_limit_usd": limit.monthly_usd if limit else None})
-    return {"data": out, "shared": not store.degraded}
+    return {"data": out, "shared": store.shared}
 
 
 @get("/stats")

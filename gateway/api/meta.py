@@ -58,7 +58,8 @@ async def list_backends(backends: Mapping[str, Backend], policy: PolicyRegistry,
                 predicted_cost_usd(view, bp, _REFERENCE, steps, current.cost_accounting) if bp else None
             ),
         })
-    return {"object": "list", "policy_version": current.fingerprint, "data": out}
+    return {"object": "list", "policy_version": policy.version.version, "policy_fingerprint": current.fingerprint,
+            "data": out}
 
 
 def _pool_figures(pool: PoolModel, steps: int) -> dict:
