@@ -284,7 +284,7 @@ def openapi_json(request: Request, settings: Settings, policy: PolicyRegistry,
 def metrics_endpoint(request: Request, metrics: Metrics, settings: Settings) -> Response:
     if settings.metrics.require_key:  # the series name tenants and their spend
         request.app.state.keyring.admin(request.headers.get("authorization"))
-    return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    return Response(metrics.render(), media_type="text/plain; version=0.0.4")  # Litestar adds the charset
 
 
 def _const(value) -> Provide:

@@ -16,7 +16,9 @@ def test_metrics_count_requests_latency_cost_and_expose_pool_and_ejection(settin
         assert httpx.post(server.base_url + "/v1/images/generations",
                           json={"prompt": "x", "size": "256x256"}).status_code == 200
     httpx.post(server.base_url + "/v1/images/generations", json={"prompt": "x", "n": 0})
-    text = httpx.get(server.base_url + "/metrics").text
+    scrape = httpx.get(server.base_url + "/metrics")
+    assert scrape.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"  # one charset
+    text = scrape.text
     assert 'imagegw_requests_total{backend="local",outcome="ok",status="200"} 3.0' in text
     assert 'imagegw_requests_total{backend="none",outcome="error",status="400"} 1.0' in text
     assert "imagegw_request_latency_seconds_bucket" in text and "imagegw_cost_usd_total" in text

@@ -37,6 +37,7 @@ def test_url_returns_a_fetchable_png(client):
         r = httpx.get(item.url)
         assert r.status_code == 200
         assert r.headers["content-type"] == "image/png"
+        assert r.headers["content-disposition"] == f'inline; filename="{item.url.rsplit("/", 1)[1]}"'
         assert Image.open(io.BytesIO(r.content)).size == (256, 256)
     assert result.data[0].url != result.data[1].url
 

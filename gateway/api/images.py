@@ -50,5 +50,5 @@ async def get_image_file(name: str, image_store: ImageStore) -> File:
     if found is None:
         raise NotFound("image not found or expired", param="name")
     path, media_type = found
-    return File(path=path, media_type=media_type, content_disposition_type="inline",
+    return File(path=path, filename=name, media_type=media_type, content_disposition_type="inline",
                 headers={"cache-control": "private, max-age=3600"})
