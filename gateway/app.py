@@ -287,6 +287,26 @@ def metrics_endpoint(request: Request, metrics: Metrics, settings: Settings) -> 
     return Response(metrics.render(), media_type="text/plain; version=0.0.4")  # Litestar adds the charset
 
 
+def _openapi_config() -> OpenAPIConfig:
+    """/schema renders Swagger UI from assets served here (the swagger-ui-bundle package), so the docs page
+    works offline; Litestar's default pages load their scripts from a CDN."""
+    from litestar.openapi.plugins import SwaggerRenderPlugin
+
+    assets = "/schema-assets"
+    return OpenAPIConfig(title="imagegw", version="0.1.0", path="/schema", render_plugins=[SwaggerRenderPlugin(
+        js_url=f"{assets}/swagger-ui-bundle.js", css_url=f"{assets}/swagger-ui.css",
+        standalone_preset_js_url=f"{assets}/swagger-ui-standalone-preset.js", path="/",
+        favicon=f"<link rel='icon' type='image/png' href='{assets}/favicon-32x32.png'>")])
+
+
+def _schema_assets():
+    import swagger_ui_bundle
+    from litestar.static_files import create_static_files_router
+
+    return create_static_files_router(path="/schema-assets", directories=[swagger_ui_bundle.swagger_ui_path],
+                                      include_in_schema=False)
+
+
 def _const(value) -> Provide:
     return Provide(lambda: value, sync_to_thread=False)
 
@@ -297,7 +317,7 @@ def create_app(settings: Settings, policy: Policy,
     c = assemble(settings, policy, backends)
     return Litestar(
         route_handlers=[create_image, get_image_file, list_models, list_backends, healthz, readyz,
-                        openapi_json, metrics_endpoint, admin_router],
+                        openapi_json, metrics_endpoint, admin_router, _schema_assets()],
         dependencies={name: _const(value) for name, value in {
             "service": c.service, "image_store": c.images, "backends": c.backends, "policy": c.policy,
             "audit": c.audit, "snapshots": c.service.snapshots, "guards": c.built.guards, "store": c.store,
@@ -305,7 +325,7 @@ def create_app(settings: Settings, policy: Policy,
         exception_handlers={GatewayError: _gateway_error, HTTPException: _http_error, Exception: _unexpected},
         lifespan=[_lifespan(c)],
         state=State({"keyring": c.keyring, "redactor": c.redactor}),
-        openapi_config=OpenAPIConfig(title="imagegw", version="0.1.0", path="/schema"),
+        openapi_config=_openapi_config(),
         request_max_body_size=settings.server.max_body_bytes,
         debug=False,
         logging_config=None,  # the CLI configures logging once; the app must not touch root handlers

@@ -139,3 +139,13 @@ def test_the_openapi_document_says_what_the_server_does(client):
 def test_an_integral_float_is_an_integer_as_json_schema_says(client):
     assert client.post("/v1/images/generations", json={"prompt": "x", "size": "256x256", "n": 1.0}).status_code == 200
     assert client.post("/v1/images/generations", json={"prompt": "x", "size": "256x256", "n": 1.5}).status_code == 400
+
+
+def test_the_docs_page_needs_nothing_from_the_network(client):
+    import re
+
+    page = client.get("/schema")
+    assert page.status_code == 200
+    assert not re.findall(r"https?://", page.text)  # no CDN: scripts, styles and icon are served here
+    for url in re.findall(r'(?:src|href)=["\'](/[^"\']+)', page.text):
+        assert client.get(url).status_code == 200, url
