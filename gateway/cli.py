@@ -35,6 +35,22 @@ Try it:
 """
 
 
+class CliError(Exception):
+    """A one-line error for the user (exit code 2), never a traceback."""
+
+
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise CliError(f"cannot listen on {host}:{port}: {exc.strerror} (another gateway running? try --port)") \
+                from exc
+
+
 def _scrub_logs(redactor) -> None:
     """Every log line, ours and the libraries', passes through the redactor (secrets never reach logs)."""
     from .redact import ScrubbingFormatter
@@ -56,6 +72,7 @@ def cmd_serve(args) -> int:
         settings.server.host = args.host
     if args.port is not None:
         settings.server.port = args.port
+    _check_port_free(settings.server.host, settings.server.port)  # before the banner and a new admin key
     logging.basicConfig(level=settings.server.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per provider call is noise
@@ -94,12 +111,21 @@ def cmd_policy_schema(args) -> int:
 
 
 def cmd_policy_validate(args) -> int:
+    from policies.lint import policy_warnings
+
     from .config import parse_policy
 
     path = Path(args.file)
     policy = parse_policy(path.read_text(), str(path))
-    print(f"{path}: valid (version {policy.fingerprint}, {len(policy.rules)} rules, "
-          f"{len(policy.backends)} backends, {len(policy.tiers)} tiers)")
+    warnings = policy_warnings(policy)
+    for warning in warnings:
+        print(f"{path}: warning: {warning}", file=sys.stderr)
+    if warnings and args.strict:
+        print(f"{path}: {len(warnings)} warning(s), refused under --strict", file=sys.stderr)
+        return 2
+    print(f"{path}: valid (fingerprint {policy.fingerprint}, {len(policy.rules)} rules, "
+          f"{len(policy.backends)} backends, {len(policy.tiers)} tiers"
+          + (f", {len(warnings)} warning(s)" if warnings else "") + ")")
     return 0
 
 
@@ -116,7 +142,9 @@ def cmd_audit_tail(args) -> int:
     from .audit import AuditReader
 
     settings, _ = _load(args)
-    reader = AuditReader(settings.resolve(settings.audit.path))
+    path = settings.resolve(settings.audit.path)
+    print(f"reading {path}", file=sys.stderr)
+    reader = AuditReader(path)
     seen: set[str] = set()
     while True:
         for record in reader.recent(args.n):
@@ -247,51 +275,54 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the gateway")
     serve.add_argument("--config", help="folder with gateway.yaml and policy.yaml (default: ./config)")
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
+    serve.add_argument("--host", help="address to listen on (default: server.host, 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (default: server.port, 8080)")
     serve.set_defaults(func=cmd_serve)
 
     sandbox = sub.add_parser("sandbox", help="serve the four providers' emulators")
-    sandbox.add_argument("--host", default="127.0.0.1")
-    sandbox.add_argument("--port", type=int, default=8090)
+    sandbox.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    sandbox.add_argument("--port", type=int, default=8090, help="port to listen on (8090)")
     sandbox.add_argument("--faults", help="YAML with latency and fault rates per provider")
     sandbox.set_defaults(func=cmd_sandbox)
 
     pool = sub.add_parser("pool", help="local GPU pool tools").add_subparsers(dest="pool_cmd", required=True)
     calib = pool.add_parser("calibrate", help="measure seconds per batch into the throughput profile")
-    calib.add_argument("--config")
+    calib.add_argument("--config", help="config folder (default: ./config)")
     calib.add_argument("--shape", action="append", help="WxH:steps (repeatable); default: local.warm_shapes")
     calib.add_argument("--batches", help="comma-separated batch sizes; default: powers of two to max_batch")
-    calib.add_argument("--repeats", type=int, default=2)
+    calib.add_argument("--repeats", type=int, default=2, help="timed runs per shape and batch size (default 2)")
     calib.add_argument("--out", help="profile file; default: data_dir/local.profile_file")
     calib.set_defaults(func=cmd_pool_calibrate)
 
     policy = sub.add_parser("policy", help="policy tools").add_subparsers(dest="policy_cmd", required=True)
     policy.add_parser("schema", help="print the policy's JSON Schema").set_defaults(func=cmd_policy_schema)
     sim = policy.add_parser("simulate", help="replay a trace under the current and a candidate policy")
-    sim.add_argument("candidate")
-    sim.add_argument("--config")
+    sim.add_argument("candidate", help="the policy file to try (e.g. config/examples/candidate.yaml)")
+    sim.add_argument("--config", help="config folder (default: ./config)")
     sim.add_argument("--current", help="policy to compare against (default: the configured one)")
     sim.add_argument("--trace", help="JSON-lines trace file (docs: policies/traces.py)")
     sim.add_argument("--audit", action="store_true", help="replay the audit log (with --since/--until)")
     sim.add_argument("--fit-from-audit", action="store_true", help="fit API latency and failures from the audit")
-    sim.add_argument("--since", type=float)
-    sim.add_argument("--until", type=float)
-    sim.add_argument("--synthetic", default="diurnal", help="steady | diurnal | bursty | flash_crowd")
-    sim.add_argument("--duration", type=float, default=3600)
-    sim.add_argument("--rate", type=float, default=0.5)
-    sim.add_argument("--gpus", type=int)
-    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--since", type=float, help="with --audit: from this time (Unix seconds, UTC)")
+    sim.add_argument("--until", type=float, help="with --audit: up to this time (Unix seconds, UTC)")
+    sim.add_argument("--synthetic", default="diurnal", choices=["steady", "diurnal", "bursty", "flash_crowd"],
+                     help="a generated trace when neither --trace nor --audit is given (default: diurnal)")
+    sim.add_argument("--duration", type=float, default=3600, help="synthetic trace length in seconds (3600)")
+    sim.add_argument("--rate", type=float, default=0.5, help="synthetic mean requests per second (0.5)")
+    sim.add_argument("--gpus", type=int, help="GPUs in the simulated pool (default: the configured devices)")
+    sim.add_argument("--seed", type=int, default=0, help="random seed of the trace and simulated latencies")
     sim.add_argument("--report", help="write an HTML report with plots")
     sim.set_defaults(func=cmd_policy_simulate)
     validate = policy.add_parser("validate", help="check a policy file")
-    validate.add_argument("file")
+    validate.add_argument("file", help="the policy (YAML)")
+    validate.add_argument("--strict", action="store_true", help="warnings (unreachable rules, a tier nothing "
+                          "can serve) are errors: exit 2")
     validate.set_defaults(func=cmd_policy_validate)
 
     audit = sub.add_parser("audit", help="audit log tools").add_subparsers(dest="audit_cmd", required=True)
     tail = audit.add_parser("tail", help="print recent audit records")
-    tail.add_argument("--config")
-    tail.add_argument("-n", type=int, default=20)
+    tail.add_argument("--config", help="config folder (default: ./config); its data_dir holds the audit log")
+    tail.add_argument("-n", type=int, default=20, help="how many recent records (default 20)")
     tail.add_argument("-f", "--follow", action="store_true")
     tail.add_argument("--json", action="store_true", help="whole records as JSON lines")
     tail.set_defaults(func=cmd_audit_tail)
@@ -304,6 +335,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)
+        return 2
+    except CliError as exc:
+        print(f"imagegw: {exc}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+        print(f"imagegw: {exc.filename}: {exc.strerror}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

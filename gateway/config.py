@@ -60,10 +60,17 @@ def _read_yaml(path: Path) -> dict:
 
 
 def load_settings(config_dir: Path | None = None) -> Settings:
-    """Defaults, then gateway.yaml from config_dir, then IMAGEGW_* environment variables."""
+    """Defaults, then gateway.yaml from config_dir, then IMAGEGW_* environment variables. A config folder
+    that was named must exist; a relative data_dir in gateway.yaml is relative to the config folder (so the
+    CLI finds the same audit log from anywhere)."""
+    if config_dir is not None and not config_dir.is_dir():
+        raise ConfigError(str(config_dir), ["no such config folder (it should hold gateway.yaml and policy.yaml)"])
     config_dir = config_dir or default_config_dir()
     source = str(config_dir / "gateway.yaml") if config_dir else "defaults"
     data = _read_yaml(config_dir / "gateway.yaml") if config_dir else {}
+    packaged = config_dir is not None and config_dir.resolve() == (Path(__file__).parent / "_config").resolve()
+    if config_dir is not None and not packaged and "data_dir" in data and not Path(str(data["data_dir"])).is_absolute():
+        data["data_dir"] = (config_dir / str(data["data_dir"])).resolve()
     data.setdefault("config_dir", config_dir)
     try:
         return Settings(**data)

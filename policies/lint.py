@@ -29,6 +29,11 @@ def policy_warnings(policy: Policy, configured_backends: set[str] | None = None)
         if not any(b.quality >= tier.min_quality for b in enabled.values()):
             out.append(f"tiers.{name}: no enabled backend reaches min_quality {tier.min_quality}")
     for i, rule in enumerate(policy.rules):
+        for field in ("allow", "deny"):
+            for backend in getattr(rule, field) or ():
+                if backend not in policy.backends:
+                    out.append(f"rules[{i}].{field}: backend {backend!r} is not in the policy's backends; "
+                               "the rule applies to the rest")
         if rule.allow is not None and not set(rule.allow) & set(enabled):
             out.append(f"rules[{i}].allow: none of {rule.allow} is enabled; matching requests get 503")
     return out

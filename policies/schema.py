@@ -148,10 +148,8 @@ class Policy(_Strict):
         for i, rule in enumerate(self.rules):
             if names.count(rule.name) > 1:
                 errors.append(f"rules[{i}].name: duplicate rule name {rule.name!r}")
-            for field in ("allow", "deny"):
-                for backend in getattr(rule, field) or ():
-                    if backend not in self.backends:
-                        errors.append(f"rules[{i}].{field}: unknown backend {backend!r}")
+            # A rule may name a backend this policy does not list (the local pool switched off, say): that is a
+            # warning (policies.lint), and the rule applies to the rest.
             for tier in rule.match.tiers or ():
                 if tier not in self.tiers:
                     errors.append(f"rules[{i}].match.tiers: unknown tier {tier!r}")

@@ -53,8 +53,64 @@ def test_policy_references_must_resolve():
     with pytest.raises(ConfigError) as err:
         parse_policy({"backends": {"a": {"quality": 0.5}}, "rules": [
             {"name": "r", "deny": ["ghost"], "match": {"tiers": ["gold"]}}]})
-    assert "rules[0].deny: unknown backend 'ghost'" in str(err.value)
     assert "rules[0].match.tiers: unknown tier 'gold'" in str(err.value)
+
+
+def test_a_rule_naming_a_backend_the_policy_does_not_list_is_a_warning_and_applies_to_the_rest():
+    from policies.lint import policy_warnings
+
+    policy = parse_policy({"backends": {"a": {"quality": 0.5}}, "rules": [{"name": "r", "deny": ["local"]}]})
+    assert any("rules[0].deny: backend 'local' is not in the policy's backends" in w for w in policy_warnings(policy))
+
+
+def _cli(*argv: str) -> tuple[int, str, str]:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "gateway.cli", *argv], capture_output=True, text=True, timeout=60)
+    return done.returncode, done.stdout, done.stderr
+
+
+def test_cli_errors_are_one_line_with_exit_code_2(tmp_path):
+    for argv, says in ((["policy", "validate", str(tmp_path / "missing.yaml")], "missing.yaml: No such file"),
+                       (["serve", "--config", str(tmp_path / "nowhere")], "no such config folder"),
+                       (["audit", "tail", "--config", str(tmp_path / "nowhere")], "no such config folder")):
+        code, _, err = _cli(*argv)
+        assert code == 2 and says in err and "Traceback" not in err, (argv, err)
+    code, _, err = _cli("policy", "simulate", "x.yaml", "--synthetic", "nope")
+    assert code == 2 and "invalid choice: 'nope'" in err and "Traceback" not in err
+
+
+def test_policy_validate_prints_warnings_and_strict_makes_them_errors(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("backends: {a: {quality: 0.5}}\ntiers: {standard: {min_quality: 0.9}}\n")
+    code, out, err = _cli("policy", "validate", str(path))
+    assert code == 0 and "valid" in out and "warning: tiers.standard" in err
+    code, _, err = _cli("policy", "validate", "--strict", str(path))
+    assert code == 2 and "refused under --strict" in err
+
+
+def test_a_second_serve_on_a_busy_port_fails_before_printing_a_banner_or_a_key(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, out, err = _cli("serve", "--port", str(port))
+    assert code == 2 and "cannot listen on 127.0.0.1:" in err
+    assert "admin key" not in out + err and "listening" not in out
+
+
+def test_a_relative_data_dir_is_relative_to_the_config_folder(tmp_path, monkeypatch):
+    from gateway.config import load_settings
+
+    monkeypatch.delenv("IMAGEGW_DATA_DIR", raising=False)
+    config = tmp_path / "conf"
+    config.mkdir()
+    (config / "gateway.yaml").write_text("data_dir: ../state\n")
+    monkeypatch.chdir("/")
+    assert load_settings(config).data_dir == (tmp_path / "state").resolve()
 
 
 def test_serve_refuses_to_start_on_a_bad_file(tmp_path, capsys):
