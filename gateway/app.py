@@ -47,9 +47,18 @@ def _gateway_error(_: Request, exc: GatewayError) -> Response:
     return Response(exc.body(), status_code=exc.status, media_type=MediaType.JSON, headers=exc.headers)
 
 
-def _http_error(_: Request, exc: HTTPException) -> Response:
+def _http_error(request: Request, exc: HTTPException) -> Response:
+    """Litestar's own errors in OpenAI's shape, naming the field (a query value that did not parse) or the limit
+    (a body over server.max_body_bytes)."""
     type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
-    return Response(error_body(exc.detail, type_, None, f"http_{exc.status_code}"),
+    message, param = exc.detail, None
+    problems = exc.extra if isinstance(exc.extra, list) else []
+    if problems and isinstance(problems[0], dict) and problems[0].get("key"):
+        param = str(problems[0]["key"])
+        message = f"{param}: {problems[0].get('message') or 'invalid value'}"
+    elif exc.status_code == 413:
+        message = f"request body over the {request.app.request_max_body_size} byte limit (server.max_body_bytes)"
+    return Response(error_body(message, type_, param, f"http_{exc.status_code}"),
                     status_code=exc.status_code, media_type=MediaType.JSON, headers=exc.headers)
 
 

@@ -210,3 +210,20 @@ def test_spend_without_redis_reports_this_replicas_books(gateway):
     assert spend["shared"] is False
     assert spend["data"] == [{"tenant": "anonymous", "day_usd": pytest.approx(0.048), "month_usd": pytest.approx(0.048),
                               "daily_limit_usd": None, "monthly_limit_usd": None}]
+
+
+@pytest.mark.parametrize("params, param", [({"since": "yesterday"}, "since"), ({"limit": "many"}, "limit"),
+                                           ({"sla_missed": "perhaps"}, "sla_missed")])
+def test_a_query_value_that_does_not_parse_is_a_400_naming_it(gateway, params, param):
+    r = admin(gateway, "GET", "/admin/audit", params=params)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param and param in r.json()["error"]["message"]
+
+
+def test_a_diff_names_the_version_it_does_not_have(gateway):
+    r = admin(gateway, "GET", "/admin/policy/diff", params={"from_": 1, "to": 9})
+    assert r.status_code == 404 and r.json()["error"]["param"] == "to"
+
+
+def test_a_body_over_the_limit_is_a_413_saying_the_limit(gateway):
+    r = httpx.post(gateway.base_url + "/v1/images/generations", content=b"x" * 2_000_000)
+    assert r.status_code == 413 and "1048576 byte limit" in r.json()["error"]["message"]

@@ -145,7 +145,8 @@ async def policy_diff(policy: PolicyRegistry, from_: int = 0, to: int = 0) -> di
     from_ = from_ or max(1, to - 1)
     diff = policy.diff(from_, to)
     if diff is None:
-        raise NotFound(f"no such version (have 1..{policy.version.version})", param="from_")
+        missing = "from_" if policy.get(from_) is None else "to"
+        raise NotFound(f"{missing}: no such version (have 1..{policy.version.version})", param=missing)
     return {"from": from_, "to": to, "diff": diff}
 
 
