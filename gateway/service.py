@@ -152,18 +152,19 @@ class GenerationService:
                 len(outcome.result.images), outcome.result.gpu_seconds,
                 outcome.candidate.predicted_cost_usd,
             ) + outcome.hedge_cost_usd
-            data = await self._deliver(outcome.result.images, req.response_format, ctx)
-            record.succeed(outcome, cost)
+            images, size = await self._exact(outcome.result, route, req.output_format, policy)
+            data = await self._deliver(images, req.response_format, ctx)
+            record.succeed(outcome, cost, size)
             if reservation is None:
                 await self._record_spend(ctx, cost)  # no budget to reserve against: counted all the same
             await self._settle(reservation, cost)
             reservation = None
             return ServedImages(
-                body={"created": int(ctx.received_wall), "data": data,
-                      "size": f"{outcome.result.width}x{outcome.result.height}",
+                body={"created": int(ctx.received_wall), "data": data, "size": size,
                       "output_format": req.output_format},
-                headers=_headers(ctx, entry, outcome.candidate.backend, cost,
-                                 self._backends[outcome.candidate.backend].offer.sandbox),
+                headers={**_headers(ctx, entry, outcome.candidate.backend, cost,
+                                    self._backends[outcome.candidate.backend].offer.sandbox),
+                         "x-gateway-size": size},
             )
         except GatewayError as exc:
             record.fail(exc)
@@ -257,6 +258,20 @@ class GenerationService:
             except Exception:  # an observer must never fail a request
                 log.exception("observer failed")
 
+    async def _exact(self, result, route: RouteRequest, output_format: str, policy: Policy):
+        """The images and the size delivered: as made, or fitted to the size asked (policy images.exact_size),
+        in a worker thread (decoding and encoding megapixels must not stall the event loop)."""
+        made = f"{result.width}x{result.height}"
+        mode = policy.images.exact_size
+        if mode == "off" or (result.width, result.height) == (route.width, route.height):
+            return result.images, made
+        from .image_fit import fit_images
+
+        if any(not image.present for image in result.images):
+            return result.images, made  # links the client fetches itself (url answers)
+        fitted = await asyncio.to_thread(fit_images, result.images, route.width, route.height, mode, output_format)
+        return fitted, f"{route.width}x{route.height}"
+
     async def _deliver(self, images: tuple[GeneratedImage, ...], response_format: str,
                        ctx: RequestContext) -> list[dict]:
         out = []
@@ -349,9 +364,11 @@ class _AuditDraft:
             "tags": req.tags, "user": req.user,
         }
 
-    def succeed(self, outcome: DispatchOutcome, cost: float) -> None:
+    def succeed(self, outcome: DispatchOutcome, cost: float, size: str) -> None:
+        made = f"{outcome.result.width}x{outcome.result.height}"
         self.result = {
             "outcome": "ok", "status": 200, "backend": outcome.candidate.backend,
+            "size_delivered": size, **({"size_made": made} if made != size else {}),
             "model": outcome.result.model, "cost_usd": cost, "images": len(outcome.result.images),
             "provider_request_id": outcome.result.provider_request_id,
             "billed_units": outcome.result.billed_units,

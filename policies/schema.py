@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from enum import StrEnum
 from functools import cached_property
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -123,6 +123,14 @@ class Rule(_Strict):
     hedge: bool | None = None
 
 
+class ImagesPolicy(_Strict):
+    """What is done to images before they are delivered."""
+
+    exact_size: Literal["off", "resize", "crop"] = Field(
+        "off", description="A provider delivered another size than asked: off (deliver it, and say so), resize "
+        "(scale to the asked size) or crop (scale to cover, crop the centre).")
+
+
 class Policy(_Strict):
     """Tiers, defaults, objective and ordered rules (first match wins)."""
 
@@ -135,6 +143,7 @@ class Policy(_Strict):
     defaults: Defaults = Defaults()
     dispatch: Dispatch = Dispatch()
     budgets: BudgetPolicy = BudgetPolicy()
+    images: ImagesPolicy = ImagesPolicy()
     tiers: dict[Name, Tier] = Field(default_factory=lambda: {"standard": Tier()})
     backends: dict[Name, BackendPolicy] = Field(default_factory=dict)
     rules: list[Rule] = Field(default_factory=list)
