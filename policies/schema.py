@@ -7,7 +7,7 @@ from enum import StrEnum
 from functools import cached_property
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .budgets import BudgetPolicy
 from .index import PolicyIndex
@@ -129,6 +129,11 @@ class ImagesPolicy(_Strict):
     exact_size: Literal["off", "resize", "crop"] = Field(
         "off", description="A provider delivered another size than asked: off (deliver it, and say so), resize "
         "(scale to the asked size) or crop (scale to cover, crop the centre).")
+
+    @field_validator("exact_size", mode="before")
+    @classmethod
+    def _yaml_off(cls, value):
+        return "off" if value is False else value  # YAML reads a bare `off` as false
 
 
 class Policy(_Strict):

@@ -153,3 +153,11 @@ def test_warm_shapes_default_to_the_presets_native_size_batch_one_on_the_cpu_and
     sdxl = local.model_copy(update={"preset": "sdxl", "max_batch": 4})
     assert [(w.width, w.steps, w.batch) for w in _warm_shapes(sdxl, compiled=True)] == \
         [(1024, 30, 1), (1024, 30, 2), (1024, 30, 4)]
+
+
+def test_the_shipped_policies_are_valid_with_no_warnings():
+    from policies.lint import policy_warnings
+    from tests.conftest import ROOT
+
+    for path in (ROOT / "config" / "policy.yaml", ROOT / "config" / "examples" / "candidate.yaml"):
+        assert policy_warnings(parse_policy(path.read_text(), str(path))) == [], path
