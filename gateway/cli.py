@@ -103,6 +103,20 @@ def _exit_past_lingering_threads() -> None:
         os._exit(0)
 
 
+def cmd_healthcheck(args) -> int:
+    """Exit 0 when /readyz on the configured port says the gateway can serve (for Docker's HEALTHCHECK)."""
+    import urllib.request
+
+    settings, _ = _load(args)
+    host = "127.0.0.1" if settings.server.host in ("0.0.0.0", "::") else settings.server.host
+    try:
+        with urllib.request.urlopen(f"http://{host}:{settings.server.port}/readyz", timeout=args.timeout) as r:
+            return 0 if r.status == 200 else 1
+    except OSError as exc:
+        print(f"imagegw: not ready: {exc}", file=sys.stderr)
+        return 1
+
+
 def cmd_policy_schema(args) -> int:
     from policies.schema import Policy
 
@@ -278,6 +292,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on (default: server.host, 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default: server.port, 8080)")
     serve.set_defaults(func=cmd_serve)
+
+    health = sub.add_parser("healthcheck", help="exit 0 if the running gateway is ready (/readyz)")
+    health.add_argument("--config", help="config folder (default: ./config); its server.port is asked")
+    health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer (3)")
+    health.set_defaults(func=cmd_healthcheck)
 
     sandbox = sub.add_parser("sandbox", help="serve the four providers' emulators")
     sandbox.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")

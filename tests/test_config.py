@@ -161,3 +161,20 @@ def test_the_shipped_policies_are_valid_with_no_warnings():
 
     for path in (ROOT / "config" / "policy.yaml", ROOT / "config" / "examples" / "candidate.yaml"):
         assert policy_warnings(parse_policy(path.read_text(), str(path))) == [], path
+
+
+def test_healthcheck_exits_0_when_the_gateway_is_ready_and_1_when_nothing_answers(settings, shipped_policy,
+                                                                                   serve, tmp_path):
+    import json
+
+    from policies.types import BackendKind
+    from tests.fakes import ScriptedBackend
+
+    server = serve(settings, shipped_policy, {"local": ScriptedBackend("local", kind=BackendKind.LOCAL,
+                                                                      models=("tiny",))})
+    config = tmp_path / "hc"
+    config.mkdir()
+    (config / "gateway.yaml").write_text(json.dumps({"server": {"port": server.port}}))
+    assert _cli("healthcheck", "--config", str(config))[0] == 0
+    server.stop()
+    assert _cli("healthcheck", "--config", str(config))[0] == 1
