@@ -23,7 +23,8 @@ WORKDIR /app
 # Dependencies first, from pyproject.toml alone: this layer rebuilds only when they change, not with the code.
 COPY pyproject.toml ./
 RUN python3 -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
-print('\n'.join(p['dependencies'] + p['optional-dependencies']['local']))" > /tmp/requirements.txt \
+print('\n'.join(p['dependencies'] + p['optional-dependencies']['local'] + p['optional-dependencies']['report']))" \
+    > /tmp/requirements.txt \
  && pip install -r /tmp/requirements.txt
 
 COPY README.md ./

@@ -249,19 +249,23 @@ def cmd_policy_simulate(args) -> int:
         spec = {"audit": {}}
     else:
         spec = {"synthetic": args.synthetic, "duration_s": args.duration, "rate_per_s": args.rate, "seed": args.seed}
-    trace = load_trace(spec, settings, records)
+    try:
+        trace = load_trace(spec, settings, records)
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
     if not trace:
         print("the trace is empty", file=sys.stderr)
         return 2
     world = build_world(settings, current, args.gpus, records)
     from tqdm import tqdm
 
-    with tqdm(total=100, unit="%", desc=f"simulating {len(trace)} requests") as bar:
+    total = 2 * len(trace)  # the trace once under each policy
+    with tqdm(total=total, unit="req", desc="simulating (current, then candidate)") as bar:
         def progress(fraction):
-            bar.update(max(0, int(fraction * 100) - bar.n))
+            bar.update(max(0, int(fraction * total) - bar.n))
 
         a, b = compare(current, candidate, trace, world, args.seed, progress)
-        bar.update(100 - bar.n)
+        bar.update(total - bar.n)
     print(render_text(a, b))
     if args.report:
         Path(args.report).write_text(render_html(a, b, f"{args.candidate} vs current policy"))

@@ -88,11 +88,33 @@ def audit_records(settings: Settings, since: float | None, until: float | None, 
     return out
 
 
+def _trace_file(path: Path) -> list[TraceRequest]:
+    """A JSON-lines trace (policies/traces.py), or the audit export (`GET /admin/audit/export`) as it comes:
+    audit records are told by their `request` and `ts` fields."""
+    import json
+
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    try:
+        first = json.loads(lines[0]) if lines else {}
+    except ValueError as exc:
+        raise ValueError(f"{path}: line 1 is not JSON ({exc})") from exc
+    if isinstance(first, dict) and "ts" in first and "request" in first:
+        try:
+            return trace_from_audit([json.loads(line) for line in lines])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path}: not an audit export ({exc})") from exc
+    try:
+        return parse_jsonl(lines)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: not a trace (JSON lines of policies/traces.py) nor an audit export: {exc}") \
+            from exc
+
+
 def load_trace(spec: dict, settings: Settings, records: list[dict] | None = None) -> list[TraceRequest]:
     """A trace from {"file": path}, {"synthetic": kind, "duration_s", "rate_per_s", "seed"},
     {"audit": {"since", "until"}} or {"requests": [...]}."""
     if "file" in spec:
-        return parse_jsonl(Path(spec["file"]).read_text().splitlines())
+        return _trace_file(Path(spec["file"]))
     if "synthetic" in spec:
         return synthetic(spec["synthetic"], float(spec.get("duration_s", 3600)), float(spec.get("rate_per_s", 0.5)),
                          int(spec.get("seed", 0)))
@@ -153,12 +175,16 @@ def _plots(a: SimResult, b: SimResult) -> list[str]:
     out = []
     fig, ax = plt.subplots(figsize=(7, 3))
     for r, label in ((a, "current"), (b, "candidate")):
-        t, total = [], 0.0
+        # Total cost (the pool's GPUs, paid by the hour, and the APIs), so the two policies compare whole.
+        horizon_min = max(r.horizon_s, 60.0) / 60
+        t, api = [(0.0, 0.0)], 0.0
         for row in r.timeline:
-            total += row["api_spend_usd"]
-            t.append((row["t"] / 60, total))
+            api += row["api_spend_usd"]
+            end = min(row["t"] / 60 + 1, horizon_min)
+            t.append((end, api + r.gpu_cost_usd * end / horizon_min))  # GPUs accrue by the hour
+        t.append((horizon_min, api + r.gpu_cost_usd))
         ax.plot([x for x, _ in t], [y for _, y in t], label=label)
-    ax.set(xlabel="minutes", ylabel="cumulative API spend $", title="Cost over time")
+    ax.set(xlabel="minutes", ylabel="cumulative total cost $", title="Cost over time (pool and APIs)")
     ax.legend()
     out.append(fig)
     fig, ax = plt.subplots(figsize=(7, 3))
@@ -180,7 +206,7 @@ def _plots(a: SimResult, b: SimResult) -> list[str]:
     fig, ax = plt.subplots(figsize=(7, 3))
     for r, label in ((a, "current"), (b, "candidate")):
         lat = sorted(o.latency_s for o in r.outcomes if o.latency_s is not None)
-        ax.plot(lat, [i / max(1, len(lat)) for i in range(len(lat))], label=label)
+        ax.plot(lat, [(i + 1) / len(lat) for i in range(len(lat))], label=label)  # reaches 1.0 at the slowest
     ax.set(xlabel="latency s", ylabel="fraction", title="Latency CDF")
     ax.legend()
     out.append(fig)

@@ -178,3 +178,22 @@ def test_healthcheck_exits_0_when_the_gateway_is_ready_and_1_when_nothing_answer
     assert _cli("healthcheck", "--config", str(config))[0] == 0
     server.stop()
     assert _cli("healthcheck", "--config", str(config))[0] == 1
+
+
+def test_policy_simulate_takes_the_audit_export_as_it_comes_and_refuses_garbage_in_one_line(tmp_path):
+    import json
+
+    from tests.conftest import ROOT
+
+    records = [{"id": f"r{i}", "ts": 1_764_000_000 + i, "tenant": "acme", "status": 200,
+                "request": {"size": "1024x1024", "n": 1, "tier": "standard", "sla_ms": 30000, "steps": None}}
+               for i in range(20)]
+    export = tmp_path / "export.jsonl"
+    export.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    policy = str(ROOT / "config" / "policy.yaml")
+    code, out, err = _cli("policy", "simulate", policy, "--trace", str(export))
+    assert code == 0 and "requests" in out, err
+    garbage = tmp_path / "garbage.jsonl"
+    garbage.write_text("this is not json\n")
+    code, _, err = _cli("policy", "simulate", policy, "--trace", str(garbage))
+    assert code == 2 and "line 1 is not JSON" in err and "Traceback" not in err
