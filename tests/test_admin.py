@@ -35,6 +35,14 @@ def admin(server, method, path, **kw):
     return httpx.request(method, server.base_url + path, headers={"authorization": f"Bearer {ADMIN}"}, **kw)
 
 
+def wait_audited(server, n: int, timeout: float = 10.0) -> None:
+    """Until the audit log holds n records (it is written off the request path)."""
+    deadline = time.monotonic() + timeout
+    while len(admin(server, "GET", "/admin/audit", params={"limit": 1000}).json()["data"]) < n:
+        assert time.monotonic() < deadline, f"fewer than {n} audit records after {timeout} s"
+        time.sleep(0.02)
+
+
 def generate(server, key=None, **body):
     headers = {"authorization": f"Bearer {key}"} if key else {}
     return httpx.post(server.base_url + "/v1/images/generations", headers=headers,
@@ -58,7 +66,7 @@ def test_app_keys_map_to_tenants_and_cannot_reach_admin(settings, shipped_policy
     assert ok.status_code == 200
     forbidden = httpx.get(server.base_url + "/admin/policy", headers={"authorization": "Bearer acme-key"})
     assert forbidden.status_code == 403
-    time.sleep(0.3)
+    wait_audited(server, 2)
     record = admin(server, "GET", f"/admin/audit/{ok.headers['x-gateway-decision-id']}").json()
     assert record["tenant"] == "acme"
     page = admin(server, "GET", "/admin/audit", params={"outcome": "error"}).json()["data"]
@@ -149,7 +157,7 @@ def test_audit_query_filters_pages_exports_and_stats(gateway):
     for i in range(7):
         generate(gateway, seed=i)
     generate(gateway, model="reve")
-    time.sleep(0.3)
+    wait_audited(gateway, 8)
     first = admin(gateway, "GET", "/admin/audit", params={"limit": 3, "backend": "local"}).json()
     assert len(first["data"]) == 3 and first["next_cursor"]
     rest = admin(gateway, "GET", "/admin/audit", params={"limit": 10, "backend": "local",

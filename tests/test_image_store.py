@@ -10,10 +10,10 @@ async def test_stored_image_is_found_until_it_expires(tmp_path):
     store = ImageStore(tmp_path, ttl_s=60, clock=lambda: now[0])
     await store.start()
     name = await store.put(b"\x89PNG...", "image/png")
-    (tmp_path / name).touch()
+    assert (tmp_path / name).read_bytes() == b"\x89PNG..."  # put() wrote it
     import os
 
-    os.utime(tmp_path / name, (now[0], now[0]))
+    os.utime(tmp_path / name, (now[0], now[0]))  # its birth, on the test's clock
     assert store.locate(name) == (tmp_path / name, "image/png")
     now[0] += 61
     assert store.locate(name) is None

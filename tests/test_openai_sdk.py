@@ -70,7 +70,9 @@ def test_sdk_raises_typed_errors(client):
     assert none.value.status_code == 503
 
 
-def test_same_seed_same_image(client):
+def test_same_seed_same_image_and_another_seed_another(client):
     a = client.images.generate(prompt="seeded", size="256x256", extra_body={"seed": 42, "steps": 2})
     b = client.images.generate(prompt="seeded", size="256x256", extra_body={"seed": 42, "steps": 2})
+    c = client.images.generate(prompt="seeded", size="256x256", extra_body={"seed": 43, "steps": 2})
     assert a.data[0].b64_json == b.data[0].b64_json
+    assert a.data[0].b64_json != c.data[0].b64_json  # the seed is honoured, not ignored
