@@ -168,3 +168,32 @@ def test_sandbox_speaks_like_the_providers_sdks_call_it():
                 break
             time.sleep(0.01)
         assert status["status"] == "COMPLETED" and status["result"]["image_url"]
+
+
+def test_imagegw_sandbox_serves_the_emulators_with_the_faults_file_it_is_given(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, free_port
+
+    faults = tmp_path / "faults.yaml"
+    faults.write_text("seed: 3\nreve: {latency_p50_ms: 1, latency_p95_ms: 2, error_rate: 1.0}\n")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "sandbox", "--faults", str(faults),
+                             "--port", str(port)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                config = httpx.get(f"http://127.0.0.1:{port}/_sandbox/config", timeout=1).json()
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline, "the sandbox did not come up"
+                time.sleep(0.1)
+        assert config["seed"] == 3 and config["reve"]["error_rate"] == 1.0
+        r = httpx.post(f"http://127.0.0.1:{port}/reve/v1/image/create", json={"prompt": "p"},
+                       headers={"authorization": "Bearer k", "accept": "application/json"})
+        assert r.status_code >= 500  # the fault file's 100% error rate, as Reve answers it
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
