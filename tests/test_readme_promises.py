@@ -160,3 +160,41 @@ def test_metrics_count_sla_misses_and_fallbacks(start):
                     and 'imagegw_sla_missed_total{tier="standard"} 1.0' in t and t)
     assert 'imagegw_backend_attempts_total{backend="cheap",error_class="BackendTransientError",outcome="error"} 2.0' \
         in text
+
+
+def test_metrics_show_ejection_state_share_and_pacing_by_value(settings, serve, monkeypatch):
+    from gateway.ejection import EjectionConfig
+    from gateway.guard import BackendGuard
+    from gateway.registry import Backends
+
+    settings.local.enabled = False
+    backends = {"cheap": ScriptedBackend("cheap", fail=lambda j: BackendTransientError("500")),
+                "dear": ScriptedBackend("dear")}
+    guards = {n: BackendGuard(n, ejection=EjectionConfig(consecutive_failures=1, base_ejection_s=60)) for n in backends}
+    server = serve(settings, policy(), Backends(backends, guards))
+    assert post(server).headers["x-gateway-backend"] == "dear"  # cheap failed once: ejected
+    text = httpx.get(server.base_url + "/metrics").text
+    assert 'imagegw_ejection_state{backend="cheap"} 2.0' in text
+    assert 'imagegw_ejection_state{backend="dear"} 0.0' in text
+    assert 'imagegw_backend_share{backend="cheap"} 0.0' in text and 'imagegw_backend_share{backend="dear"} 1.0' in text
+    assert 'imagegw_backend_pacing_wait_seconds{backend="dear"} 0.0' in text
+
+
+def test_metrics_show_the_pools_batch_occupancy(settings, shipped_policy, serve):
+    import asyncio
+
+    from gateway.settings import WarmShapeSettings
+
+    settings.local.max_wait_ms = 80
+    settings.local.warm_shapes = [WarmShapeSettings(width=64, height=64, steps=2, batch_sizes=[1])]
+    server = serve(settings, shipped_policy)
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=60) as client:
+            await asyncio.gather(*(client.post("/v1/images/generations", json={
+                "prompt": f"p{i}", "size": "64x64", "steps": 2, "model": "local"}) for i in range(6)))
+
+    asyncio.run(burst())
+    line = next(x for x in httpx.get(server.base_url + "/metrics").text.splitlines()
+                if x.startswith("imagegw_local_batch_occupancy "))
+    assert float(line.split()[1]) > 1.0  # six at once rode in shared batches
