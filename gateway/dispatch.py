@@ -108,7 +108,7 @@ class Dispatcher:
             if hedge_with is None and dispatch.hedge_at_p99 and candidate.p99_ms is not None:
                 # No answer by its p99: the next candidate starts too (the same backend again when it is the
                 # last: a hung call must not take the request down with it), if the cost ceiling pays for both.
-                hedge_with = dataclasses.replace(decision, hedge=True).hedge_partner(candidate, queue or [candidate])
+                hedge_with = decision.hedge_partner(candidate, queue or [candidate], hedging=True)
                 hedge_after_ms = max(candidate.p99_ms, candidate.predicted_latency_ms)
             try:
                 if hedge_with is not None:
@@ -226,11 +226,13 @@ class Dispatcher:
             return asyncio.create_task(self._with_retries(candidate, job, deadline, attempts, began, dispatch, hedge,
                                                           last_resort))
 
+        primary_started = self._clock()
         primary = start(first, False)
         tasks = {primary: first}
         errors: list[BaseException] = []
         try:
-            hedge_in = max(0.0, began + hedge_after_ms / 1000 - self._clock())
+            # counted from this candidate's own start: a later candidate (after a failure) gets its full p99
+            hedge_in = max(0.0, hedge_after_ms / 1000 - (self._clock() - primary_started))
             done, _ = await asyncio.wait({primary}, timeout=hedge_in)
             if primary in done:
                 if primary.exception() is None:

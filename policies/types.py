@@ -286,10 +286,10 @@ class Decision:
     def chosen(self) -> Candidate | None:
         return self.candidates[0] if self.candidates else None
 
-    def hedge_partner(self, first: Candidate, rest) -> Candidate | None:
-        """The candidate to race against `first` when hedging: the next one, unless the cost cap cannot pay
-        for both. The dispatcher and the simulator both ask this."""
-        if not self.hedge or not rest:
+    def hedge_partner(self, first: Candidate, rest, *, hedging: bool | None = None) -> Candidate | None:
+        """The candidate to race against `first` when hedging (the decision's own setting unless `hedging` says):
+        the next one, unless the cost cap cannot pay for both. The dispatcher and the simulator both ask this."""
+        if not (self.hedge if hedging is None else hedging) or not rest:
             return None
         second = rest[0]
         if self.max_cost_usd is not None and first.predicted_cost_usd + second.predicted_cost_usd > self.max_cost_usd:
