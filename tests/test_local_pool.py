@@ -53,8 +53,6 @@ def test_prompt_and_seed_change_the_pixels_and_batching_does_not(tiny_engine):
     batched = px(["a whale", "a fox"], [1, 1])
     assert batched[1] != batched[0]
     # the fox in a batch is the fox alone, to within rounding (CPU matmul is not batch-invariant to the last bit)
-    import numpy as np
-
     diff = np.abs(np.frombuffer(batched[1], np.uint8).astype(int) - np.frombuffer(alone, np.uint8).astype(int))
     assert diff.max() <= 2
 
@@ -140,6 +138,26 @@ async def test_concurrent_jobs_of_one_shape_share_batches(tiny_engine):
     results = await asyncio.gather(*(pool.generate(job(i), time.monotonic() + 60) for i in range(8)))
     assert all(len(r.images) == 1 for r in results)
     assert pool.batches_run < 8 and max(r.extra["batch_size"] for r in results) > 1
+    await pool.aclose()
+
+
+async def test_warm_up_leaves_a_measured_profile_entry_so_a_pool_warmed_at_one_batch_size_serves():
+    # Only batch 2 warmed, nothing calibrated: before, every prediction came from the prior (a CPU-scale
+    # constant), which on a GPU put the pool out of every SLA for good.
+    worker = ThreadWorker(TINY, "warm-0", warm=[WarmShape(64, 64, 2, batch=2)])
+    pool = LocalPool(TINY, [worker], PoolConfig(max_wait_s=0.0))
+    await pool.start()
+    await pool.wait_ready(timeout=120)
+    timing = worker.warm_timings["64x64x2@2"]
+    assert timing["steady_s"] > 0 and timing["first_s"] > 0
+    assert pool.profile.table[("tiny", 64, 64, 2)] == {2: timing["steady_s"]}
+    model = pool.load().pool
+    alone = model.profile.seconds("tiny", 64, 64, 2, 1)
+    assert alone == pytest.approx(timing["steady_s"] / 2)  # from the measured batch, not the prior
+    prior = ThroughputProfile().seconds("tiny", 64, 64, 2, 1)
+    assert alone != prior
+    result = await pool.generate(job(1), time.monotonic() + 60)
+    assert len(result.images) == 1
     await pool.aclose()
 
 

@@ -128,6 +128,7 @@ class LocalPool:
         try:
             await worker.start()
             log.info("%s ready (warm-up: %s)", worker.name, worker.warm_timings)
+            self._learn_warm_up(worker)
         except Exception as exc:
             if self._closing:  # shut down while it warmed up: nothing failed
                 log.info("%s stopped before it was ready", worker.name)
@@ -290,6 +291,19 @@ class LocalPool:
             log.exception("%s failed to restart", worker.name)
             worker.state, worker.detail = "failed", f"restart failed: {exc}"
         self._wakeup.set()
+
+    def _learn_warm_up(self, worker) -> None:
+        """A measured profile entry for every warmed shape (timed after its compile), where the profile has
+        none: predictions for warmed shapes, and for others by scaling from them, never come from the prior."""
+        for shape in getattr(worker, "warm_shapes", ()):
+            timing = worker.warm_timings.get(f"{shape.width}x{shape.height}x{shape.batch}@{shape.steps}")
+            seconds = timing.get("steady_s") if isinstance(timing, dict) else None
+            if not seconds:
+                continue
+            row = self.profile.table.get((self.model, shape.width, shape.height, shape.steps), {})
+            if self.profile.run_size(shape.batch) not in row:
+                self.profile = self.profile.observe(self.model, shape.width, shape.height, shape.steps, shape.batch,
+                                                    seconds, weight=1.0)
 
     def _record(self, batch: Batch, seconds: float) -> None:
         model, width, height, steps, _ = batch.key
