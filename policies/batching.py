@@ -27,7 +27,7 @@ from typing import Any
 from .profile import ThroughputProfile
 from .types import QueuePoint
 
-__all__ = ["Batch", "BatchKey", "QueuedJob", "SLABatcher"]
+__all__ = ["ArrivalRate", "Batch", "BatchKey", "QueuedJob", "SLABatcher"]
 
 BatchKey = tuple[str, int, int, int, float]  # model, width, height, steps, guidance
 
@@ -58,20 +58,57 @@ class Batch:
         self.slots = sum(j.slots for j in self.jobs)
 
 
+class ArrivalRate:
+    """Is company coming? The gap between arrivals per batch key (EWMA): a lone job waits for company only
+    while one more job is more likely than not to arrive within the wait (Poisson: gap <= wait / ln 2)."""
+
+    def __init__(self, alpha: float = 0.3):
+        self.alpha = alpha
+        self._last: dict = {}
+        self._gap: dict = {}
+
+    def arrived(self, key, now: float) -> None:
+        last = self._last.get(key)
+        if last is not None:
+            gap = max(0.0, now - last)
+            prior = self._gap.get(key)
+            self._gap[key] = gap if prior is None else (1 - self.alpha) * prior + self.alpha * gap
+        self._last[key] = now
+
+    def expects_company(self, key, within_s: float) -> bool:
+        gap = self._gap.get(key)
+        return gap is not None and gap <= within_s / 0.6931
+
+    def expects_any(self, within_s: float) -> bool:
+        return any(gap <= within_s / 0.6931 for gap in self._gap.values())
+
+
 class SLABatcher:
     """`put` never blocks; `next_batch` returns a batch to launch now, or when to ask again."""
 
     def __init__(self, profile: Callable[[], ThroughputProfile], *, max_batch: int = 8, max_wait_s: float = 0.1,
-                 clock: Callable[[], float] = time.monotonic, release_margin: float = 1.2):
+                 clock: Callable[[], float] = time.monotonic, release_margin: float = 1.2,
+                 arrivals: ArrivalRate | None = None):
         self._profile = profile
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
+        # With an ArrivalRate, a lone job waits for company only when some is likely to come; without, it
+        # always waits up to max_wait_s.
+        self.arrivals = arrivals
         self.release_margin = release_margin  # a tentative job is late when margin x its predicted wait misses
         self._clock = clock
         self._queues: dict[BatchKey, list[QueuedJob]] = {}
 
     def put(self, item: QueuedJob) -> None:
+        if self.arrivals is not None:
+            self.arrivals.arrived(item.key, self._clock())
         self._queues.setdefault(item.key, []).append(item)
+
+    def wait_s(self, key: BatchKey) -> float:
+        """How long a lone job of this key waits for company."""
+        if self.arrivals is None or self.arrivals.expects_company(key, self.max_wait_s):
+            return self.max_wait_s
+        return 0.0
 
     def remove(self, item: QueuedJob) -> bool:
         """Withdraw a job that has not launched (its client gave up); True if it was queued."""
@@ -174,17 +211,18 @@ class SLABatcher:
         # waits for no one.
         latest_start = tightest - grow_s if binding(queue[0]) < float("inf") else now
         oldest = min(j.enqueued for j in chosen)
+        wait = self.wait_s(key)
         if slots >= self.max_batch:
             reason = "full"
         elif len(chosen) < len(queue):
             reason = "backlog"
         elif now >= latest_start - 1e-9:
             reason = "deadline"
-        elif now - oldest >= self.max_wait_s - 1e-9:
-            reason = "max_wait"
+        elif now - oldest >= wait - 1e-9:
+            reason = "max_wait" if wait > 0 else "no_company"
         else:
             reason = None
-        return chosen, chosen_s, reason, min(latest_start, oldest + self.max_wait_s)
+        return chosen, chosen_s, reason, min(latest_start, oldest + wait)
 
     def next_batch(self) -> tuple[Batch | None, float | None]:
         """A batch to launch now (removed from the queue), else (None, when to ask again)."""

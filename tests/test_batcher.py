@@ -191,3 +191,24 @@ def test_the_queue_is_seen_in_deadline_order_with_the_work_up_to_each_job(batche
     # 1 s running; then a KEY batch of 1 (1.1 s), an OTHER batch of 1 (0.7 s), the KEY job joins a batch of 2
     assert [p.work_s for p in points] == pytest.approx([2.1, 2.8, 3.7])
     assert not any(p.tentative for p in points)
+
+
+def test_with_arrivals_a_lone_job_waits_only_when_company_is_likely(clock):
+    from policies.batching import ArrivalRate
+
+    adaptive = SLABatcher(lambda: PROFILE, max_batch=8, max_wait_s=0.1, clock=clock, arrivals=ArrivalRate())
+    adaptive.put(job(clock, 60))  # nothing known of arrivals: no company expected, no idle wait at batch 1
+    batch, _ = adaptive.next_batch()
+    assert batch is not None and batch.slots == 1 and batch.reason == "no_company"
+    for _ in range(5):  # then a busy stream, a job every 20 ms: company is likely within 100 ms
+        clock.now += 0.02
+        adaptive.put(job(clock, 60))
+        adaptive.next_batch()
+    clock.now += 0.02
+    adaptive.put(job(clock, 60))
+    assert adaptive.wait_s(next(iter(adaptive._queues))) == 0.1
+    for _ in range(6):  # and when the stream thins out to a job every 2 s, a lone job goes at once again
+        clock.now += 2.0
+        adaptive.put(job(clock, 60))
+        batch, _ = adaptive.next_batch()
+    assert batch is not None and batch.reason == "no_company"

@@ -23,7 +23,7 @@ from policies.types import BackendKind, Health, PoolModel, SizeSupport
 
 from ..errors import BackendReleased, BackendTimeout, BackendTransientError, BackendUnavailable
 from ..protocol import GeneratedImage, GenerationJob, GenerationResult, LoadReport, Offer
-from .batcher import Batch, QueuedJob, SLABatcher
+from .batcher import ArrivalRate, Batch, QueuedJob, SLABatcher
 from .engine import EngineSpec
 from .presets import PRESETS
 from .workers import BatchRequest, WorkerCrashed
@@ -78,7 +78,9 @@ class LocalPool:
         profile = profile or load_profile(config.profile_path, config.max_batch)
         self.profile = dataclasses.replace(profile, run_sizes=tuple(sorted(config.run_sizes)))
         max_batch = min(config.max_batch, max(config.run_sizes)) if config.run_sizes else config.max_batch
-        self.batcher = SLABatcher(lambda: self.profile, max_batch=max_batch, max_wait_s=config.max_wait_s)
+        # A lone job waits for company only when the arrivals say some is likely to come within the wait.
+        self.batcher = SLABatcher(lambda: self.profile, max_batch=max_batch, max_wait_s=config.max_wait_s,
+                                  arrivals=ArrivalRate())
         self._wakeup = asyncio.Event()
         self._scheduler: asyncio.Task | None = None
         self._running: set[asyncio.Task] = set()
@@ -105,10 +107,12 @@ class LocalPool:
         running_s = self._running_s(now)
         idle = any(w.ready and not w.busy for w in self.workers)
         queue = self.batcher.points(now, running_s, len(ready))
+        # A lone job is predicted to wait for company only when the arrivals say some is coming.
+        wait = self.config.max_wait_s if self.batcher.arrivals.expects_any(self.config.max_wait_s) else 0.0
         pool = PoolModel(
             profile=self.profile, model=self.model, gpu_hour_usd=self.config.gpu_hour_usd, workers=len(ready),
             work_ahead_s=queue[-1].work_s if queue else running_s, typical_batch=self._occupancy,
-            has_headroom=idle and not queue, max_wait_s=self.config.max_wait_s, running_s=running_s, queue=queue,
+            has_headroom=idle and not queue, max_wait_s=wait, running_s=running_s, queue=queue,
         )
         warming = [w.name for w in self.workers if not w.ready]
         detail = f"{len(ready)} worker(s) ready" + (f"; warming: {', '.join(warming)}" if warming else "")
