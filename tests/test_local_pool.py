@@ -333,3 +333,14 @@ def test_a_batch_is_encoded_in_parallel_into_the_same_bytes_in_the_same_order(ti
     images = tiny_engine.generate(["a", "b", "c"], width=64, height=64, steps=2, seeds=[1, 2, 3])
     assert encode_images(images, "png") == [encode_image(im, "png") for im in images]
     assert encode_images(images[:1], "jpeg") == [encode_image(images[0], "jpeg")]
+
+
+def test_loading_the_engine_says_nothing_of_image_processors_it_does_not_use():
+    import subprocess
+    import sys
+
+    # a fresh process: transformers says it once per process
+    done = subprocess.run([sys.executable, "-c", "from backends.local.engine import DiffusionEngine, EngineSpec;"
+                           "DiffusionEngine(EngineSpec(preset='tiny')).load(); print('loaded')"],
+                          capture_output=True, text=True, timeout=120)
+    assert "loaded" in done.stdout and "requires torchvision" not in done.stderr, done.stderr

@@ -101,6 +101,7 @@ class DiffusionEngine:
         """Build or load the pipeline and move it to its device (blocking, seconds to minutes)."""
         import torch
 
+        _quiet_image_processor_notice()
         started = time.perf_counter()
         self.device = _resolve_device(self.spec)
         dtype = _resolve_dtype(self.spec, self.device)
@@ -188,3 +189,17 @@ def _to_pil(images) -> list:
 
     pixels = (images * 255).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(p) for p in pixels]
+
+
+class _NoImageProcessorFallback(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
+def _quiet_image_processor_notice() -> None:
+    """Importing diffusers' pipelines makes transformers say, twice on every start, that its image processors
+    fall back to PIL without torchvision. Text-to-image pipelines use no image processor: that notice alone is
+    dropped (every other transformers warning still shows)."""
+    target = logging.getLogger("transformers.utils.import_utils")
+    if not any(isinstance(f, _NoImageProcessorFallback) for f in target.filters):
+        target.addFilter(_NoImageProcessorFallback())
