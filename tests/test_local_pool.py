@@ -344,3 +344,18 @@ def test_loading_the_engine_says_nothing_of_image_processors_it_does_not_use():
                            "DiffusionEngine(EngineSpec(preset='tiny')).load(); print('loaded')"],
                           capture_output=True, text=True, timeout=120)
     assert "loaded" in done.stdout and "requires torchvision" not in done.stderr, done.stderr
+
+
+def test_the_configured_compile_cache_wins_over_the_folder_diffusers_set_on_import(tmp_path, monkeypatch):
+    import diffusers  # noqa: F401 (it sets TORCHINDUCTOR_CACHE_DIR as it loads, on some versions)
+
+    from backends.local.optimize import use_compile_cache
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/tmp/torchinductor_somebody")  # as a library would
+    use_compile_cache(tmp_path / "cache")
+    import os
+
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache") and (tmp_path / "cache").is_dir()
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    assert cache_dir() == str(tmp_path / "cache")  # what inductor will use when it compiles
