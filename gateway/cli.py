@@ -234,6 +234,55 @@ def cmd_pool_calibrate(args) -> int:
     return 0
 
 
+def cmd_pool_build(args) -> int:
+    """Compile the configured sizes into AOTInductor packages once, for this and every host like it."""
+    import dataclasses
+    import shutil
+
+    from backends.local.engine import DiffusionEngine
+
+    from .registry import build_local_pool
+
+    settings, _ = _load(args)
+    pool = build_local_pool(settings)
+    out = Path(args.out).resolve() if args.out else settings.resolve(settings.local.artifacts)
+    spec = dataclasses.replace(pool.workers[0].spec, compile=True, compile_backend="aot", artifacts_dir=out)
+    sizes = list(dict.fromkeys((w.width, w.height) for w in pool.workers[0].warm_shapes))
+    if args.size:
+        sizes = [_parse_size(s) for s in args.size]
+    engine = DiffusionEngine(spec)
+    print(f"loading {pool.model} on {spec.device} ...", flush=True)
+    engine.load()
+    store = engine.aot.store
+    if args.force:
+        shutil.rmtree(store.folder, ignore_errors=True)
+    print(f"building {len(sizes)} size(s), batch 1-{spec.max_batch}, into {store.folder}", flush=True)
+    started = time.perf_counter()
+    for i, (width, height) in enumerate(sizes, 1):
+        step = time.perf_counter()
+        timings = engine.prepare(width, height, lambda d, i=i: print(f"  [{i}/{len(sizes)}] {d} ...", flush=True))
+        if timings.get("fallback"):
+            print(f"{width}x{height}: could not be compiled ahead of time (see the log above); workers will use "
+                  "torch.compile for it", file=sys.stderr)
+            return 1
+        built = ", ".join(f"{k.removeprefix('build_').removesuffix('_s')} {v:.1f}s" for k, v in timings.items()
+                          if k.startswith("build_"))
+        print(f"{width}x{height}: {built or 'already built'}; loads in {timings.get('load_s', 0):.1f}s "
+              f"({time.perf_counter() - step:.1f}s)", flush=True)
+    print(f"done in {time.perf_counter() - started:.1f}s: {store.folder}")
+    print(f"copy {out} to hosts with the same GPU and software (local.artifacts); a worker that finds no match logs "
+          "why and compiles")
+    return 0
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"--size {text!r}: expected WIDTHxHEIGHT, e.g. 1024x1024") from None
+    return width, height
+
+
 def cmd_policy_simulate(args) -> int:
     from .config import parse_policy
     from .simulation import audit_records, build_world, compare, load_trace, render_html, render_text
@@ -316,6 +365,12 @@ def _parser() -> argparse.ArgumentParser:
     calib.add_argument("--repeats", type=int, default=2, help="timed runs per shape and batch size (default 2)")
     calib.add_argument("--out", help="profile file; default: data_dir/local.profile_file")
     calib.set_defaults(func=cmd_pool_calibrate)
+    build = pool.add_parser("build", help="compile the configured sizes ahead of time into local.artifacts")
+    build.add_argument("--config", help="config folder (default: ./config)")
+    build.add_argument("--size", action="append", help="WxH (repeatable); default: the sizes in local.warm_shapes")
+    build.add_argument("--out", help="artifact folder; default: data_dir/local.artifacts")
+    build.add_argument("--force", action="store_true", help="rebuild packages that exist already")
+    build.set_defaults(func=cmd_pool_build)
 
     policy = sub.add_parser("policy", help="policy tools").add_subparsers(dest="policy_cmd", required=True)
     policy.add_parser("schema", help="print the policy's JSON Schema").set_defaults(func=cmd_policy_schema)

@@ -92,11 +92,13 @@ def build_local_pool(settings: Settings) -> Backend:
     use_processes = local.workers == "process" or (local.workers == "auto" and len(devices) > 1)
     compiled = local.compile is True or (local.compile is None and any(d.startswith("cuda") for d in devices))
     warm = _warm_shapes(local, compiled)
-    # A compiled engine has one static graph per (size, batch size): serve only warmed ones, so no request
-    # ever waits for a compile; smaller batches pad up to a warmed size.
-    run_sizes = tuple(sorted({w.batch for w in warm})) if compiled else ()
-    only_sizes = frozenset((w.width, w.height) for w in warm) if compiled else frozenset()
-    if compiled and max(run_sizes, default=1) < local.max_batch:
+    # A compiled engine serves only warmed sizes, so no request ever waits for a compile. Under jit it has one
+    # static graph per (size, batch size) and smaller batches pad up to a warmed size; AOT packages take any
+    # batch size up to max_batch.
+    jit = compiled and local.compile_backend == "jit"
+    run_sizes = tuple(sorted({w.batch for w in warm})) if jit else ()
+    only_sizes = frozenset((w.width, w.height) for w in warm[:1]) if compiled else frozenset()
+    if jit and max(run_sizes, default=1) < local.max_batch:
         log.warning("local.max_batch %d capped at %d, the largest warmed batch size (local.warm_shapes)",
                     local.max_batch, max(run_sizes, default=1))
     workers = []
@@ -104,13 +106,15 @@ def build_local_pool(settings: Settings) -> Backend:
         spec = EngineSpec(preset=local.preset, weights_dir=local.weights_dir, device=device, dtype=local.dtype,
                           compile=local.compile, compile_mode=local.compile_mode, compile_vae=local.compile_vae,
                           tune_layout=local.tune_layout, attention=local.attention, fp8=local.fp8,
-                          cache_dir=settings.resolve(local.compile_cache), run_sizes=run_sizes)
+                          cache_dir=settings.resolve(local.compile_cache), run_sizes=run_sizes,
+                          compile_backend=local.compile_backend, artifacts_dir=settings.resolve(local.artifacts),
+                          max_batch=local.max_batch)
         worker_cls = ProcessWorker if use_processes else ThreadWorker
         workers.append(worker_cls(spec, f"local-{i}({device})", warm))
     config = PoolConfig(name="local", max_n=local.max_n, max_batch=local.max_batch,
                         max_wait_s=local.max_wait_ms / 1000, gpu_hour_usd=local.gpu_hour_usd,
-                        profile_path=settings.resolve(local.profile_file), run_sizes=run_sizes,
-                        only_sizes=only_sizes)
+                        profile_path=settings.resolve(local.profile_file), run_sizes=run_sizes[:1],
+                        only_sizes=only_sizes, compiled=(local.compile_backend if compiled else ""))
     return LocalPool(workers[0].spec, workers, config)
 
 

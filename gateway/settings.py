@@ -104,10 +104,17 @@ class LocalPoolSettings(_Section):
     max_wait_ms: float = Field(100, ge=0, description="Longest a job waits for company before its batch launches.")
     profile_file: str = Field("pool_profile.json", description="Throughput profile under data_dir.")
     compile_cache: str = Field("compile_cache", description="Inductor cache under data_dir.")
+    compile_backend: Literal["aot", "jit"] = Field(
+        "aot", description="aot: AOTInductor packages per image size taking every batch size, loaded in seconds "
+        "from `artifacts` (built there by `imagegw pool build`, or by the first start that lacks them); jit: "
+        "torch.compile with CUDA graphs, one graph per warmed batch size, compiled at every start.")
+    artifacts: str = Field("artifacts", description="Compiled packages under data_dir: copy it to hosts with the "
+                           "same GPU and software; a mismatch is logged and compiled anew.")
     warm_shapes: list[WarmShapeSettings] | None = Field(
-        None, description="Shapes compiled and run before the pool reports ready; when compiled (GPU), also the "
-        "only sizes and batch sizes it serves. Default: the preset's native size and steps, at batch sizes "
-        "1, 2, 4, 8 (up to max_batch) when compiled, 1 otherwise.")
+        None, description="Shapes compiled and timed: the pool is ready once the first is, and warms the rest in "
+        "the background while idle; when compiled (GPU), the only sizes (and, under jit, batch sizes) it serves are "
+        "those warmed so far. Default: the preset's native size and steps, at batch sizes 1, 2, 4, 8 (up to "
+        "max_batch) when compiled, 1 otherwise.")
 
 
 class ProviderSettings(_Section):

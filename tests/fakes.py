@@ -65,10 +65,13 @@ class ScriptedBackend:
 class FakeWorker:
     """A pool worker without a GPU: a batch takes `seconds(batch_size)`; records every batch it ran."""
 
-    def __init__(self, name: str = "fake-0", seconds=lambda b: 0.05 + 0.01 * b, fail_on: str | None = None):
+    def __init__(self, name: str = "fake-0", seconds=lambda b: 0.05 + 0.01 * b, fail_on: str | None = None,
+                 warm: list | None = None, warm_seconds: float = 0.01):
         self.name = name
         self.seconds = seconds
         self.fail_on = fail_on
+        self.warm_shapes, self.warm_seconds = list(warm or []), warm_seconds
+        self.warmed, self.pending_warm = [], []
         self.state, self.detail = "starting", "starting"
         self.busy = False
         self.assigned_slots = 0
@@ -81,7 +84,15 @@ class FakeWorker:
         return self.state == "ready"
 
     async def start(self) -> None:
+        self.warmed, self.pending_warm = self.warm_shapes[:1], self.warm_shapes[1:]
         self.state, self.detail = "ready", "ready"
+
+    async def warm_next(self):
+        shape = self.pending_warm[0]
+        await asyncio.sleep(self.warm_seconds)
+        self.pending_warm.remove(shape)
+        self.warmed.append(shape)
+        return shape
 
     async def run(self, req):
         from backends.local.workers import BatchOutput

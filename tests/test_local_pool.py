@@ -58,12 +58,12 @@ def test_prompt_and_seed_change_the_pixels_and_batching_does_not(tiny_engine):
 
 
 def test_a_compiled_engine_pads_a_batch_up_to_a_compiled_size_and_returns_only_what_was_asked():
-    engine = DiffusionEngine(EngineSpec(preset="tiny", run_sizes=(1, 4)))
+    engine = DiffusionEngine(EngineSpec(preset="tiny", run_sizes=(1, 4), compile_backend="jit"))
     engine.load()
     calls = []
     real_pipe = engine.pipe
     engine.pipe = lambda **kw: calls.append(len(kw["prompt"])) or real_pipe(**kw)
-    engine.compiled = True  # as on CUDA, where the engine has one graph per batch size
+    engine.compiled = True  # as on CUDA under torch.compile, one graph per batch size
     padded = engine.generate(["a", "b", "c"], width=64, height=64, steps=2, seeds=[1, 2, 3])
     engine.compiled = False
     plain = engine.generate(["a", "b", "c"], width=64, height=64, steps=2, seeds=[1, 2, 3])
@@ -158,6 +158,46 @@ async def test_warm_up_leaves_a_measured_profile_entry_so_a_pool_warmed_at_one_b
     assert alone != prior
     result = await pool.generate(job(1), time.monotonic() + 60)
     assert len(result.images) == 1
+    await pool.aclose()
+
+
+async def test_a_pool_is_ready_with_its_first_shape_and_warms_the_rest_while_idle():
+    # A fresh GPU host used to wait for every shape (minutes each under torch.compile) before serving any.
+    shapes = [WarmShape(64, 64, 2, batch=1), WarmShape(64, 64, 2, batch=2), WarmShape(96, 96, 2, batch=1)]
+    worker = ThreadWorker(TINY, "grow-0", warm=shapes)
+    config = PoolConfig(max_wait_s=0.0, max_batch=2, run_sizes=(1,), only_sizes=frozenset({(64, 64)}),
+                        compiled="jit")
+    pool = LocalPool(TINY, [worker], config)
+    assert pool.offer.sizes.allows(64, 64) and not pool.offer.sizes.allows(96, 96)
+    assert pool.batcher.max_batch == 1  # only what is warmed: batch 2 would compile while a client waits
+    await pool.start()
+    await pool.wait_ready(timeout=120)
+    assert worker.warmed[:1] == shapes[:1]
+    result = await pool.generate(job(1), time.monotonic() + 60)  # served before the rest is warm
+    assert len(result.images) == 1
+    deadline = time.monotonic() + 60
+    while worker.pending_warm and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert worker.warmed == shapes and not worker.pending_warm
+    assert pool.offer.sizes.allows(96, 96)
+    assert pool.batcher.max_batch == 2 and pool.profile.run_sizes == (1, 2)
+    assert set(pool.profile.table) == {("tiny", 64, 64, 2), ("tiny", 96, 96, 2)}  # each measured, none the prior
+    assert "left to warm" not in pool.load().detail
+    await pool.aclose()
+
+
+async def test_a_size_no_ready_worker_has_warmed_is_not_offered():
+    shapes = [WarmShape(64, 64, 2), WarmShape(96, 96, 2)]
+    a, b = FakeWorker("a", warm=shapes), FakeWorker("b", warm=shapes, warm_seconds=30)
+    pool = LocalPool(EngineSpec(preset="sdxl"), [a, b], PoolConfig(only_sizes=frozenset({(64, 64)}), compiled="aot"))
+    await pool.start()
+    await pool.wait_ready(timeout=5)
+    deadline = time.monotonic() + 5
+    while a.pending_warm and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert a.warmed == shapes and b.pending_warm  # b is still warming 96x96
+    assert pool.offer.sizes.allows(64, 64) and not pool.offer.sizes.allows(96, 96)
+    assert "1 shape(s) left to warm" in pool.load().detail
     await pool.aclose()
 
 
@@ -327,12 +367,39 @@ async def test_a_cancelled_job_leaves_the_queue_at_once():
     await pool.aclose()
 
 
-def test_a_batch_is_encoded_in_parallel_into_the_same_bytes_in_the_same_order(tiny_engine):
-    from backends.local.engine import encode_image, encode_images
+def test_a_batch_is_encoded_in_parallel_into_the_same_pixels_in_the_same_order(tiny_engine):
+    import io
 
-    images = tiny_engine.generate(["a", "b", "c"], width=64, height=64, steps=2, seeds=[1, 2, 3])
-    assert encode_images(images, "png") == [encode_image(im, "png") for im in images]
-    assert encode_images(images[:1], "jpeg") == [encode_image(images[0], "jpeg")]
+    import numpy as np
+    from PIL import Image
+
+    from backends.local.encode import encode_batch, encode_pil
+
+    pixels = tiny_engine.generate(["a", "b", "c"], width=64, height=64, steps=2, seeds=[1, 2, 3], output_type="uint8")
+    pils = tiny_engine.generate(["a", "b", "c"], width=64, height=64, steps=2, seeds=[1, 2, 3])
+    pngs = encode_batch(pixels, "png")
+    assert [np.asarray(Image.open(io.BytesIO(b))).tolist() for b in pngs] == [np.asarray(im).tolist() for im in pils]
+    assert encode_batch(pixels, "jpeg") == [encode_pil(im, "jpeg") for im in pils]
+    assert [Image.open(io.BytesIO(b)).format for b in encode_batch(pixels[:1], "webp")] == ["WEBP"]
+
+
+def test_a_png_striped_over_threads_is_one_valid_stream_with_every_pixel():
+    import io
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+    from PIL import Image
+
+    from backends.local.png import encode_png
+
+    rng = np.random.default_rng(0)
+    for shape in [(1024, 1024, 3), (333, 517, 3), (1, 8, 4), (700, 300, 4)]:
+        pixels = rng.integers(0, 256, shape, dtype=np.uint8)
+        with ThreadPoolExecutor(4) as pool:
+            data = encode_png(pixels, pool)
+        image = Image.open(io.BytesIO(data))
+        image.load()  # decompresses every row and checks the CRCs and the zlib checksum
+        assert np.array_equal(np.asarray(image), pixels)
 
 
 def test_loading_the_engine_says_nothing_of_image_processors_it_does_not_use():

@@ -8,7 +8,8 @@ from collections.abc import Callable, Iterable
 
 from policies.profile import ThroughputProfile
 
-from .engine import DiffusionEngine, encode_images
+from .encode import encode_batch
+from .engine import DiffusionEngine
 
 __all__ = ["calibrate"]
 
@@ -27,8 +28,8 @@ def calibrate(engine: DiffusionEngine, model: str, shapes: Iterable[tuple[int, i
             for i in range(repeats + 1):
                 started = time.perf_counter()
                 images = engine.generate([f"calibration {i}"] * batch, width=width, height=height, steps=steps,
-                                         seeds=list(range(batch)))
-                encode_images(images, "png")  # the worker encodes before it takes the next batch: part of its cycle
+                                         seeds=list(range(batch)), output_type="uint8")
+                encode_batch(images, "png")  # the worker encodes before it takes the next batch: part of its cycle
                 if i:  # the first run compiles and warms caches
                     runs.append(time.perf_counter() - started)
             table.setdefault((model, width, height, steps), {})[batch] = statistics.median(runs)

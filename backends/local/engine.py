@@ -5,11 +5,8 @@ Callers run it off the event loop (see `backends.local.backend`).
 
 from __future__ import annotations
 
-import io
 import logging
-import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +14,7 @@ from policies.profile import padded_batch
 
 from .presets import PRESETS, build_preset_pipeline
 
-__all__ = ["DiffusionEngine", "EngineSpec", "encode_image", "encode_images"]
+__all__ = ["DiffusionEngine", "EngineSpec"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +35,11 @@ class EngineSpec:
     attention: str = "auto"  # auto | cudnn | flash: the SDPA kernel (cuDNN's is Hopper-tuned)
     cache_dir: Path | None = None  # compile cache kept between restarts
     run_sizes: tuple[int, ...] = ()  # compiled batch sizes: a smaller batch is padded up (no compile mid-serving)
+    # aot: AOTInductor packages per image size, every batch size up to max_batch, loaded from artifacts_dir in
+    # seconds (built and saved there when missing); jit: torch.compile with CUDA graphs, per batch shape.
+    compile_backend: str = "aot"
+    artifacts_dir: Path | None = None
+    max_batch: int = 8
 
 
 def _resolve_device(spec: EngineSpec):
@@ -56,33 +58,6 @@ def _resolve_dtype(spec: EngineSpec, device):
     return getattr(torch, spec.dtype)
 
 
-def encode_image(image, output_format: str = "png") -> bytes:
-    """PIL image -> file bytes. PNG at low compression: generation dominates, not zlib."""
-    buf = io.BytesIO()
-    if output_format == "png":
-        image.save(buf, format="PNG", compress_level=1)
-    elif output_format == "jpeg":
-        image.convert("RGB").save(buf, format="JPEG", quality=90)
-    else:
-        image.save(buf, format=output_format.upper())
-    return buf.getvalue()
-
-
-_encoders: ThreadPoolExecutor | None = None
-
-
-def encode_images(images: list, output_format: str = "png") -> list[bytes]:
-    """A batch's images to file bytes, in parallel: Pillow's encoders release the GIL, and a worker holds
-    its device until its batch is encoded (SD1.5 on an H200: 8 PNGs took 0.28 s one by one, a quarter of
-    the batch's cycle)."""
-    global _encoders
-    if len(images) == 1:
-        return [encode_image(images[0], output_format)]
-    if _encoders is None:
-        _encoders = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="encode")
-    return list(_encoders.map(encode_image, images, [output_format] * len(images)))
-
-
 class DiffusionEngine:
     """Loads a pipeline (weights folder or preset) and turns prompts into PIL images."""
 
@@ -92,6 +67,7 @@ class DiffusionEngine:
         self.device = None
         self.load_seconds: float | None = None
         self.compiled = False
+        self.aot = None  # AotCompiler, when compile_backend is aot
 
     @property
     def default_steps(self) -> int:
@@ -117,7 +93,7 @@ class DiffusionEngine:
             pipe.vae.register_to_config(force_upcast=False)  # bf16 cannot overflow where fp16 would
         pipe.set_progress_bar_config(disable=True)
         torch.set_grad_enabled(False)
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" or self.spec.compile:  # compile=True compiles on the CPU too (tests)
             self._optimize(pipe)
         self.pipe = pipe
         self.load_seconds = time.perf_counter() - started
@@ -126,15 +102,58 @@ class DiffusionEngine:
     def _optimize(self, pipe) -> None:
         from . import optimize
 
-        if self.spec.tune_layout:
+        cuda = self.device.type == "cuda"
+        if self.spec.tune_layout and cuda:
             optimize.tune_layout(pipe)
-        optimize.prefer_attention(self.spec.attention)
-        if self.spec.fp8:
+        if cuda:
+            optimize.prefer_attention(self.spec.attention)
+        if self.spec.fp8 and cuda:
             swapped = optimize.apply_fp8(pipe.unet)
             log.info("fp8: %d UNet Linear layers swapped", swapped)
-        if self.spec.compile is not False:
+        if self.spec.compile is False:
+            return
+        if self.spec.compile_backend == "aot":
+            self.aot = self._aot_compiler(pipe)
+        else:
             optimize.compile_pipeline(pipe, self.spec.compile_mode, self.spec.cache_dir, self.spec.compile_vae)
-            self.compiled = True
+        self.compiled = True
+
+    def _aot_compiler(self, pipe):
+        from . import optimize
+        from .aot import AotCompiler
+        from .artifacts import ArtifactStore, environment, fingerprint
+
+        optimize.use_compile_cache(self.spec.cache_dir)  # a rebuild after a mismatch reuses kernels it can
+        options = {"tune_layout": self.spec.tune_layout, "fp8": self.spec.fp8, "attention": self.spec.attention}
+        fields = environment(self.device) | fingerprint(pipe, _resolve_dtype(self.spec, self.device), options)
+        root = self.spec.artifacts_dir or Path(self.spec.cache_dir or ".") / "artifacts"
+        return AotCompiler(pipe, ArtifactStore(root, fields), self.spec.max_batch)
+
+    def is_prepared(self, width: int, height: int) -> bool:
+        return self.aot is None or (width, height) in self.aot.prepared
+
+    def prepare(self, width: int, height: int, report=lambda detail: None) -> dict:
+        """Make one image size fast before it is served: load its compiled packages (or build and save them).
+        A package that cannot be built or loaded is logged and that size runs on torch.compile instead."""
+        if self.aot is None:
+            return {}
+        try:
+            return self.aot.prepare(width, height, report)
+        except Exception as exc:
+            log.warning("AOT compile of %dx%d failed (%s: %s); serving it with torch.compile instead", width,
+                        height, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            self._fall_back_to_jit()
+            return {"fallback": "jit"}
+
+    def _fall_back_to_jit(self) -> None:
+        import torch
+
+        from . import optimize
+
+        self.aot.uninstall()
+        self.aot = None
+        optimize.compile_pipeline(self.pipe, self.spec.compile_mode, self.spec.cache_dir, self.spec.compile_vae)
+        torch._dynamo.config.automatic_dynamic_shapes = True  # one graph for the batch sizes AOT would have run
 
     def generate(
         self,
@@ -169,13 +188,15 @@ class DiffusionEngine:
                 num_inference_steps=steps,
                 guidance_scale=self.spec.guidance_scale if guidance_scale is None else guidance_scale,
                 generator=generators,
-                output_type="pt" if output_type == "pil" else output_type,
+                output_type="pt" if output_type in ("pil", "uint8") else output_type,
             )
+        if output_type == "uint8":  # (B, 3, H, W) uint8 on the device, for `encode.encode_batch`
+            return _quantise(out.images[:wanted])
         images = _to_pil(out.images) if output_type == "pil" else list(out.images)
         return images[:wanted]
 
     def _padding(self, batch: int) -> int:
-        if not self.compiled:
+        if not self.compiled or self.spec.compile_backend == "aot":  # AOT packages take any batch size
             return 0
         return padded_batch(tuple(sorted(self.spec.run_sizes)), batch) - batch
 
@@ -184,11 +205,16 @@ def _to_pil(images) -> list:
     """(B, 3, H, W) floats in [0, 1] on the device -> PIL images. Quantised to uint8 on the device, so a
     quarter of the bytes cross to the host and numpy does no float work (diffusers' own "pil" output
     costs ~20 ms per 1024x1024 image on the CPU)."""
-    import torch
     from PIL import Image
 
-    pixels = (images * 255).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    pixels = _quantise(images).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(p) for p in pixels]
+
+
+def _quantise(images):
+    import torch
+
+    return (images * 255).round_().clamp_(0, 255).to(torch.uint8)
 
 
 class _NoImageProcessorFallback(logging.Filter):

@@ -26,7 +26,7 @@ from ..protocol import GeneratedImage, GenerationJob, GenerationResult, LoadRepo
 from .batcher import ArrivalRate, Batch, QueuedJob, SLABatcher
 from .engine import EngineSpec
 from .presets import PRESETS
-from .workers import BatchRequest, WorkerCrashed
+from .workers import BatchRequest, WorkerCrashed, shape_key
 
 __all__ = ["LocalPool", "PoolConfig", "load_profile"]
 
@@ -43,6 +43,9 @@ class PoolConfig:
     profile_path: Path | None = None  # where calibrate wrote it; observed batches are saved back on close
     run_sizes: tuple[int, ...] = ()  # the workers' compiled batch sizes (batches pad up to one of them)
     only_sizes: frozenset[tuple[int, int]] = frozenset()  # when set, the only (width, height) offered (warmed)
+    # Compiled engines serve only what every ready worker has warmed: "aot" (a size's packages take every batch
+    # size), "jit" (one graph per warmed size and batch size); "" serves any shape (eager).
+    compiled: str = ""
 
 
 def load_profile(path: Path | None, max_batch: int) -> ThroughputProfile:
@@ -63,18 +66,11 @@ class LocalPool:
 
     def __init__(self, spec: EngineSpec, workers: list, config: PoolConfig = PoolConfig(),
                  profile: ThroughputProfile | None = None):
-        preset = PRESETS.get(spec.preset, PRESETS["sdxl"])
         self.spec = spec
         self.config = config
         self.workers = workers
         self.model = spec.preset if spec.weights_dir is None else Path(spec.weights_dir).name
-        self._offer = Offer(
-            name=config.name, kind=BackendKind.LOCAL, models=(self.model,),
-            sizes=SizeSupport(min_side=preset.min_side, max_side=preset.max_side, multiple_of=preset.multiple_of,
-                              exact=config.only_sizes),
-            max_n=config.max_n, default_steps=preset.default_steps if spec.weights_dir is None else 30,
-            gpu_hour_usd=config.gpu_hour_usd,
-        )
+        self._offer = self._make_offer(config.only_sizes)
         profile = profile or load_profile(config.profile_path, config.max_batch)
         self.profile = dataclasses.replace(profile, run_sizes=tuple(sorted(config.run_sizes)))
         max_batch = min(config.max_batch, max(config.run_sizes)) if config.run_sizes else config.max_batch
@@ -92,6 +88,32 @@ class LocalPool:
     @property
     def offer(self) -> Offer:
         return self._offer
+
+    def _make_offer(self, sizes: frozenset[tuple[int, int]]) -> Offer:
+        preset = PRESETS.get(self.spec.preset, PRESETS["sdxl"])
+        return Offer(
+            name=self.config.name, kind=BackendKind.LOCAL, models=(self.model,),
+            sizes=SizeSupport(min_side=preset.min_side, max_side=preset.max_side, multiple_of=preset.multiple_of,
+                              exact=sizes),
+            max_n=self.config.max_n, default_steps=preset.default_steps if self.spec.weights_dir is None else 30,
+            gpu_hour_usd=self.config.gpu_hour_usd,
+        )
+
+    def _refresh_offer(self) -> None:
+        """Offer what every ready worker has warmed, no more: a compiled worker never compiles mid-serving, and
+        the policy routes the rest elsewhere until the background warm-up reaches it."""
+        mode = self.config.compiled
+        ready = [w for w in self.workers if w.ready and hasattr(w, "warmed")]
+        if not mode or not ready:
+            return
+        common = set.intersection(*({(s.width, s.height, s.batch) for s in w.warmed} for w in ready))
+        sizes = frozenset((w, h) for w, h, _ in common)
+        if mode == "jit":
+            run_sizes = tuple(sorted({b for _, _, b in common}))
+            self.profile = dataclasses.replace(self.profile, run_sizes=run_sizes)
+            self.batcher.max_batch = min(self.config.max_batch, max(run_sizes, default=1))
+        if sizes != self._offer.sizes.exact:
+            self._offer = self._make_offer(sizes)
 
     # --- state for the policy -------------------------------------------------
 
@@ -115,7 +137,9 @@ class LocalPool:
             has_headroom=idle and not queue, max_wait_s=wait, running_s=running_s, queue=queue,
         )
         warming = [w.name for w in self.workers if not w.ready]
-        detail = f"{len(ready)} worker(s) ready" + (f"; warming: {', '.join(warming)}" if warming else "")
+        growing = sum(len(getattr(w, "pending_warm", ())) for w in ready)
+        detail = f"{len(ready)} worker(s) ready" + (f"; warming: {', '.join(warming)}" if warming else "") + \
+            (f"; {growing} shape(s) left to warm in the background" if growing else "")
         return LoadReport(Health.OK, detail, pool)
 
     def _running_s(self, now: float) -> float:
@@ -133,6 +157,7 @@ class LocalPool:
             await worker.start()
             log.info("%s ready (warm-up: %s)", worker.name, worker.warm_timings)
             self._learn_warm_up(worker)
+            self._refresh_offer()
         except Exception as exc:
             if self._closing:  # shut down while it warmed up: nothing failed
                 log.info("%s stopped before it was ready", worker.name)
@@ -212,6 +237,8 @@ class LocalPool:
                 self._drop_expired()
                 batch, wake_at = self.batcher.next_batch()
                 if batch is None:
+                    if wake_at is None and not len(self.batcher):  # nothing queued: a good moment to grow
+                        self._warm_idle()
                     break
                 self._launch(worker, batch)
             self._wakeup.clear()
@@ -222,6 +249,46 @@ class LocalPool:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self._wakeup.wait()
+
+    def _warm_idle(self) -> None:
+        """Give each idle worker with shapes left to warm the next one; it is busy (and predicted so) meanwhile."""
+        for index, worker in enumerate(self.workers):
+            if worker.ready and not worker.busy and getattr(worker, "pending_warm", None) and not self._closing:
+                shape = worker.pending_warm[0]
+                worker.busy = True
+                self._running_until[index] = time.monotonic() + self._warm_estimate(worker, shape)
+                task = asyncio.create_task(self._warm(worker, index))
+                self._running.add(task)
+                task.add_done_callback(self._running.discard)
+
+    def _warm_estimate(self, worker, shape) -> float:
+        """How long a warm-up holds the worker: its run, plus a compile as long as the first shape's was."""
+        run = self.profile.seconds(self.model, shape.width, shape.height, shape.steps, shape.batch)
+        first = next(iter(worker.warm_timings.values()), {}) if worker.warm_timings else {}
+        compile_s = max(0.0, first.get("first_s", 0.0) - first.get("steady_s", 0.0)) if isinstance(first, dict) \
+            else 0.0
+        same_size = any((s.width, s.height) == (shape.width, shape.height) for s in worker.warmed)
+        return run + (0.0 if self.config.compiled == "aot" and same_size else compile_s)
+
+    async def _warm(self, worker, index: int) -> None:
+        try:
+            shape = await worker.warm_next()
+            log.info("%s warmed %s in the background (%s)", worker.name, shape,
+                     worker.warm_timings.get(shape_key(shape)) if shape else None)
+            self._learn_warm_up(worker)
+            self._refresh_offer()
+        except WorkerCrashed:
+            log.error("%s crashed while warming; restarting it", worker.name)
+            asyncio.create_task(self._restart(worker))
+        except Exception:
+            log.exception("%s failed to warm %s; it keeps serving what it has", worker.name,
+                          worker.pending_warm[:1])
+            if worker.pending_warm:
+                worker.pending_warm.pop(0)
+        finally:
+            worker.busy = False
+            self._running_until.pop(index, None)
+            self._wakeup.set()
 
     def _release_late(self) -> None:
         now = time.monotonic()
@@ -291,6 +358,7 @@ class LocalPool:
     async def _restart(self, worker) -> None:
         try:
             await worker.restart()
+            self._refresh_offer()
         except Exception as exc:
             log.exception("%s failed to restart", worker.name)
             worker.state, worker.detail = "failed", f"restart failed: {exc}"
@@ -299,8 +367,8 @@ class LocalPool:
     def _learn_warm_up(self, worker) -> None:
         """A measured profile entry for every warmed shape (timed after its compile), where the profile has
         none: predictions for warmed shapes, and for others by scaling from them, never come from the prior."""
-        for shape in getattr(worker, "warm_shapes", ()):
-            timing = worker.warm_timings.get(f"{shape.width}x{shape.height}x{shape.batch}@{shape.steps}")
+        for shape in getattr(worker, "warmed", ()):
+            timing = worker.warm_timings.get(shape_key(shape))
             seconds = timing.get("steady_s") if isinstance(timing, dict) else None
             if not seconds:
                 continue

@@ -13,9 +13,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from .engine import DiffusionEngine, EngineSpec, encode_images
+from .encode import encode_batch
+from .engine import DiffusionEngine, EngineSpec
 
-__all__ = ["BatchOutput", "BatchRequest", "ProcessWorker", "ThreadWorker", "WarmShape", "WorkerCrashed"]
+__all__ = ["BatchOutput", "BatchRequest", "ProcessWorker", "ThreadWorker", "WarmShape", "WorkerCrashed", "shape_key"]
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class BatchRequest:
 @dataclass(slots=True)
 class BatchOutput:
     images: list[bytes]
-    seconds: float  # device time of the batch, encode excluded
+    seconds: float  # generation and encoding (the pool replaces it with the whole cycle it saw)
     timings: dict = field(default_factory=dict)
 
 
@@ -56,9 +57,10 @@ class WorkerCrashed(RuntimeError):
 def _run_batch(engine: DiffusionEngine, req: BatchRequest) -> BatchOutput:
     started = time.perf_counter()
     images = engine.generate(req.prompts, width=req.width, height=req.height, steps=req.steps, seeds=req.seeds,
-                             negative_prompts=req.negative_prompts, guidance_scale=req.guidance_scale)
-    seconds = time.perf_counter() - started
-    return BatchOutput(encode_images(images, req.output_format), seconds)
+                             negative_prompts=req.negative_prompts, guidance_scale=req.guidance_scale,
+                             output_type="uint8")
+    encoded = encode_batch(images, req.output_format)
+    return BatchOutput(encoded, time.perf_counter() - started)
 
 
 def _timed_run(engine: DiffusionEngine, shape: WarmShape) -> float:
@@ -68,25 +70,40 @@ def _timed_run(engine: DiffusionEngine, shape: WarmShape) -> float:
     return time.perf_counter() - started
 
 
-def _warm(engine: DiffusionEngine, shapes: list[WarmShape], report) -> dict:
-    """Run each shape once (compiling it, on a compiled engine) and time a run after that: the timed run is
-    what the pool's profile learns, so a warmed shape never falls back to the prior (a CPU-scale guess)."""
-    timings = {}
-    for i, shape in enumerate(shapes):
-        report(f"warming {i + 1}/{len(shapes)}: {shape.width}x{shape.height} x{shape.batch}, {shape.steps} steps")
+def shape_key(shape: WarmShape) -> str:
+    return f"{shape.width}x{shape.height}x{shape.batch}@{shape.steps}"
 
-        first = _timed_run(engine, shape)
-        steady = _timed_run(engine, shape) if engine.compiled else first  # a compiled shape's first run compiles
-        timings[f"{shape.width}x{shape.height}x{shape.batch}@{shape.steps}"] = {"first_s": round(first, 4),
-                                                                              "steady_s": round(steady, 4)}
+
+def _warm_one(engine: DiffusionEngine, shape: WarmShape, report) -> dict:
+    """Make one shape ready and time it: prepare its size (AOT packages loaded or built), run it once (compiling
+    it under torch.compile; first use of the size's kernels under AOT), then time a run after that. The timed
+    run is what the pool's profile learns, so a warmed shape never falls back to the prior (a CPU-scale guess)."""
+    report(f"warming {shape.width}x{shape.height} x{shape.batch}, {shape.steps} steps")
+    fresh_size = not engine.is_prepared(shape.width, shape.height)
+    prepared = engine.prepare(shape.width, shape.height, report) if fresh_size else {}
+    first = _timed_run(engine, shape)
+    again = engine.compiled and (fresh_size or engine.aot is None)  # AOT: other batch sizes load nothing new
+    steady = _timed_run(engine, shape) if again else first
+    return {shape_key(shape): {"first_s": round(first, 4), "steady_s": round(steady, 4), **prepared}}
+
+
+def _warm(engine: DiffusionEngine, shapes: list[WarmShape], report) -> dict:
+    timings = {}
+    for shape in shapes:
+        timings |= _warm_one(engine, shape, report)
     return timings
 
 
 class _WorkerBase:
+    """A worker is ready once its first warm shape is; the rest (`pending_warm`) are warmed when the pool finds
+    it idle (`warm_next`), so a fresh host serves its first shape early and grows into the others."""
+
     def __init__(self, spec: EngineSpec, name: str, warm: list[WarmShape]):
         self.spec = spec
         self.name = name
         self.warm_shapes = warm
+        self.warmed: list[WarmShape] = []
+        self.pending_warm: list[WarmShape] = []
         self.state = "starting"
         self.detail = "starting"
         self.busy = False
@@ -100,6 +117,25 @@ class _WorkerBase:
 
     def _report(self, detail: str) -> None:
         self.detail = detail
+
+    def _first_warmed(self, timings: dict) -> None:
+        self.warm_timings = dict(timings)
+        self.warmed = list(self.warm_shapes[:1])
+        self.pending_warm = list(self.warm_shapes[1:])
+
+    async def warm_next(self) -> WarmShape | None:
+        """Warm the next pending shape (the caller marks the worker busy); returns it, or None if none."""
+        if not self.pending_warm:
+            return None
+        shape = self.pending_warm[0]
+        timings = await self._warm_remote(shape)
+        self.pending_warm.remove(shape)
+        self.warm_timings |= timings
+        self.warmed.append(shape)
+        return shape
+
+    async def _warm_remote(self, shape: WarmShape) -> dict:  # pragma: no cover - each worker kind has one
+        raise NotImplementedError
 
 
 class ThreadWorker(_WorkerBase):
@@ -117,12 +153,16 @@ class ThreadWorker(_WorkerBase):
         if self.engine.pipe is None:
             self.detail = "loading pipeline"
             await loop.run_in_executor(self._executor, self.engine.load)
-        self.warm_timings = await loop.run_in_executor(self._executor, _warm, self.engine, self.warm_shapes,
-                                                       self._report)
+        timings = await loop.run_in_executor(self._executor, _warm, self.engine, self.warm_shapes[:1], self._report)
+        self._first_warmed(timings)
         self.state, self.detail = "ready", "ready"
 
     async def run(self, req: BatchRequest) -> BatchOutput:
         return await asyncio.get_running_loop().run_in_executor(self._executor, _run_batch, self.engine, req)
+
+    async def _warm_remote(self, shape: WarmShape) -> dict:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, _warm_one, self.engine, shape,
+                                                                lambda detail: None)
 
     async def restart(self) -> None:
         await self.start()
@@ -143,7 +183,7 @@ def _child_main(spec: EngineSpec, warm: list[WarmShape], conn) -> None:
     try:
         engine = DiffusionEngine(spec)
         engine.load()
-        timings = _warm(engine, warm, lambda detail: conn.send(("progress", detail)))
+        timings = _warm(engine, warm[:1], lambda detail: conn.send(("progress", detail)))
         conn.send(("ready", timings))
     except Exception as exc:  # report and exit; the parent marks the worker failed
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
@@ -156,7 +196,10 @@ def _child_main(spec: EngineSpec, warm: list[WarmShape], conn) -> None:
         if message is None:
             return
         try:
-            conn.send(("ok", _run_batch(engine, message)))
+            if isinstance(message, WarmShape):
+                conn.send(("ok", _warm_one(engine, message, lambda detail: None)))
+            else:
+                conn.send(("ok", _run_batch(engine, message)))
         except Exception as exc:
             conn.send(("error", f"{type(exc).__name__}: {exc}"))
 
@@ -187,7 +230,7 @@ class ProcessWorker(_WorkerBase):
             if kind == "progress":
                 self.detail = payload
             elif kind == "ready":
-                self.warm_timings = payload
+                self._first_warmed(payload)
                 return
             else:
                 raise RuntimeError(f"worker {self.name} failed to start: {payload}")
@@ -203,7 +246,7 @@ class ProcessWorker(_WorkerBase):
         await asyncio.get_running_loop().run_in_executor(self._executor, self._spawn_and_wait)
         self.state, self.detail = "ready", "ready"
 
-    def _roundtrip(self, req: BatchRequest) -> BatchOutput:
+    def _roundtrip(self, req):
         try:
             self._conn.send(req)
         except (OSError, BrokenPipeError) as exc:
@@ -219,6 +262,9 @@ class ProcessWorker(_WorkerBase):
         except WorkerCrashed:
             self.state, self.detail = "crashed", "crashed; restarting"
             raise
+
+    async def _warm_remote(self, shape: WarmShape) -> dict:
+        return await self.run(shape)
 
     async def restart(self) -> None:
         self._terminate()

@@ -1,0 +1,107 @@
+"""Ahead-of-time compiled packages: built once by `imagegw pool build`, loaded by any worker like this one, and a
+folder that does not fit (another GPU, other software) is said so and compiled anew, never a crash."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from backends.local.artifacts import ArtifactStore, Component, describe_mismatch
+from backends.local.engine import DiffusionEngine, EngineSpec
+from gateway.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_a_folder_built_elsewhere_is_named_with_the_fields_that_differ(tmp_path):
+    here = {"gpu": "NVIDIA H200", "torch": "2.11.0", "unet": "UNet2DConditionModel:abc"}
+    theirs = ArtifactStore(tmp_path, here | {"gpu": "NVIDIA H100 80GB HBM3"})
+    theirs.save(Component("unet", 64, 64, 2), lambda path: Path(path).write_bytes(b"package"))
+    ours = ArtifactStore(tmp_path, here)
+    assert ours.folder != theirs.folder and not ours.has(Component("unet", 64, 64, 2))
+    why = describe_mismatch(tmp_path, here)
+    assert "gpu='NVIDIA H100 80GB HBM3' (here 'NVIDIA H200')" in why and "torch" not in why
+    assert describe_mismatch(tmp_path / "none", here).startswith("none under")
+
+
+def test_a_build_that_fails_leaves_no_half_written_package(tmp_path):
+    store = ArtifactStore(tmp_path, {"gpu": "x"})
+    component = Component("vae", 64, 64, 2)
+
+    def broken(path):
+        Path(path).write_bytes(b"half")
+        raise RuntimeError("compiler died")
+
+    with pytest.raises(RuntimeError):
+        store.save(component, broken)
+    assert not store.has(component) and list(store.folder.glob("*.pt2")) == []
+    store.save(component, lambda path: Path(path).write_bytes(b"whole"))
+    manifest = json.loads((store.folder / "manifest.json").read_text())
+    assert manifest["fields"] == {"gpu": "x"} and component.filename in manifest["packages"]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """`imagegw pool build` on the tiny preset (CPU): the one slow step (~1 minute), shared by the tests below."""
+    folder = tmp_path_factory.mktemp("build")
+    config = folder / "config"
+    config.mkdir()
+    shutil.copy(ROOT / "config" / "policy.yaml", config / "policy.yaml")
+    (config / "gateway.yaml").write_text(json.dumps({
+        "data_dir": str(folder / "data"),
+        "local": {"preset": "tiny", "devices": ["cpu"], "compile": True, "max_batch": 2, "tune_layout": False,
+                  "warm_shapes": [{"width": 64, "height": 64, "steps": 2, "batch_sizes": [1, 2]}]},
+    }))
+    code = main(["pool", "build", "--config", str(config)])
+    return code, folder
+
+
+def _spec(folder: Path) -> EngineSpec:
+    return EngineSpec(preset="tiny", device="cpu", compile=True, compile_backend="aot", max_batch=2,
+                      tune_layout=False, artifacts_dir=folder / "data" / "artifacts", cache_dir=folder / "cache")
+
+
+def test_pool_build_writes_packages_that_a_fresh_engine_loads_instead_of_compiling(built, capsys):
+    code, folder = built
+    assert code == 0
+    packages = sorted(p.name for p in (folder / "data" / "artifacts").glob("*/*.pt2"))
+    assert packages == ["unet-64x64-b2.pt2", "vae-64x64-b2.pt2"]
+    engine = DiffusionEngine(_spec(folder))
+    engine.load()
+    timings = engine.prepare(64, 64)
+    assert set(timings) == {"load_s"}  # loaded, nothing built
+    eager = DiffusionEngine(EngineSpec(preset="tiny", device="cpu"))
+    eager.load()
+    for batch in (1, 2):  # one package, every batch size
+        ours = engine.generate(["a lighthouse"] * batch, width=64, height=64, steps=2, seeds=list(range(batch)))
+        ref = eager.generate(["a lighthouse"] * batch, width=64, height=64, steps=2, seeds=list(range(batch)))
+        for a, b in zip(ours, ref, strict=True):
+            assert np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max() <= 2
+    assert engine.aot._unet.by_size and engine.aot._vae.by_size  # the packages ran, not the eager modules
+
+
+def test_a_second_build_finds_everything_built(built, capsys):
+    code, folder = built
+    assert main(["pool", "build", "--config", str(folder / "config")]) == 0
+    assert "64x64: already built" in capsys.readouterr().out
+
+
+def test_a_package_that_does_not_load_falls_back_to_torch_compile_with_a_log_line(built, tmp_path, caplog):
+    code, folder = built
+    spec = _spec(folder)
+    copy = tmp_path / "artifacts"
+    shutil.copytree(spec.artifacts_dir, copy)
+    for package in copy.glob("*/unet-*.pt2"):
+        package.write_bytes(b"not a package")
+    engine = DiffusionEngine(dataclasses.replace(spec, artifacts_dir=copy))
+    engine.load()
+    with caplog.at_level(logging.WARNING):
+        assert engine.prepare(64, 64) == {"fallback": "jit"}
+    assert "AOT compile of 64x64 failed" in caplog.text and "torch.compile instead" in caplog.text
+    assert engine.aot is None and engine.compiled  # torch.compile compiles lazily: nothing ran yet
