@@ -5,6 +5,7 @@ Run on the GPU machine (one model per run keeps each run inside 10 minutes):
     python benchmarks/local_pool.py --model sd15 --batches 1,8,32 --naive 4 --out sd15.json
     python benchmarks/local_pool.py --model sdxl --batches 1,2,4,8 --naive 3 --fp8-batches 8 --out sdxl.json
     python benchmarks/local_pool.py --report sd15.json sdxl.json      # the combined table (markdown)
+    python benchmarks/local_pool.py --model sdxl --batches 1,8 --naive 0 --artifacts A --http   # + HTTP rows
 Every run also works on a CPU with --model tiny (a smoke test of the script itself).
 """
 
@@ -15,6 +16,7 @@ import copy
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -209,11 +211,13 @@ def run(args) -> dict:
         if not batches or time.perf_counter() - began > args.budget_s:
             continue
         torch._dynamo.reset()  # else a variant of the same module structure reuses the last one's compiled graph
-        spec = EngineSpec(preset=args.model, device=device, fp8=fp8,
-                          compile=None if device == "cuda" else False, **overrides)
+        spec = EngineSpec(preset=args.model, device=device, fp8=fp8, compile=None if device == "cuda" else False,
+                          compile_backend=args.backend, artifacts_dir=args.artifacts, max_batch=max(batches),
+                          **overrides)
         engine = DiffusionEngine(spec)
         started = time.perf_counter()
         engine.load()
+        engine.prepare(size, size)  # AOT: load (or build) the size's packages; jit compiles at the first run
         print(f"{name}: loaded in {time.perf_counter() - started:.0f}s", flush=True)
         err = float("nan")
         for i, b in enumerate(batches):
@@ -232,6 +236,12 @@ def run(args) -> dict:
         del engine
         if device == "cuda":
             torch.cuda.empty_cache()
+    if args.http:
+        from http_row import http_rows
+
+        out["rows"] += http_rows(args.model, size, steps, args.batches, args.backend, args.artifacts,
+                                 args.http_clients, args.http_seconds)
+        _save(args, out)
     return out
 
 
@@ -267,15 +277,33 @@ def table(results: list[dict]) -> str:
         lines.append("| variant | batch | batch latency s | images/s | GPU-s/image | x naive | UNet TFLOP/s | MFU "
                      "| peak GiB | compile+warm s | $/image @ $2/h | UNet rel. err | denoise s |")
         lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-        for r in res["rows"]:
+        engine_rows = [r for r in res["rows"] if not r["variant"].startswith("through HTTP")]
+        for r in engine_rows:
             speedup = r["images_per_s"] / naive["images_per_s"] if naive else float("nan")
             lines.append(
                 f"| {r['variant']} | {r['batch']} | {r['latency_s']:.3f} | {r['images_per_s']:.2f} "
                 f"| {r['gpu_s_per_image']:.3f} | {speedup:.2f} | {r['unet_tflops']:.0f} | {r['mfu']:.0%} "
                 f"| {r['peak_gib']:.1f} | {r['warm_s']:.0f} | {r['cost_per_image_usd']:.5f} "
                 f"| {r.get('unet_rel_error', float('nan')):.1e} | {r.get('denoise_s', float('nan')):.3f} |")
+        lines += _http_table(res["rows"], engine_rows)
         lines.append(f"\ncommand: `{res['command']}`")
     return "\n".join(lines)
+
+
+def _http_table(rows: list[dict], engine_rows: list[dict]) -> list[str]:
+    http = [r for r in rows if r["variant"].startswith("through HTTP")]
+    compiled = [r for r in engine_rows if not r["variant"].startswith("naive")]
+    if not http or not compiled:
+        return []
+    b1 = min((r["latency_s"] for r in compiled if r["batch"] == 1), default=float("nan"))
+    best = max(r["images_per_s"] for r in compiled)
+    lines = ["\n| through HTTP | serve to ready s | every shape warm s | batch 1 s (engine) | + ms "
+             "| clients | images/s (engine best) | share |", "|---|---|---|---|---|---|---|---|"]
+    for r in http:
+        lines.append(f"| {r['variant']} | {r['serve_to_ready_s']} | {r['serve_to_all_warm_s']} "
+                     f"| {r['latency_s']:.3f} ({b1:.3f}) | {1000 * (r['latency_s'] - b1):+.0f} | {r['clients']} "
+                     f"| {r['images_per_s']:.3f} ({best:.3f}) | {r['images_per_s'] / best:.0%} |")
+    return lines
 
 
 def main() -> None:
@@ -295,11 +323,18 @@ def main() -> None:
     p.add_argument("--autotune-batches", default="", help="also run these batches compiled with max-autotune")
     p.add_argument("--budget-s", type=float, default=1e9, help="start no new shape after this many seconds")
     p.add_argument("--report", nargs="*", help="print the combined table of earlier --out files")
+    p.add_argument("--backend", choices=("aot", "jit"), default="aot", help="compile backend (local.compile_backend)")
+    p.add_argument("--artifacts", type=Path, help="AOT package folder (built there when missing)")
+    p.add_argument("--http", action="store_true", help="then the same engine behind `imagegw serve`, through HTTP")
+    p.add_argument("--http-clients", type=int, default=8)
+    p.add_argument("--http-seconds", type=float, default=60)
     args = p.parse_args()
     if args.report:
         print(table([json.loads(Path(f).read_text()) for f in args.report]))
         return
     args.batches = [int(b) for b in args.batches.split(",") if b]
+    if args.artifacts is None:
+        args.artifacts = Path(tempfile.gettempdir()) / "imagegw-artifacts"
     for name in ("fp8_batches", "plain_batches", "cudnn_batches", "autotune_batches"):
         setattr(args, name, [int(b) for b in getattr(args, name).split(",") if b])
     result = run(args)

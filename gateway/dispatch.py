@@ -128,8 +128,9 @@ class Dispatcher:
 
     def _attempt_deadline(self, candidate: Candidate, rest: list[Candidate], deadline: float) -> float:
         """How long an API attempt may take: what leaves the next candidate its predicted latency before the
-        deadline. Queueing backends (the pool) keep the whole deadline: late binding hands their jobs back."""
-        if not rest or candidate.p99_ms is None:
+        deadline. Queueing backends (the pool) keep the whole deadline: late binding hands their jobs back; a
+        probe (a pool trying a shape it never measured) is bounded like an API attempt."""
+        if not rest or (candidate.p99_ms is None and not candidate.probe):
             return deadline
         cap = deadline - rest[0].predicted_latency_ms / 1000
         return cap if cap > self._clock() else deadline  # the next one cannot make it anyway: take it all

@@ -23,6 +23,8 @@ _NOT_READY = {
     Health.WARMING: RejectReason.NOT_READY,
     Health.OPEN: RejectReason.UNHEALTHY,
 }
+# A probe is worth it when it may take at least this share of the SLA before the next candidate must start.
+_PROBE_MIN_SLACK = 0.2
 _NO_TIER = Tier()  # a tier the policy does not define has no constraints (built once: pydantic models cost ~2 us)
 
 
@@ -113,6 +115,7 @@ def decide(request: RouteRequest, policy: Policy, snapshot: Snapshot) -> Decisio
     candidates: list[Candidate] = []
     rejected: list[Rejection] = []
     reserve_bound: list[tuple[PoolModel, Candidate]] = []
+    probes: list[Candidate] = []
     pooled: set[str] = set()  # queueing backends among the candidates (only they get release times)
     eligible = index.eligible(tier, rule)
     backends = policy.backends
@@ -134,6 +137,11 @@ def decide(request: RouteRequest, policy: Policy, snapshot: Snapshot) -> Decisio
                                       f"predicted {latency:.0f} ms > tier's local_max_ms {tier.local_max_ms}"))
             continue
         if latency > sla_ms:
+            if pool is not None and pool.has_headroom and not pool.profile.observed(pool.model, request.width,
+                                                                                   request.height, steps):
+                probes.append(Candidate(name, request.model or view.models[0], latency, cost, bp.quality, steps,
+                                        expected_ms=latency, probe=True))
+                continue
             rejected.append(Rejection(name, RejectReason.SLA_MISS,
                                       f"predicted {policy.latency_quantile} {latency:.0f} ms > SLA {sla_ms} ms"))
             continue
@@ -164,6 +172,8 @@ def decide(request: RouteRequest, policy: Policy, snapshot: Snapshot) -> Decisio
                                       "would eat into the slack reserve of committed pool jobs"))
 
     candidates.sort(key=_rank_key(objective))
+    if probes:
+        candidates = _with_probes(probes, candidates, sla_ms, rejected)
     if pooled:
         candidates = _with_release_times(candidates, pooled, snapshot, sla_ms)
     if in_policy < len(backends):
@@ -184,11 +194,28 @@ def decide(request: RouteRequest, policy: Policy, snapshot: Snapshot) -> Decisio
     )
 
 
+def _with_probes(probes: list[Candidate], candidates: list[Candidate], sla_ms: float,
+                 rejected: list[Rejection]) -> list[Candidate]:
+    """An idle pool with no measurement of this shape goes first when the SLA leaves room for the next candidate
+    after it (or there is none): the pool learns the shape's real time; else it is refused as before."""
+    slack_ms = sla_ms - candidates[0].predicted_latency_ms if candidates else sla_ms
+    for probe in probes:
+        if slack_ms >= _PROBE_MIN_SLACK * sla_ms:
+            candidates = [probe, *candidates]
+        else:
+            rejected.append(Rejection(probe.backend, RejectReason.SLA_MISS,
+                                      f"predicted {probe.predicted_latency_ms:.0f} ms > SLA {sla_ms} ms (never "
+                                      "measured; no slack to try it)"))
+    return candidates
+
+
 def _with_release_times(candidates: list[Candidate], pooled: set[str], snapshot: Snapshot,
                         sla_ms: float) -> list[Candidate]:
     """A queueing backend followed by another candidate may hold the job only while that one could still
     make the SLA at its p99; past that it must have started (see policies.batching on late binding)."""
     for candidate, following in zip(candidates, candidates[1:], strict=False):
+        if candidate.probe:
+            continue  # committed at once: predicted late by a guess, it would be given back unstarted
         if candidate.backend in pooled and (fallback := snapshot.get(following.backend)) is not None:
             candidate.start_within_ms = max(0.0, sla_ms - fallback.latency.p99_ms)  # built by this decide()
     return candidates
@@ -199,6 +226,10 @@ def _explain(objective: Objective, candidates: list[Candidate], rule: Rule | Non
     if not candidates:
         return f"no backend meets the constraints{via}"
     best = candidates[0]
+    if best.probe:
+        return (f"{best.backend} tried first{via}: it never ran this shape, its guess of "
+                f"{best.predicted_latency_ms:.0f} ms is unmeasured, and it is idle; "
+                f"{len(candidates) - 1} fallback candidate(s)")
     return (
         f"{best.backend} ranks first by {objective.value}{via}: "
         f"predicted {best.predicted_latency_ms:.0f} ms, ${best.predicted_cost_usd:.6f}"

@@ -45,6 +45,10 @@ class ThroughputProfile:
             return _interpolate(measured, batch) * scale
         return self.prior_fixed_s + self.prior_unit_s * steps * width * height / 1e6 * batch
 
+    def observed(self, model: str, width: int, height: int, steps: int) -> bool:
+        """Whether this shape was ever measured (else its prediction is scaled from another, or the prior)."""
+        return bool(self.table.get((model, width, height, steps)))
+
     def seconds_per_image(self, model: str, width: int, height: int, steps: int, batch: int) -> float:
         return self.seconds(model, width, height, steps, batch) / max(batch, 1)
 

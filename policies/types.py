@@ -257,6 +257,10 @@ class Candidate:
     # Expected completion under live load (p50 x (1 + calls in flight) for an API, plus any pacing wait):
     # ranks equal candidates, so two deployments of one price share traffic and a slow one gets less.
     expected_ms: float = 0.0
+    # A pool tried for a shape it has never measured, though its (unmeasured) prediction misses the SLA: it is
+    # idle, and the SLA less the next candidate's prediction bounds the try, so the pool learns instead of being
+    # refused forever on a guess.
+    probe: bool = False
 
 
 @dataclass(slots=True)

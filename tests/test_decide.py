@@ -281,3 +281,30 @@ def test_the_compiled_policy_answers_as_the_rules_read():
     acme = idx.first_rule(dataclasses.replace(REQ, tenant="acme"), "standard")
     assert idx.eligible(POLICY.tiers["standard"], acme) == {"local", "reve", "seedream"}
     assert POLICY.index is POLICY.index  # built once per policy
+
+
+def unmeasured_local(has_headroom=True) -> BackendView:
+    # A GPU pool whose profile never saw 768x1344: its guess comes from the prior (a CPU-scale constant).
+    view = local(has_headroom=has_headroom)
+    return dataclasses.replace(view, pool=dataclasses.replace(view.pool, profile=ThroughputProfile()))
+
+
+def test_an_idle_pool_tries_a_shape_it_never_measured_instead_of_refusing_it_forever():
+    req = RouteRequest(width=768, height=1344, sla_ms=12_000)
+    d = decide(req, POLICY, Snapshot((unmeasured_local(), api("reve", 5_000))))
+    assert d.candidates[0].predicted_latency_ms > 12_000  # the guess (~19.5 s) misses the SLA ...
+    assert names(d) == ["local", "reve"] and d.candidates[0].probe  # ... but it is tried, reve behind it
+    assert d.candidates[0].start_within_ms is None  # committed: a guess must not give it back unstarted
+    assert "never ran this shape" in d.reason
+    alone = decide(req, POLICY, Snapshot((unmeasured_local(),)))
+    assert names(alone) == ["local"] and alone.candidates[0].probe  # better a try than a certain refusal
+
+
+def test_no_probe_when_the_pool_is_busy_measured_or_the_fallback_needs_all_the_sla():
+    req = RouteRequest(width=768, height=1344, sla_ms=12_000)
+    busy = decide(req, POLICY, Snapshot((unmeasured_local(has_headroom=False), api("reve", 5_000))))
+    assert names(busy) == ["reve"] and reasons(busy)["local"] is RejectReason.SLA_MISS
+    tight = decide(req, POLICY, Snapshot((unmeasured_local(), api("reve", 11_990))))
+    assert names(tight) == ["reve"] and "no slack" in next(r.detail for r in tight.rejected if r.backend == "local")
+    measured = decide(dataclasses.replace(REQ, sla_ms=500), POLICY, Snapshot((local(), api("reve", 400))))
+    assert names(measured) == ["reve"]  # a measured 1.0 s is not a guess: no probe

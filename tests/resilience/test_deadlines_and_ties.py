@@ -47,6 +47,18 @@ async def test_a_hung_first_attempt_leaves_the_next_candidate_its_predicted_late
     assert attempts[0].outcome == "timeout" and 1.3 < attempts[0].latency_ms / 1000 < 1.7  # cut at 2.0 - 0.5 s
 
 
+async def test_a_probe_of_a_never_measured_shape_is_bounded_so_the_next_candidate_still_makes_the_sla():
+    pool, api = ScriptedBackend("local", delay_s=60), ScriptedBackend("reve", delay_s=0.1)
+    probe = Candidate("local", "sdxl", 5_000, 0.0, 0.6, 30, probe=True)  # no p99: a queueing backend
+    d = dataclasses.replace(decision(("reve", 500, 600)), candidates=(probe, *decision(("reve", 500, 600)).candidates))
+    attempts = []
+    started = time.monotonic()
+    out = await Dispatcher({"local": pool, "reve": api}).run(d, JOB, started + 2.0, attempts,
+                                                            Dispatch(hedge_at_p99=False))
+    assert out.candidate.backend == "reve" and time.monotonic() - started < 2.0
+    assert attempts[0].backend == "local" and 1.3 < attempts[0].latency_ms / 1000 < 1.7  # cut at 2.0 - 0.5 s
+
+
 async def test_a_call_with_no_answer_by_its_p99_starts_the_next_candidate_and_the_loser_is_cancelled():
     slow, fast = ScriptedBackend("slow", delay_s=5), ScriptedBackend("fast", delay_s=0.05)
     attempts = []
