@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .batching import QueuedJob, SLABatcher
+from .batching import ArrivalRate, QueuedJob, SLABatcher
 from .decide import decide
 from .profile import ThroughputProfile
 from .schema import Policy
@@ -165,8 +165,9 @@ class _Sim:
         self.seq = 0
         self.apis = {a.name: a for a in world.apis}
         pool = world.pool
+        # As the gateway's pool: a lone job waits for company only when the arrivals say some is coming.
         self.batcher = SLABatcher(lambda: pool.profile, max_batch=pool.max_batch, max_wait_s=pool.max_wait_s,
-                                  clock=lambda: self.now) if pool else None
+                                  clock=lambda: self.now, arrivals=ArrivalRate()) if pool else None
         self.gpu_free_at = [0.0] * (pool.gpus if pool else 0)
         self.occupancy = 1.0
         self.busy_s = 0.0
@@ -208,7 +209,8 @@ class _Sim:
             model = PoolModel(pool.profile, pool.model, pool.gpu_hour_usd, workers=pool.gpus,
                               work_ahead_s=0.0 if queue is None else queue[-1].work_s if queue else running,
                               typical_batch=self.occupancy, has_headroom=idle and len(self.batcher) == 0,
-                              max_wait_s=pool.max_wait_s, running_s=0.0 if queue is None else running, queue=queue)
+                              max_wait_s=pool.max_wait_s if self.batcher.arrivals.expects_any(pool.max_wait_s)
+                              else 0.0, running_s=0.0 if queue is None else running, queue=queue)
             views.append(BackendView(name="local", kind=BackendKind.LOCAL, health=Health.OK, models=(pool.model,),
                                      sizes=SizeSupport(max_side=2048, multiple_of=8), max_n=10,
                                      default_steps=pool.default_steps,

@@ -210,3 +210,17 @@ def test_hedging_is_simulated_as_the_dispatcher_does_it_a_shorter_tail_for_a_hig
     # the loser of a race is charged (a cancelled call may still be billed), and only once
     assert hedged.api_spend_usd == pytest.approx(sum(o.cost_usd for o in hedged.outcomes))
     assert len(set(h["backend_mix"])) > 1
+
+
+def test_a_lone_job_launches_at_once_in_the_simulator_as_in_the_pool_when_no_company_is_coming():
+    import dataclasses
+
+    waiting = dataclasses.replace(WORLD, pool=dataclasses.replace(WORLD.pool, max_wait_s=2.0))
+    sparse = [TraceRequest(t=i * 30.0, tier="standard", sla_ms=30_000) for i in range(4)]
+    outcomes = [o for o in simulate(sparse, POLICY, waiting).outcomes if o.backend == "local"]
+    assert len(outcomes) == 4
+    # 1.15 s of GPU time each, never the 2 s max_wait before it (one arrival every 30 s brings no company)
+    assert max(o.latency_s for o in outcomes) < 1.15 + 0.5
+    dense = [TraceRequest(t=i * 0.5, tier="standard", sla_ms=30_000) for i in range(6)]
+    together = {o.done_at for o in simulate(dense, POLICY, waiting).outcomes if o.backend == "local"}
+    assert len(together) < 6  # company is coming: jobs wait and share batches
