@@ -258,6 +258,8 @@ def cmd_pool_build(args) -> int:
         shutil.rmtree(store.folder, ignore_errors=True)
     print(f"building {len(sizes)} size(s), batch 1-{spec.max_batch}, into {store.folder}", flush=True)
     started = time.perf_counter()
+    if args.jobs > 1:
+        _build_in_parallel(spec, engine, sizes, args.jobs)
     for i, (width, height) in enumerate(sizes, 1):
         step = time.perf_counter()
         timings = engine.prepare(width, height, lambda d, i=i: print(f"  [{i}/{len(sizes)}] {d} ...", flush=True))
@@ -273,6 +275,30 @@ def cmd_pool_build(args) -> int:
     print(f"copy {out} to hosts with the same GPU and software (local.artifacts); a worker that finds no match logs "
           "why and compiles")
     return 0
+
+
+def _build_in_parallel(spec, engine, sizes: list[tuple[int, int]], jobs: int) -> None:
+    """Each missing package compiled in its own process (each loads the pipeline; the GPU has room for a few),
+    so the components' compiles overlap on a host with the cores; the loop after this then only loads."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    from backends.local.parallel_build import build_component
+
+    todo = [c for w, h in sizes for c in engine.aot.components(w, h) if not engine.aot.store.has(c)]
+    if len(todo) < 2:
+        return
+    print(f"  compiling {len(todo)} package(s), {min(jobs, len(todo))} at a time ...", flush=True)
+    with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(build_component, spec, c): c for c in todo}
+        for future in as_completed(futures):
+            c = futures[future]
+            try:
+                seconds = future.result()
+                print(f"  {c.name} {c.width}x{c.height}: compiled in {seconds:.1f}s", flush=True)
+            except Exception as exc:  # the loop after this builds it in this process, or reports the failure
+                print(f"  {c.name} {c.width}x{c.height}: failed in its own process ({type(exc).__name__}: {exc})",
+                      flush=True)
 
 
 def _parse_size(text: str) -> tuple[int, int]:
@@ -370,6 +396,7 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--size", action="append", help="WxH (repeatable); default: the sizes in local.warm_shapes")
     build.add_argument("--out", help="artifact folder; default: data_dir/local.artifacts")
     build.add_argument("--force", action="store_true", help="rebuild packages that exist already")
+    build.add_argument("--jobs", type=int, default=2, help="packages compiled at once, one process each (2)")
     build.set_defaults(func=cmd_pool_build)
 
     policy = sub.add_parser("policy", help="policy tools").add_subparsers(dest="policy_cmd", required=True)

@@ -58,7 +58,7 @@ def built(tmp_path_factory):
         "local": {"preset": "tiny", "devices": ["cpu"], "compile": True, "max_batch": 2, "tune_layout": False,
                   "warm_shapes": [{"width": 64, "height": 64, "steps": 2, "batch_sizes": [1, 2]}]},
     }))
-    code = main(["pool", "build", "--config", str(config)])
+    code = main(["pool", "build", "--config", str(config), "--jobs", "2"])
     return code, folder
 
 

@@ -164,7 +164,7 @@ class AotCompiler:
         if missing:
             log.info("no compiled packages for %dx%d in %s (%s): building them", width, height, self.store.folder,
                      self.store.mismatch() if not self.store.folder.is_dir() else "not built yet")
-            timings |= self._build(width, height, missing, report)
+            timings |= self.build(width, height, missing, report)
         report(f"loading compiled {width}x{height}")
         started = time.perf_counter()
         unet_pkg = _load(self.store.path(Component("unet", width, height, self.max_batch)), self._unet_module)
@@ -178,7 +178,8 @@ class AotCompiler:
     def _vae_scale(self) -> int:
         return getattr(self.pipe, "vae_scale_factor", 8)
 
-    def _build(self, width: int, height: int, missing: list[Component], report) -> dict:
+    def build(self, width: int, height: int, missing: list[Component], report=lambda detail: None) -> dict:
+        """Export and compile these components of one size into the store (no loading)."""
         (sample, timestep, hidden, added), latents = _capture(self.pipe, width, height)
         timings = {}
         for component in missing:
