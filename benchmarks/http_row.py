@@ -54,7 +54,7 @@ def http_rows(model: str, size: int, steps: int, batches: list[int], backend: st
                                                        "batch_sizes": batches}]), PYTHONUNBUFFERED="1")
     if artifacts is not None:
         env["IMAGEGW_LOCAL__ARTIFACTS"] = str(Path(artifacts).resolve())
-    log = open(data / "serve.log", "w")
+    log = open(data / "serve.log", "w")  # noqa: SIM115 - held by the server process until the finally below
     started = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(ROOT / "config")],
                             env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)

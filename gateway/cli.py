@@ -258,8 +258,7 @@ def cmd_pool_build(args) -> int:
         shutil.rmtree(store.folder, ignore_errors=True)
     print(f"building {len(sizes)} size(s), batch 1-{spec.max_batch}, into {store.folder}", flush=True)
     started = time.perf_counter()
-    if args.jobs > 1:
-        _build_in_parallel(spec, engine, sizes, args.jobs)
+    parallel = _build_in_parallel(spec, engine, sizes, args.jobs) if args.jobs > 1 else set()
     for i, (width, height) in enumerate(sizes, 1):
         step = time.perf_counter()
         timings = engine.prepare(width, height, lambda d, i=i: print(f"  [{i}/{len(sizes)}] {d} ...", flush=True))
@@ -269,6 +268,8 @@ def cmd_pool_build(args) -> int:
             return 1
         built = ", ".join(f"{k.removeprefix('build_').removesuffix('_s')} {v:.1f}s" for k, v in timings.items()
                           if k.startswith("build_"))
+        if not built and (width, height) in parallel:
+            built = "compiled above"
         print(f"{width}x{height}: {built or 'already built'}; loads in {timings.get('load_s', 0):.1f}s "
               f"({time.perf_counter() - step:.1f}s)", flush=True)
     print(f"done in {time.perf_counter() - started:.1f}s: {store.folder}")
@@ -277,7 +278,7 @@ def cmd_pool_build(args) -> int:
     return 0
 
 
-def _build_in_parallel(spec, engine, sizes: list[tuple[int, int]], jobs: int) -> None:
+def _build_in_parallel(spec, engine, sizes: list[tuple[int, int]], jobs: int) -> set[tuple[int, int]]:
     """Each missing package compiled in its own process (each loads the pipeline; the GPU has room for a few),
     so the components' compiles overlap on a host with the cores; the loop after this then only loads."""
     import multiprocessing as mp
@@ -287,7 +288,7 @@ def _build_in_parallel(spec, engine, sizes: list[tuple[int, int]], jobs: int) ->
 
     todo = [c for w, h in sizes for c in engine.aot.components(w, h) if not engine.aot.store.has(c)]
     if len(todo) < 2:
-        return
+        return set()
     print(f"  compiling {len(todo)} package(s), {min(jobs, len(todo))} at a time ...", flush=True)
     with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=mp.get_context("spawn")) as pool:
         futures = {pool.submit(build_component, spec, c): c for c in todo}
@@ -299,6 +300,7 @@ def _build_in_parallel(spec, engine, sizes: list[tuple[int, int]], jobs: int) ->
             except Exception as exc:  # the loop after this builds it in this process, or reports the failure
                 print(f"  {c.name} {c.width}x{c.height}: failed in its own process ({type(exc).__name__}: {exc})",
                       flush=True)
+    return {(c.width, c.height) for c in todo}
 
 
 def _parse_size(text: str) -> tuple[int, int]:

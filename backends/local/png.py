@@ -56,7 +56,7 @@ def encode_png(pixels, pool: ThreadPoolExecutor | None = None, level: int = 1) -
     if pool is not None and len(parts) > 1:
         pieces = list(pool.map(_deflate, parts, lasts, [level] * len(parts)))
     else:
-        pieces = [_deflate(p, last, level) for p, last in zip(parts, lasts)]
+        pieces = [_deflate(p, last, level) for p, last in zip(parts, lasts, strict=True)]
     stream = b"\x78\x01" + b"".join(pieces) + struct.pack(">I", zlib.adler32(body))
     header = struct.pack(">IIBBBBB", width, height, 8, color, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", stream) + _chunk(b"IEND", b"")
