@@ -3,10 +3,11 @@ only a warm compile cache. Each case is a fresh process (imports, pipeline build
 per warm shape), timed from its spawn to the first shape ready and to all shapes ready.
 
     python benchmarks/cold_start.py --preset sdxl --out cold_start.json            # on a GPU host
+    python benchmarks/cold_start.py --preset sdxl --backend aot --out cold_start_aot.json
     python benchmarks/cold_start.py --preset tiny --size 256 --steps 4 --device cpu # the same, on a CPU
 
 Cases, in order (each reuses what the earlier ones left, as a real fleet would):
-  no-artifacts  empty artifact folder and compile cache: builds the packages (what `imagegw pool build` does)
+  no-artifacts  empty artifact folder and compile cache: compiles, and saves the artifacts (`imagegw pool build`)
   artifacts     the packages built above, an empty compile cache (a folder copied to a new host)
   warm-cache    no packages but the compile cache the first case filled (a restart that lost its artifacts)
 With --measure, the artifacts case also times the engine at batch 1 and the largest batch and the encoders.
@@ -39,8 +40,9 @@ def _child(args) -> None:
 
     event("imported")
     batches = [int(b) for b in args.batches.split(",")]
-    spec = EngineSpec(preset=args.preset, device=args.device, compile=True, compile_backend="aot",
-                      artifacts_dir=Path(args.artifacts), cache_dir=Path(args.cache), max_batch=max(batches))
+    spec = EngineSpec(preset=args.preset, device=args.device, compile=True, compile_backend=args.backend,
+                      artifacts_dir=Path(args.artifacts), cache_dir=Path(args.cache), max_batch=max(batches),
+                      run_sizes=tuple(batches))
     engine = DiffusionEngine(spec)
     engine.load()
     event("loaded", load_s=round(engine.load_seconds, 2))
@@ -56,6 +58,8 @@ def _child(args) -> None:
         started = time.perf_counter()
         run(batch)
         event("shape_ready", batch=batch, seconds=round(time.perf_counter() - started, 3))
+    if args.save and args.backend == "jit":  # AOT packages were saved as they were built
+        event("saved", bytes=engine.save_jit_cache())
     if args.measure:
         _measure(engine, run, batches, event)
 
@@ -102,8 +106,8 @@ def _run_case(case: str, args, root: Path) -> list[dict]:
             shutil.rmtree(folder, ignore_errors=True)
     cmd = [sys.executable, __file__, "--child", "--t0", str(time.time()), "--preset", args.preset,
            "--size", str(args.size), "--steps", str(args.steps), "--batches", args.batches, "--device", args.device,
-           "--artifacts", str(artifacts), "--cache", str(cache)] + (["--measure"] if case == "artifacts"
-                                                                     and args.measure else [])
+           "--artifacts", str(artifacts), "--cache", str(cache), "--backend", args.backend] + \
+        (["--measure"] if case == "artifacts" and args.measure else []) + (["--save"] if case == "no-artifacts" else [])
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     events = []
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
@@ -136,6 +140,8 @@ def main() -> int:
     p.add_argument("--batches", default="1,2,4,8")
     p.add_argument("--device", default="auto")
     p.add_argument("--cases", default=",".join(CASES))
+    p.add_argument("--backend", choices=("jit", "aot"), default="jit", help="local.compile_backend")
+    p.add_argument("--save", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--measure", action="store_true", help="time the engine and encoders in the artifacts case")
     p.add_argument("--dir", help="work folder (default: a temporary one)")
     p.add_argument("--out", help="write the summary as JSON here")

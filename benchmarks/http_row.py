@@ -44,7 +44,7 @@ def _local_detail(client) -> str:
 
 
 def http_rows(model: str, size: int, steps: int, batches: list[int], backend: str, artifacts: Path | None,
-              clients: int, seconds: float, timeout: float = 900.0) -> list[dict]:
+              clients: int, seconds: float, timeout: float = 900.0, compiled: bool = True) -> list[dict]:
     import httpx
 
     port, data = _free_port(), Path(tempfile.mkdtemp(prefix="pool_http-"))
@@ -52,6 +52,8 @@ def http_rows(model: str, size: int, steps: int, batches: list[int], backend: st
                IMAGEGW_LOCAL__COMPILE_BACKEND=backend, IMAGEGW_LOCAL__MAX_BATCH=str(max(batches)),
                IMAGEGW_LOCAL__WARM_SHAPES=json.dumps([{"width": size, "height": size, "steps": steps,
                                                        "batch_sizes": batches}]), PYTHONUNBUFFERED="1")
+    if not compiled:
+        env["IMAGEGW_LOCAL__COMPILE"] = "false"
     if artifacts is not None:
         env["IMAGEGW_LOCAL__ARTIFACTS"] = str(Path(artifacts).resolve())
     log = open(data / "serve.log", "w")  # noqa: SIM115 - held by the server process until the finally below
@@ -63,7 +65,7 @@ def http_rows(model: str, size: int, steps: int, batches: list[int], backend: st
             ready = _wait(client, lambda c: c.get("/readyz").status_code == 200 and
                           "worker(s) ready" in _local_detail(c), timeout)
             warm = _wait(client, lambda c: "left to warm" not in _local_detail(c), timeout)
-            row = {"variant": f"through HTTP ({backend})", "serve_to_ready_s": round(ready - started, 1)
+            row = {"variant": f"through HTTP ({backend if compiled else 'eager'})", "serve_to_ready_s": round(ready - started, 1)
                    if ready else None, "serve_to_all_warm_s": round(warm - started, 1) if warm else None}
             print(f"  gateway: ready {row['serve_to_ready_s']}s, every shape warm {row['serve_to_all_warm_s']}s",
                   flush=True)

@@ -211,7 +211,8 @@ def run(args) -> dict:
         if not batches or time.perf_counter() - began > args.budget_s:
             continue
         torch._dynamo.reset()  # else a variant of the same module structure reuses the last one's compiled graph
-        spec = EngineSpec(preset=args.model, device=device, fp8=fp8, compile=None if device == "cuda" else False,
+        compiled = None if device == "cuda" and not args.no_compile else False
+        spec = EngineSpec(preset=args.model, device=device, fp8=fp8, compile=compiled,
                           compile_backend=args.backend, artifacts_dir=args.artifacts, max_batch=max(batches),
                           **overrides)
         engine = DiffusionEngine(spec)
@@ -240,7 +241,7 @@ def run(args) -> dict:
         from http_row import http_rows
 
         out["rows"] += http_rows(args.model, size, steps, args.batches, args.backend, args.artifacts,
-                                 args.http_clients, args.http_seconds)
+                                 args.http_clients, args.http_seconds, compiled=not args.no_compile)
         _save(args, out)
     return out
 
@@ -326,6 +327,7 @@ def main() -> None:
     p.add_argument("--backend", choices=("aot", "jit"), default="aot", help="compile backend (local.compile_backend)")
     p.add_argument("--artifacts", type=Path, help="AOT package folder (built there when missing)")
     p.add_argument("--http", action="store_true", help="then the same engine behind `imagegw serve`, through HTTP")
+    p.add_argument("--no-compile", action="store_true", help="eager engine (and gateway): no compile at all")
     p.add_argument("--http-clients", type=int, default=8)
     p.add_argument("--http-seconds", type=float, default=60)
     args = p.parse_args()

@@ -246,14 +246,17 @@ def cmd_pool_build(args) -> int:
     settings, _ = _load(args)
     pool = build_local_pool(settings)
     out = Path(args.out).resolve() if args.out else settings.resolve(settings.local.artifacts)
-    spec = dataclasses.replace(pool.workers[0].spec, compile=True, compile_backend="aot", artifacts_dir=out)
-    sizes = list(dict.fromkeys((w.width, w.height) for w in pool.workers[0].warm_shapes))
+    spec = dataclasses.replace(pool.workers[0].spec, compile=True, artifacts_dir=out)
+    shapes = pool.workers[0].warm_shapes
+    sizes = list(dict.fromkeys((w.width, w.height) for w in shapes))
     if args.size:
         sizes = [_parse_size(s) for s in args.size]
     engine = DiffusionEngine(spec)
     print(f"loading {pool.model} on {spec.device} ...", flush=True)
     engine.load()
-    store = engine.aot.store
+    store = engine.store
+    if spec.compile_backend == "jit":
+        return _build_jit(engine, [s for s in shapes if (s.width, s.height) in sizes], store)
     if args.force:
         shutil.rmtree(store.folder, ignore_errors=True)
     print(f"building {len(sizes)} size(s), batch 1-{spec.max_batch}, into {store.folder}", flush=True)
@@ -275,6 +278,24 @@ def cmd_pool_build(args) -> int:
     print(f"done in {time.perf_counter() - started:.1f}s: {store.folder}")
     print(f"copy {out} to hosts with the same GPU and software (local.artifacts); a worker that finds no match logs "
           "why and compiles")
+    return 0
+
+
+def _build_jit(engine, shapes, store) -> int:
+    """torch.compile every warm shape once, then save what was compiled as one portable file."""
+    started = time.perf_counter()
+    print(f"compiling {len(shapes)} shape(s) with torch.compile into {store.folder}", flush=True)
+    for i, shape in enumerate(shapes, 1):
+        step = time.perf_counter()
+        engine.generate(["build"] * shape.batch, width=shape.width, height=shape.height, steps=shape.steps,
+                        seeds=list(range(shape.batch)))
+        print(f"  [{i}/{len(shapes)}] {shape.width}x{shape.height} x{shape.batch}, {shape.steps} steps: "
+              f"{time.perf_counter() - step:.1f}s", flush=True)
+    written = engine.save_jit_cache()
+    if not written:
+        print("nothing was compiled (compile is off for this device?)", file=sys.stderr)
+        return 1
+    print(f"done in {time.perf_counter() - started:.1f}s: {written / 1e6:.1f} MB in {store.folder}")
     return 0
 
 

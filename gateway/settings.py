@@ -104,12 +104,14 @@ class LocalPoolSettings(_Section):
     max_wait_ms: float = Field(100, ge=0, description="Longest a job waits for company before its batch launches.")
     profile_file: str = Field("pool_profile.json", description="Throughput profile under data_dir.")
     compile_cache: str = Field("compile_cache", description="Inductor cache under data_dir.")
-    compile_backend: Literal["aot", "jit"] = Field(
-        "aot", description="aot: AOTInductor packages per image size taking every batch size, loaded in seconds "
-        "from `artifacts` (built there by `imagegw pool build`, or by the first start that lacks them); jit: "
-        "torch.compile with CUDA graphs, one graph per warmed batch size, compiled at every start.")
-    artifacts: str = Field("artifacts", description="Compiled packages under data_dir: copy it to hosts with the "
-                           "same GPU and software; a mismatch is logged and compiled anew.")
+    compile_backend: Literal["jit", "aot"] = Field(
+        "jit", description="jit: torch.compile with CUDA graphs, one graph per warmed batch size, compiled at start "
+        "(cache hits where `imagegw pool build` left its artifacts or the compile cache has them); aot: "
+        "AOTInductor packages per image size taking every batch size, loaded from `artifacts` (built there when "
+        "missing). Not the default: on torch 2.11 with CUDA the package loader crashed on an H200 (a check "
+        "process catches that and the worker falls back to jit).")
+    artifacts: str = Field("artifacts", description="What `imagegw pool build` compiles, under data_dir: copy it "
+                           "to hosts with the same GPU and software; a mismatch is logged and compiled anew.")
     warm_shapes: list[WarmShapeSettings] | None = Field(
         None, description="Shapes compiled and timed: the pool is ready once the first is, and warms the rest in "
         "the background while idle; when compiled (GPU), the only sizes (and, under jit, batch sizes) it serves are "

@@ -105,3 +105,43 @@ def test_a_package_that_does_not_load_falls_back_to_torch_compile_with_a_log_lin
         assert engine.prepare(64, 64) == {"fallback": "jit"}
     assert "AOT compile of 64x64 failed" in caplog.text and "torch.compile instead" in caplog.text
     assert engine.aot is None and engine.compiled  # torch.compile compiles lazily: nothing ran yet
+
+
+def test_pool_build_under_jit_leaves_a_compile_cache_that_makes_another_hosts_compiles_cache_hits(tmp_path):
+    import subprocess
+    import sys
+
+    config = tmp_path / "config"
+    config.mkdir()
+    shutil.copy(ROOT / "config" / "policy.yaml", config / "policy.yaml")
+    (config / "gateway.yaml").write_text(json.dumps({
+        "data_dir": str(tmp_path / "data"),
+        "local": {"preset": "tiny", "devices": ["cpu"], "compile": True, "compile_backend": "jit",
+                  "compile_mode": "default", "compile_vae": False, "max_batch": 1,
+                  "warm_shapes": [{"width": 64, "height": 64, "steps": 2, "batch_sizes": [1]}]},
+    }))
+    assert main(["pool", "build", "--config", str(config)]) == 0
+    artifacts = tmp_path / "data" / "artifacts"
+    assert list(artifacts.glob("*/compile_cache"))
+    # "Another host": a fresh process whose own compile cache is empty, given only the artifact folder.
+    child = f"""
+import json, logging, sys
+sys.path.insert(0, {str(ROOT)!r})
+logging.basicConfig(level=logging.INFO)
+from pathlib import Path
+import torch
+from backends.local.engine import DiffusionEngine, EngineSpec
+spec = EngineSpec(preset="tiny", device="cpu", compile=True, compile_backend="jit", compile_mode="default",
+                  compile_vae=False, artifacts_dir=Path({str(artifacts)!r}), cache_dir=Path({str(tmp_path / "fresh")!r}),
+                  max_batch=1, run_sizes=(1,))
+engine = DiffusionEngine(spec)
+engine.load()
+engine.generate(["x"], width=64, height=64, steps=2, seeds=[0])
+c = torch._dynamo.utils.counters["inductor"]
+print(json.dumps({{"hit": c["fxgraph_cache_hit"], "miss": c["fxgraph_cache_miss"]}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    counts = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert counts["hit"] >= 1 and counts["miss"] == 0, counts
+    assert "merged into" in proc.stderr

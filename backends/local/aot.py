@@ -92,9 +92,34 @@ def _compile(exported, path: str) -> str:
     return torch._inductor.aoti_compile_and_package(exported, package_path=path, inductor_configs=configs)
 
 
+def _check_loads(path) -> None:
+    """Load the package once in a child process before this one does: a loader that crashes (torch 2.11's
+    segfaulted on an H200 for packages built without their weights) takes down the child, not the gateway. A
+    package that loaded is marked for this torch and host, and later starts skip the check."""
+    import socket
+    import subprocess
+    import sys
+
+    import torch
+
+    stamp = f"{torch.__version__} {socket.gethostname()}"
+    marker = path.with_name(path.name + ".loads")
+    if marker.is_file() and stamp in marker.read_text().splitlines():
+        return
+    code = "import sys, torch; torch._inductor.aoti_load_package(sys.argv[1])"
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
+        tail = (proc.stderr.strip().splitlines() or [""])[-1][:200]
+        raise RuntimeError(f"{path.name} does not load on this host: a check process died ({how}) {tail}")
+    with marker.open("a") as f:
+        f.write(stamp + "\n")
+
+
 def _load(path, module):
     import torch
 
+    _check_loads(path)
     compiled = torch._inductor.aoti_load_package(str(path))
     tensors = dict(module.named_parameters()) | dict(module.named_buffers())
     compiled.load_constants({fqn: tensors[fqn] for fqn in compiled.get_constant_fqns()},

@@ -114,16 +114,17 @@ class ArtifactStore:
             os.replace(partial, final)
         finally:
             partial.unlink(missing_ok=True)
-        self._write_manifest(component, time.perf_counter() - started)
+        self.record(component.filename, {"build_s": round(time.perf_counter() - started, 1)})
         return final
 
-    def _write_manifest(self, component: Component, seconds: float) -> None:
+    def record(self, filename: str, facts: dict) -> None:
+        """Note a file in the folder's manifest (what built it is the folder's fields)."""
         path = self.folder / MANIFEST
         try:
             manifest = json.loads(path.read_text())
         except (OSError, ValueError):
             manifest = {"fields": self.fields, "packages": {}}
-        manifest["packages"][component.filename] = {"build_s": round(seconds, 1), "built_at": int(time.time())}
+        manifest["packages"][filename] = {**facts, "built_at": int(time.time())}
         tmp = path.with_suffix(f".tmp-{os.getpid()}")
         tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
         os.replace(tmp, path)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from policies.profile import padded_batch
 
+from . import jit_cache
 from .presets import PRESETS, build_preset_pipeline
 
 __all__ = ["DiffusionEngine", "EngineSpec"]
@@ -35,9 +36,10 @@ class EngineSpec:
     attention: str = "auto"  # auto | cudnn | flash: the SDPA kernel (cuDNN's is Hopper-tuned)
     cache_dir: Path | None = None  # compile cache kept between restarts
     run_sizes: tuple[int, ...] = ()  # compiled batch sizes: a smaller batch is padded up (no compile mid-serving)
-    # aot: AOTInductor packages per image size, every batch size up to max_batch, loaded from artifacts_dir in
-    # seconds (built and saved there when missing); jit: torch.compile with CUDA graphs, per batch shape.
-    compile_backend: str = "aot"
+    # jit: torch.compile with CUDA graphs, per batch shape (artifacts_dir's compiled file loaded first when there);
+    # aot: AOTInductor packages per image size, every batch size up to max_batch, loaded from artifacts_dir
+    # (built and saved there when missing).
+    compile_backend: str = "jit"
     artifacts_dir: Path | None = None
     max_batch: int = 8
 
@@ -68,6 +70,7 @@ class DiffusionEngine:
         self.load_seconds: float | None = None
         self.compiled = False
         self.aot = None  # AotCompiler, when compile_backend is aot
+        self.store = None  # ArtifactStore, when compiled
 
     @property
     def default_steps(self) -> int:
@@ -112,22 +115,28 @@ class DiffusionEngine:
             log.info("fp8: %d UNet Linear layers swapped", swapped)
         if self.spec.compile is False:
             return
+        optimize.use_compile_cache(self.spec.cache_dir)  # a rebuild after a mismatch reuses kernels it can
+        self.store = self._artifact_store(pipe)
         if self.spec.compile_backend == "aot":
-            self.aot = self._aot_compiler(pipe)
+            from .aot import AotCompiler
+
+            self.aot = AotCompiler(pipe, self.store, self.spec.max_batch)
         else:
+            jit_cache.load(self.store, self.spec.cache_dir)
             optimize.compile_pipeline(pipe, self.spec.compile_mode, self.spec.cache_dir, self.spec.compile_vae)
         self.compiled = True
 
-    def _aot_compiler(self, pipe):
-        from . import optimize
-        from .aot import AotCompiler
+    def _artifact_store(self, pipe):
         from .artifacts import ArtifactStore, environment, fingerprint
 
-        optimize.use_compile_cache(self.spec.cache_dir)  # a rebuild after a mismatch reuses kernels it can
         options = {"tune_layout": self.spec.tune_layout, "fp8": self.spec.fp8, "attention": self.spec.attention}
         fields = environment(self.device) | fingerprint(pipe, _resolve_dtype(self.spec, self.device), options)
         root = self.spec.artifacts_dir or Path(self.spec.cache_dir or ".") / "artifacts"
-        return AotCompiler(pipe, ArtifactStore(root, fields), self.spec.max_batch)
+        return ArtifactStore(root, fields)
+
+    def save_jit_cache(self) -> int:
+        """The compile cache (what torch.compile built), into the artifact folder (`imagegw pool build`)."""
+        return jit_cache.save(self.store, self.spec.cache_dir)
 
     def is_prepared(self, width: int, height: int) -> bool:
         return self.aot is None or (width, height) in self.aot.prepared
