@@ -65,8 +65,9 @@ def http_rows(model: str, size: int, steps: int, batches: list[int], backend: st
             ready = _wait(client, lambda c: c.get("/readyz").status_code == 200 and
                           "worker(s) ready" in _local_detail(c), timeout)
             warm = _wait(client, lambda c: "left to warm" not in _local_detail(c), timeout)
-            row = {"variant": f"through HTTP ({backend if compiled else 'eager'})", "serve_to_ready_s": round(ready - started, 1)
-                   if ready else None, "serve_to_all_warm_s": round(warm - started, 1) if warm else None}
+            row = {"variant": f"through HTTP ({backend if compiled else 'eager'})",
+                   "serve_to_ready_s": round(ready - started, 1) if ready else None,
+                   "serve_to_all_warm_s": round(warm - started, 1) if warm else None}
             print(f"  gateway: ready {row['serve_to_ready_s']}s, every shape warm {row['serve_to_all_warm_s']}s",
                   flush=True)
             body = {"model": "local", "prompt": "a lighthouse at dusk", "size": f"{size}x{size}",

@@ -132,8 +132,8 @@ from pathlib import Path
 import torch
 from backends.local.engine import DiffusionEngine, EngineSpec
 spec = EngineSpec(preset="tiny", device="cpu", compile=True, compile_backend="jit", compile_mode="default",
-                  compile_vae=False, artifacts_dir=Path({str(artifacts)!r}), cache_dir=Path({str(tmp_path / "fresh")!r}),
-                  max_batch=1, run_sizes=(1,))
+                  compile_vae=False, artifacts_dir=Path({str(artifacts)!r}),
+                  cache_dir=Path({str(tmp_path / "fresh")!r}), max_batch=1, run_sizes=(1,))
 engine = DiffusionEngine(spec)
 engine.load()
 engine.generate(["x"], width=64, height=64, steps=2, seeds=[0])
