@@ -55,7 +55,8 @@ def built(tmp_path_factory):
     shutil.copy(ROOT / "config" / "policy.yaml", config / "policy.yaml")
     (config / "gateway.yaml").write_text(json.dumps({
         "data_dir": str(folder / "data"),
-        "local": {"preset": "tiny", "devices": ["cpu"], "compile": True, "max_batch": 2, "tune_layout": False,
+        "local": {"preset": "tiny", "devices": ["cpu"], "compile": True, "compile_backend": "aot", "max_batch": 2,
+                  "tune_layout": False,
                   "warm_shapes": [{"width": 64, "height": 64, "steps": 2, "batch_sizes": [1, 2]}]},
     }))
     code = main(["pool", "build", "--config", str(config), "--jobs", "2"])
@@ -76,6 +77,9 @@ def test_pool_build_writes_packages_that_a_fresh_engine_loads_instead_of_compili
     engine.load()
     timings = engine.prepare(64, 64)
     assert set(timings) == {"load_s"}  # loaded, nothing built
+    # each package was loaded by a child process first (a loader that crashes takes the child down, not us)
+    assert sorted(p.name for p in (folder / "data" / "artifacts").glob("*/*.loads")) == \
+        ["unet-64x64-b2.pt2.loads", "vae-64x64-b2.pt2.loads"]
     eager = DiffusionEngine(EngineSpec(preset="tiny", device="cpu"))
     eager.load()
     for batch in (1, 2):  # one package, every batch size
@@ -99,11 +103,14 @@ def test_a_package_that_does_not_load_falls_back_to_torch_compile_with_a_log_lin
     shutil.copytree(spec.artifacts_dir, copy)
     for package in copy.glob("*/unet-*.pt2"):
         package.write_bytes(b"not a package")
+    for marker in copy.glob("*/*.loads"):  # a host that never loaded them: the check process runs
+        marker.unlink()
     engine = DiffusionEngine(dataclasses.replace(spec, artifacts_dir=copy))
     engine.load()
     with caplog.at_level(logging.WARNING):
         assert engine.prepare(64, 64) == {"fallback": "jit"}
     assert "AOT compile of 64x64 failed" in caplog.text and "torch.compile instead" in caplog.text
+    assert "does not load on this host: a check process died" in caplog.text
     assert engine.aot is None and engine.compiled  # torch.compile compiles lazily: nothing ran yet
 
 
