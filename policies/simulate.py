@@ -327,7 +327,8 @@ class _Sim:
             self.fallback(*job.payload)  # given back: its next candidate, while that can still make it
         while True:
             free = [i for i, t in enumerate(self.gpu_free_at) if t <= self.now]
-            batch, wake = self.batcher.next_batch() if free else (None, None)
+            free_since = min(self.gpu_free_at[i] for i in free) if free else None
+            batch, wake = self.batcher.next_batch(free_since) if free else (None, None)
             if batch is None:
                 settle = self.batcher.next_settle()
                 wake = settle if wake is None else (wake if settle is None else min(wake, settle))

@@ -212,3 +212,19 @@ def test_with_arrivals_a_lone_job_waits_only_when_company_is_likely(clock):
         adaptive.put(job(clock, 60))
         batch, _ = adaptive.next_batch()
     assert batch is not None and batch.reason == "no_company"
+
+
+def test_company_is_expected_from_bursts_of_arrivals_not_from_their_mean_gap():
+    from policies.batching import ArrivalRate
+
+    bursts, sparse, t = ArrivalRate(), ArrivalRate(), 0.0
+    for _ in range(4):  # eight clients answered together: seven short gaps, then one as long as a batch
+        for _ in range(8):
+            t += 0.005
+            bursts.arrived("k", t)
+        t += 1.0
+    assert bursts.expects_company("k", 0.1)  # a mean gap (~0.13 s) would have said no
+    for i in range(20):
+        sparse.arrived("k", i * 1.0)
+    assert not sparse.expects_company("k", 0.1) and not sparse.expects_any(0.1)
+    assert not ArrivalRate().expects_company("k", 0.1)  # nothing seen yet: nobody to wait for

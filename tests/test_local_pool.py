@@ -426,3 +426,29 @@ def test_the_configured_compile_cache_wins_over_the_folder_diffusers_set_on_impo
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
     assert cache_dir() == str(tmp_path / "cache")  # what inductor will use when it compiles
+
+
+async def test_closed_loop_clients_answered_together_fill_whole_batches_instead_of_splitting_for_good():
+    # Eight clients that resubmit as soon as they are answered (a few ms apart): before, the batches split into
+    # 3 and 5 for good (the wait for company was counted from arrival, and a mean gap called each burst's first
+    # job lonely), at 68% of full-batch throughput.
+    import collections
+    import random
+
+    worker = FakeWorker("closed", seconds=lambda b: 0.2 + 0.02 * b)
+    pool = LocalPool(EngineSpec(preset="sdxl"), [worker], PoolConfig(max_batch=8, max_wait_s=0.1))
+    await pool.start()
+    await pool.wait_ready(timeout=5)
+    rng, stop = random.Random(1), time.monotonic() + 4
+
+    async def client(k: int) -> None:
+        i = 0
+        while time.monotonic() < stop:
+            await pool.generate(job(k * 1000 + i, size=1024, steps=30), time.monotonic() + 60)
+            i += 1
+            await asyncio.sleep(rng.uniform(0, 0.02))
+
+    await asyncio.gather(*(client(k) for k in range(8)))
+    sizes = collections.Counter(len(b.prompts) for b in worker.batches)
+    assert sizes[8] >= 0.8 * sum(sizes.values()), sizes
+    await pool.aclose()

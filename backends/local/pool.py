@@ -81,6 +81,7 @@ class LocalPool:
         self._scheduler: asyncio.Task | None = None
         self._running: set[asyncio.Task] = set()
         self._running_until: dict[int, float] = {}  # worker index -> predicted end of its batch
+        self._free_since: dict[int, float] = {}  # worker index -> when its last batch ended
         self._closing = False
         self._occupancy = 1.0
         self.batches_run = 0
@@ -235,7 +236,7 @@ class LocalPool:
             self._release_late()
             while (worker := self._idle_worker()) is not None:
                 self._drop_expired()
-                batch, wake_at = self.batcher.next_batch()
+                batch, wake_at = self.batcher.next_batch(self._free_since.get(self.workers.index(worker)))
                 if batch is None:
                     if wake_at is None and not len(self.batcher):  # nothing queued: a good moment to grow
                         self._warm_idle()
@@ -347,6 +348,7 @@ class LocalPool:
         finally:
             worker.busy, worker.assigned_slots = False, 0
             self._running_until.pop(index, None)
+            self._free_since[index] = time.monotonic()
             self._wakeup.set()
         # The worker's whole cycle, not just its device time: encoding and the hand-back hold it too, and
         # what the queue predicts from is how soon the next batch can start (on an H200, SD1.5 batches ran
