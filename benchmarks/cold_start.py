@@ -68,6 +68,7 @@ def _measure(engine, run, batches, event) -> None:
     import statistics
 
     import torch
+    from PIL import Image
 
     from backends.local.encode import encode_batch, encode_pil
 
@@ -88,7 +89,7 @@ def _measure(engine, run, batches, event) -> None:
     bn = timed(lambda: run(big, "uint8"), 3)
     event("engine", batch1_s=round(b1, 4), **{f"batch{big}_s_per_image": round(bn / big, 4)})
     pixels = run(big, "uint8")
-    pils = [__import__("PIL.Image", fromlist=["Image"]).fromarray(p) for p in pixels.permute(0, 2, 3, 1).cpu().numpy()]
+    pils = [Image.fromarray(p) for p in pixels.permute(0, 2, 3, 1).cpu().numpy()]
     rows = {}
     for fmt in ("png", "jpeg", "webp"):
         rows[f"{fmt}_1_ours_s"] = round(timed(lambda f=fmt: encode_batch(pixels[:1], f), 5), 4)

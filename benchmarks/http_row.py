@@ -87,7 +87,6 @@ def http_rows(model: str, size: int, steps: int, batches: list[int], backend: st
             row |= _throughput(f"http://127.0.0.1:{port}", body, clients, seconds)
             print(f"  {clients} clients: {row['images_per_s']:.3f} images/s over {row['seconds']:.0f}s, "
                   f"{row['errors']} errors", flush=True)
-            row["batch_sizes_seen"] = client.get("/metrics").text.count("imagegw_local_batch")  # a sign, not a stat
             return [row]
     finally:
         proc.terminate()

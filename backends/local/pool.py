@@ -104,7 +104,7 @@ class LocalPool:
         """Offer what every ready worker has warmed, no more: a compiled worker never compiles mid-serving, and
         the policy routes the rest elsewhere until the background warm-up reaches it."""
         mode = self.config.compiled
-        ready = [w for w in self.workers if w.ready and hasattr(w, "warmed")]
+        ready = [w for w in self.workers if w.ready]
         if not mode or not ready:
             return
         common = set.intersection(*({(s.width, s.height, s.batch) for s in w.warmed} for w in ready))
@@ -138,7 +138,7 @@ class LocalPool:
             has_headroom=idle and not queue, max_wait_s=wait, running_s=running_s, queue=queue,
         )
         warming = [w.name for w in self.workers if not w.ready]
-        growing = sum(len(getattr(w, "pending_warm", ())) for w in ready)
+        growing = sum(len(w.pending_warm) for w in ready)
         detail = f"{len(ready)} worker(s) ready" + (f"; warming: {', '.join(warming)}" if warming else "") + \
             (f"; {growing} shape(s) left to warm in the background" if growing else "")
         return LoadReport(Health.OK, detail, pool)
@@ -254,7 +254,7 @@ class LocalPool:
     def _warm_idle(self) -> None:
         """Give each idle worker with shapes left to warm the next one; it is busy (and predicted so) meanwhile."""
         for index, worker in enumerate(self.workers):
-            if worker.ready and not worker.busy and getattr(worker, "pending_warm", None) and not self._closing:
+            if worker.ready and not worker.busy and worker.pending_warm and not self._closing:
                 shape = worker.pending_warm[0]
                 worker.busy = True
                 self._running_until[index] = time.monotonic() + self._warm_estimate(worker, shape)
@@ -265,11 +265,11 @@ class LocalPool:
     def _warm_estimate(self, worker, shape) -> float:
         """How long a warm-up holds the worker: its run, plus a compile as long as the first shape's was."""
         run = self.profile.seconds(self.model, shape.width, shape.height, shape.steps, shape.batch)
-        first = next(iter(worker.warm_timings.values()), {}) if worker.warm_timings else {}
-        compile_s = max(0.0, first.get("first_s", 0.0) - first.get("steady_s", 0.0)) if isinstance(first, dict) \
-            else 0.0
-        same_size = any((s.width, s.height) == (shape.width, shape.height) for s in worker.warmed)
-        return run + (0.0 if self.config.compiled == "aot" and same_size else compile_s)
+        if self.config.compiled == "aot" and any((s.width, s.height) == (shape.width, shape.height)
+                                                 for s in worker.warmed):
+            return run  # the size's packages are loaded: nothing to compile
+        first = worker.warm_timings.get(shape_key(worker.warmed[0]), {}) if worker.warmed else {}
+        return run + max(0.0, first.get("first_s", 0.0) - first.get("steady_s", 0.0))
 
     async def _warm(self, worker, index: int) -> None:
         try:
@@ -287,9 +287,7 @@ class LocalPool:
             if worker.pending_warm:
                 worker.pending_warm.pop(0)
         finally:
-            worker.busy = False
-            self._running_until.pop(index, None)
-            self._wakeup.set()
+            self._freed(worker, index)
 
     def _release_late(self) -> None:
         now = time.monotonic()
@@ -346,16 +344,21 @@ class LocalPool:
                 _fail(p, BackendTransientError(f"local batch failed: {type(exc).__name__}: {exc}"))
             return
         finally:
-            worker.busy, worker.assigned_slots = False, 0
-            self._running_until.pop(index, None)
-            self._free_since[index] = time.monotonic()
-            self._wakeup.set()
+            self._freed(worker, index)
         # The worker's whole cycle, not just its device time: encoding and the hand-back hold it too, and
         # what the queue predicts from is how soon the next batch can start (on an H200, SD1.5 batches ran
         # ~25% slower end to end than their device time, and the predictions were that optimistic).
         cycle = time.monotonic() - launched
         self._record(batch, cycle)
         self._deliver(jobs, dataclasses.replace(output, seconds=cycle), batch.slots)
+
+    def _freed(self, worker, index: int) -> None:
+        """A batch or a background warm-up has ended: the worker takes work again, and a lone job's wait for
+        company counts from now (see `SLABatcher.next_batch`)."""
+        worker.busy, worker.assigned_slots = False, 0
+        self._running_until.pop(index, None)
+        self._free_since[index] = time.monotonic()
+        self._wakeup.set()
 
     async def _restart(self, worker) -> None:
         try:
@@ -369,7 +372,7 @@ class LocalPool:
     def _learn_warm_up(self, worker) -> None:
         """A measured profile entry for every warmed shape (timed after its compile), where the profile has
         none: predictions for warmed shapes, and for others by scaling from them, never come from the prior."""
-        for shape in getattr(worker, "warmed", ()):
+        for shape in worker.warmed:
             timing = worker.warm_timings.get(shape_key(shape))
             seconds = timing.get("steady_s") if isinstance(timing, dict) else None
             if not seconds:
