@@ -45,7 +45,7 @@ def _child(args) -> None:
                       run_sizes=tuple(batches))
     engine = DiffusionEngine(spec)
     engine.load()
-    event("loaded", load_s=round(engine.load_seconds, 2))
+    event("loaded", load_s=round(engine.load_seconds, 2), **engine.load_phases)
     timings = engine.prepare(args.size, args.size, lambda d: event("progress", detail=d))
     event("prepared", **timings)
 
@@ -58,10 +58,21 @@ def _child(args) -> None:
         started = time.perf_counter()
         run(batch)
         event("shape_ready", batch=batch, seconds=round(time.perf_counter() - started, 3))
+    _compile_times(event)
     if args.save and args.backend == "jit":  # AOT packages were saved as they were built
         event("saved", bytes=engine.save_jit_cache())
     if args.measure:
         _measure(engine, run, batches, event)
+
+
+def _compile_times(event) -> None:
+    """Where torch.compile spent the start (dynamo's per-phase totals): what a cache hit still costs."""
+    try:
+        import torch
+
+        event("compile_times", detail=str(torch._dynamo.utils.compile_times(repr="str", aggregate=True))[-3000:])
+    except Exception as exc:  # private API: absent or changed in another torch
+        event("compile_times", detail=f"unavailable: {exc}")
 
 
 def _measure(engine, run, batches, event) -> None:

@@ -235,7 +235,8 @@ def cmd_pool_calibrate(args) -> int:
 
 
 def cmd_pool_build(args) -> int:
-    """Compile the configured sizes into AOTInductor packages once, for this and every host like it."""
+    """Compile the warm shapes once (jit: torch.compile's cache; aot: AOTInductor packages per size) into the
+    artifact folder, for this and every host like it."""
     import dataclasses
     import shutil
 
@@ -256,7 +257,10 @@ def cmd_pool_build(args) -> int:
     engine.load()
     store = engine.store
     if spec.compile_backend == "jit":
-        return _build_jit(engine, [s for s in shapes if (s.width, s.height) in sizes], store)
+        todo = [s for s in shapes if (s.width, s.height) in sizes]
+        if args.jobs > 1 and len(todo) > 1:
+            return _build_jit_in_parallel(spec, todo, store, args.jobs)
+        return _build_jit(engine, todo, store)
     if args.force:
         shutil.rmtree(store.folder, ignore_errors=True)
     print(f"building {len(sizes)} size(s), batch 1-{spec.max_batch}, into {store.folder}", flush=True)
@@ -294,6 +298,43 @@ def _build_jit(engine, shapes, store) -> int:
     written = engine.save_jit_cache()
     if not written:
         print("nothing was compiled (compile is off for this device?)", file=sys.stderr)
+        return 1
+    print(f"done in {time.perf_counter() - started:.1f}s: {written / 1e6:.1f} MB in {store.folder}")
+    return 0
+
+
+def _build_jit_in_parallel(spec, shapes, store, jobs: int) -> int:
+    """Each warm shape compiled in its own process with its own compile cache, then the caches merged into the
+    artifact folder: the shapes' compiles overlap (the GPU holds several SDXL pipelines)."""
+    import multiprocessing as mp
+    import tempfile
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    from backends.local import jit_cache
+    from backends.local.parallel_build import build_jit_shape
+
+    started = time.perf_counter()
+    workers = min(jobs, len(shapes))
+    print(f"compiling {len(shapes)} shape(s) with torch.compile, {workers} at a time, into {store.folder}", flush=True)
+    failed = 0
+    with tempfile.TemporaryDirectory(prefix="imagegw-build-") as scratch, \
+            ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+        caches = {i: Path(scratch) / f"shape-{i}" for i in range(len(shapes))}
+        futures = {pool.submit(build_jit_shape, spec, caches[i], s.width, s.height, s.batch, s.steps): i
+                   for i, s in enumerate(shapes)}
+        for done, future in enumerate(as_completed(futures), 1):
+            shape = shapes[futures[future]]
+            label = f"  [{done}/{len(shapes)}] {shape.width}x{shape.height} x{shape.batch}, {shape.steps} steps"
+            try:
+                print(f"{label}: {future.result():.1f}s (at {time.perf_counter() - started:.0f}s)", flush=True)
+            except Exception as exc:
+                failed += 1
+                print(f"{label}: failed ({type(exc).__name__}: {exc})", file=sys.stderr, flush=True)
+        written = 0
+        for cache in caches.values():  # save() merges one cache in and returns the folder's size
+            written = jit_cache.save(store, cache) or written
+    if failed or not written:
+        print(f"{failed} shape(s) failed; nothing saved for them", file=sys.stderr)
         return 1
     print(f"done in {time.perf_counter() - started:.1f}s: {written / 1e6:.1f} MB in {store.folder}")
     return 0
@@ -419,7 +460,8 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--size", action="append", help="WxH (repeatable); default: the sizes in local.warm_shapes")
     build.add_argument("--out", help="artifact folder; default: data_dir/local.artifacts")
     build.add_argument("--force", action="store_true", help="rebuild packages that exist already")
-    build.add_argument("--jobs", type=int, default=2, help="packages compiled at once, one process each (2)")
+    build.add_argument("--jobs", type=int, default=2,
+                       help="shapes (jit) or packages (aot) compiled at once, one process each (2)")
     build.set_defaults(func=cmd_pool_build)
 
     policy = sub.add_parser("policy", help="policy tools").add_subparsers(dest="policy_cmd", required=True)

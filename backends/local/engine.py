@@ -68,6 +68,7 @@ class DiffusionEngine:
         self.pipe = None
         self.device = None
         self.load_seconds: float | None = None
+        self.load_phases: dict[str, float] = {}  # where load() spent its time (cold-start benchmark)
         self.compiled = False
         self.aot = None  # AotCompiler, when compile_backend is aot
         self.store = None  # ArtifactStore, when compiled
@@ -84,6 +85,7 @@ class DiffusionEngine:
         started = time.perf_counter()
         self.device = _resolve_device(self.spec)
         dtype = _resolve_dtype(self.spec, self.device)
+        phases = self.load_phases = {}
         if self.spec.weights_dir is not None:
             from diffusers import DiffusionPipeline
 
@@ -91,7 +93,9 @@ class DiffusionEngine:
             pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True, torch_dtype=dtype)
         else:
             pipe = build_preset_pipeline(self.spec.preset, seed=self.spec.seed, device=str(self.device))
+        phases["build_s"] = round(time.perf_counter() - started, 2)
         pipe = pipe.to(self.device) if dtype == torch.float32 else pipe.to(self.device, dtype)
+        phases["to_device_s"] = round(time.perf_counter() - started - phases["build_s"], 2)
         if dtype == torch.bfloat16 and getattr(pipe.vae.config, "force_upcast", False):
             pipe.vae.register_to_config(force_upcast=False)  # bf16 cannot overflow where fp16 would
         pipe.set_progress_bar_config(disable=True)
@@ -100,6 +104,7 @@ class DiffusionEngine:
             self._optimize(pipe)
         self.pipe = pipe
         self.load_seconds = time.perf_counter() - started
+        phases["optimize_s"] = round(self.load_seconds - phases["build_s"] - phases["to_device_s"], 2)
         log.info("engine %s loaded on %s in %.1fs", self.spec.preset, self.device, self.load_seconds)
 
     def _optimize(self, pipe) -> None:
