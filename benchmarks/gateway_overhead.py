@@ -110,7 +110,8 @@ def wait_up(url: str, timeout: float = 60) -> None:
 
 
 def start_imagegw(upstream_port: int, tmp: Path, server: dict | None = None,
-                  redis_url: str | None = None, transport: str = "fast") -> tuple[subprocess.Popen, int]:
+                  redis_url: str | None = None, transport: str = "fast",
+                  audit: dict | None = None) -> tuple[subprocess.Popen, int]:
     port = free_port()
     config = tmp / "config"
     config.mkdir()
@@ -122,6 +123,7 @@ def start_imagegw(upstream_port: int, tmp: Path, server: dict | None = None,
         "data_dir": str(tmp / "data"),
         "local": {"enabled": False}, "backends": backends, "sandbox": {"mode": "off"},
         **({"redis_url": redis_url, "redis_namespace": f"bench{os.getpid()}{port}"} if redis_url else {}),
+        **({"audit": audit} if audit else {}),
         "policy_reload_interval_s": 0}))
     (config / "policy.yaml").write_text(json.dumps({
         "defaults": {"tier": "standard", "sla_ms": 30000}, "tiers": {"standard": {"min_quality": 0.5}},
@@ -308,6 +310,7 @@ def main() -> None:
     p.add_argument("--servers", default="", help="also imagegw with these event loop/HTTP parser pairs, "
                    "e.g. asyncio/h11,uvloop/h11,asyncio/httptools")
     p.add_argument("--redis-url", help="imagegw shares state through this Redis (as replicas do)")
+    p.add_argument("--audit-postgres", metavar="DSN", help="also imagegw with audit.backend postgres on this DSN")
     p.add_argument("--transports", default="", help="also imagegw with these provider transports, side by side "
                    "with the default (fast), e.g. aiohttp,httpx")
     p.add_argument("--loadgen", choices=["raw", "httpx"], default="raw",
@@ -338,6 +341,12 @@ def main() -> None:
                                          transport=transport)
             procs.append(proc)
             targets.append((f"imagegw transport={transport}", f"http://127.0.0.1:{t_port}{path}", proc.pid, {}))
+        if args.audit_postgres:  # the same gateway writing its audit to Postgres: the request path's CPU beside SQLite
+            (Path(tmp) / "pg").mkdir()
+            proc, pg_port = start_imagegw(up_port, Path(tmp) / "pg", redis_url=args.redis_url,
+                                          audit={"backend": "postgres", "dsn": args.audit_postgres})
+            procs.append(proc)
+            targets.append(("imagegw audit=postgres", f"http://127.0.0.1:{pg_port}{path}", proc.pid, {}))
         rows = []
         try:
             if args.peers:
@@ -369,6 +378,7 @@ def main() -> None:
           f"--delay-ms {args.delay_ms:.0f} --image-kb {args.image_kb} --loads {args.loads} --loadgen {args.loadgen}"
           + (f" --peers {args.peers}" if args.peers else "") + (f" --servers {args.servers}" if args.servers else "")
           + (f" --redis-url {args.redis_url}" if args.redis_url else "")
+          + (" --audit-postgres DSN" if args.audit_postgres else "")
           + (f" --transports {args.transports}" if args.transports else ""))
 
 

@@ -21,7 +21,7 @@ from policies.schema import Policy
 from .api.admin import admin_router
 from .api.images import create_image, get_image_file
 from .api.meta import healthz, list_backends, list_models, readyz
-from .audit import AuditLog
+from .audit import AuditLog, open_audit
 from .auth import KeyRing
 from .errors import GatewayError, error_body
 from .image_store import ImageStore
@@ -100,11 +100,10 @@ def _replica_identity(data_dir) -> tuple[str, object | None]:
 
 
 def _seed_spend(store: StateStore, audit: AuditLog, now: float) -> None:
-    """This month's and today's spend per tenant from this replica's own audit log: budgets and shared totals
-    survive a restart (and a Redis that lost everything)."""
+    """This month's and today's spend per tenant from this replica's own audit records (its SQLite file, or its
+    rows in the shared Postgres): budgets and shared totals survive a restart (and a Redis that lost everything)."""
     import calendar
 
-    from .audit import AuditReader
     from .state import period_keys
 
     t = time.gmtime(now)
@@ -112,7 +111,8 @@ def _seed_spend(store: StateStore, audit: AuditLog, now: float) -> None:
     month_start = calendar.timegm((t.tm_year, t.tm_mon, 1, 0, 0, 0))
     day, month = period_keys(now)
     totals = {}
-    for tenant, (d, m) in AuditReader(audit.path).spend_since(day_start, month_start).items():
+    replica = audit.stamp.get("replica") if audit.sink.name == "postgres" else None  # SQLite: this replica's file
+    for tenant, (d, m) in audit.reader.spend_since(day_start, month_start, replica=replica).items():
         totals[(tenant, day)], totals[(tenant, month)] = d, m
     if totals:
         store.seed_spend(totals)
@@ -127,7 +127,18 @@ def _redactor(settings: Settings) -> Redactor:
     secrets.append(settings.auth.admin_key() or "")
     if settings.redis_url:
         secrets.append(urlsplit(settings.redis_url).password or "")
+    if settings.audit.dsn_value():
+        secrets += [settings.audit.dsn_value(), _dsn_password(settings.audit.dsn_value())]
     return Redactor(secrets)
+
+
+def _dsn_password(dsn: str) -> str:
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        return str(conninfo_to_dict(dsn).get("password") or "")
+    except Exception:  # not a connection string psycopg can parse: the whole string is redacted above
+        return ""
 
 
 def _policy_payload(entry) -> dict:
@@ -186,10 +197,10 @@ def assemble(settings: Settings, policy: Policy, backends: Mapping[str, Backend]
         # Shown once, like a notebook server's token: only its hash is kept.
         print(f"\n  admin key (generated for this run; set {settings.auth.admin_key_env} to keep one): "
               f"{generated_admin_key}\n", flush=True)
-    audit = AuditLog(settings.resolve(settings.audit.path), batch_size=settings.audit.batch_size,
-                     flush_interval_s=settings.audit.flush_interval_s)
+    audit = open_audit(settings)
     images = ImageStore(settings.resolve(settings.images.dir), settings.images.url_ttl_s)
     replica_id, data_lock = _replica_identity(settings.data_dir)
+    audit.stamp = {"replica": replica_id}  # a shared audit store tells replicas apart (spend restored at start)
     store = _state_store(settings, replica_id)
     redactor = _redactor(settings)
     if isinstance(store, RedisStore):

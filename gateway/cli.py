@@ -153,12 +153,11 @@ def _summary(record: dict) -> str:
 
 
 def cmd_audit_tail(args) -> int:
-    from .audit import AuditReader
+    from .audit import open_reader
 
     settings, _ = _load(args)
-    path = settings.resolve(settings.audit.path)
-    print(f"reading {path}", file=sys.stderr)
-    reader = AuditReader(path)
+    reader = open_reader(settings)
+    print(f"reading {reader.name}", file=sys.stderr)
     seen: set[str] = set()
     while True:
         for record in reader.recent(args.n):

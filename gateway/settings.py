@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 __all__ = [
@@ -53,9 +53,25 @@ class ServerSettings(_Section):
 
 
 class AuditSettings(_Section):
+    backend: Literal["sqlite", "postgres"] = Field(
+        "sqlite", description="sqlite: a file per replica under data_dir (embedded default); postgres: one database "
+        "for every replica (set dsn).")
     path: str = Field("audit.sqlite3", description="SQLite file, relative to data_dir.")
+    dsn: SecretStr | None = Field(
+        None, description="Postgres connection string (postgresql://user:pass@host/db or key=value), for backend "
+        "postgres; best set as IMAGEGW_AUDIT__DSN. A secret: never logged.")
+    pool_size: int = Field(4, gt=0, le=64, description="Postgres connections the writer may hold.")
     batch_size: int = Field(256, gt=0)
     flush_interval_s: float = Field(0.2, gt=0)
+
+    @model_validator(mode="after")
+    def _dsn_for_postgres(self) -> AuditSettings:
+        if self.backend == "postgres" and not self.dsn_value():
+            raise ValueError("audit.dsn is required when audit.backend is postgres (or set IMAGEGW_AUDIT__DSN)")
+        return self
+
+    def dsn_value(self) -> str:
+        return self.dsn.get_secret_value() if self.dsn is not None else ""
 
 
 class ImageSettings(_Section):

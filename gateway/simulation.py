@@ -19,7 +19,7 @@ from policies.schema import Policy
 from policies.simulate import ApiModel, PoolSpec, SimResult, World, simulate
 from policies.traces import TraceRequest, parse_jsonl, synthetic
 
-from .audit import AuditReader, audit_query
+from .audit import audit_query, open_reader
 from .settings import Settings
 
 __all__ = ["build_world", "compare", "load_trace", "render_html", "render_text"]
@@ -79,12 +79,13 @@ def trace_from_audit(records: list[dict]) -> list[TraceRequest]:
 
 
 def audit_records(settings: Settings, since: float | None, until: float | None, limit: int = 200_000) -> list[dict]:
-    reader, out, cursor = AuditReader(settings.resolve(settings.audit.path)), [], None
+    reader, out, cursor = open_reader(settings), [], None
     while len(out) < limit:
         page, cursor = audit_query(reader, limit=1000, cursor=cursor, since=since, until=until)
         out += page
         if cursor is None:
             break
+    reader.close()
     return out
 
 

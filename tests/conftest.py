@@ -81,3 +81,23 @@ def serve():
     yield _serve
     for server in servers:
         server.stop()
+
+
+POSTGRES_DSN = __import__("os").environ.get("IMAGEGW_TEST_POSTGRES",
+                                           "host=127.0.0.1 port=5432 dbname=test user=postgres")
+
+
+@pytest.fixture
+def postgres_dsn():
+    """A DSN on the real Postgres (127.0.0.1:5432, database test) whose tables live in a schema of their own,
+    dropped afterwards: tests never see each other's rows."""
+    import uuid
+
+    import psycopg
+
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(POSTGRES_DSN, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    yield f"{POSTGRES_DSN} options='-csearch_path={schema}'"
+    with psycopg.connect(POSTGRES_DSN, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(f"DROP SCHEMA {schema} CASCADE")

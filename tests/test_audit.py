@@ -7,7 +7,8 @@ import asyncio
 import httpx
 
 from backends.errors import BackendTransientError
-from gateway.audit import AuditLog, AuditReader
+from gateway.audit import AuditLog, open_reader
+from gateway.audit.sqlite import SqliteReader, SqliteSink
 from policies.types import BackendKind
 from tests.fakes import ScriptedBackend
 
@@ -33,7 +34,7 @@ def test_concurrent_requests_each_get_one_record_whatever_their_outcome(settings
     ids = {r.headers.get("x-gateway-decision-id") for r in responses if r.status_code == 200}
     server.stop()
 
-    reader = AuditReader(settings.resolve(settings.audit.path))
+    reader = open_reader(settings)
     assert reader.count() == len(bodies)
     records = reader.recent(limit=100)
     assert ids <= {r["id"] for r in records}
@@ -46,27 +47,28 @@ def test_concurrent_requests_each_get_one_record_whatever_their_outcome(settings
 
 
 async def test_close_flushes_everything_still_queued(tmp_path):
-    log = AuditLog(tmp_path / "a.sqlite3", batch_size=10, flush_interval_s=60)
+    log = AuditLog(SqliteSink(tmp_path / "a.sqlite3"), batch_size=10, flush_interval_s=60)
     await log.start()
     for i in range(1_000):
         log.submit({"id": f"r{i}", "ts": float(i), "outcome": "ok", "status": 200, "record": i})
     await log.close()
-    assert AuditReader(tmp_path / "a.sqlite3").count() == 1_000
+    assert SqliteReader(tmp_path / "a.sqlite3").count() == 1_000
 
 
 async def test_writer_batches_in_the_background(tmp_path):
-    log = AuditLog(tmp_path / "a.sqlite3", batch_size=50, flush_interval_s=0.01)
+    log = AuditLog(SqliteSink(tmp_path / "a.sqlite3"), batch_size=50, flush_interval_s=0.01)
     await log.start()
     _submit(log, 120)
     assert await _written(log, 120, asyncio.sleep)
-    assert AuditReader(tmp_path / "a.sqlite3").count() == 120
+    assert SqliteReader(tmp_path / "a.sqlite3").count() == 120
     await log.close()
 
 
 async def test_a_failed_write_keeps_its_records_and_the_next_round_writes_them(tmp_path, monkeypatch):
     import sqlite3
 
-    import gateway.audit as audit
+    import gateway.audit.sqlite as audit
+    import gateway.audit.writer as writer
 
     real, failures = audit._insert, []
 
@@ -77,19 +79,19 @@ async def test_a_failed_write_keeps_its_records_and_the_next_round_writes_them(t
         real(conn, records)
 
     monkeypatch.setattr(audit, "_insert", flaky)
-    monkeypatch.setattr(audit.asyncio, "sleep", _fast_sleep)
-    log = AuditLog(tmp_path / "a.sqlite3", batch_size=50, flush_interval_s=0.01)
+    monkeypatch.setattr(writer.asyncio, "sleep", _fast_sleep)
+    log = AuditLog(SqliteSink(tmp_path / "a.sqlite3"), batch_size=50, flush_interval_s=0.01)
     await log.start()
     _submit(log, 30)
     assert await _written(log, 30, _fast_sleep) and failures
     await log.close()
-    assert AuditReader(tmp_path / "a.sqlite3").count() == 30
+    assert SqliteReader(tmp_path / "a.sqlite3").count() == 30
 
 
 async def test_close_during_a_write_waits_for_it_and_loses_nothing(tmp_path, monkeypatch):
     import threading
 
-    import gateway.audit as audit
+    import gateway.audit.sqlite as audit
 
     real, entered, release = audit._insert, threading.Event(), threading.Event()
 
@@ -99,7 +101,7 @@ async def test_close_during_a_write_waits_for_it_and_loses_nothing(tmp_path, mon
         real(conn, records)
 
     monkeypatch.setattr(audit, "_insert", slow)
-    log = AuditLog(tmp_path / "a.sqlite3", batch_size=10, flush_interval_s=0.001)
+    log = AuditLog(SqliteSink(tmp_path / "a.sqlite3"), batch_size=10, flush_interval_s=0.001)
     await log.start()
     _submit(log, 25)
     await asyncio.to_thread(entered.wait, 5)  # the first batch is in the writer thread
@@ -107,7 +109,7 @@ async def test_close_during_a_write_waits_for_it_and_loses_nothing(tmp_path, mon
     await asyncio.sleep(0.05)
     release.set()
     await closing
-    assert AuditReader(tmp_path / "a.sqlite3").count() == 25
+    assert SqliteReader(tmp_path / "a.sqlite3").count() == 25
 
 
 _real_sleep = asyncio.sleep
@@ -164,7 +166,7 @@ def test_the_audit_says_how_long_the_pool_may_hold_a_job_before_its_fallback_mus
                    timeout=30)
     assert r.status_code == 200
     server.stop()
-    record = AuditReader(settings.resolve(settings.audit.path)).recent(limit=1)[0]
+    record = open_reader(settings).recent(limit=1)[0]
     first, second = record["decision"]["candidates"][:2]
     assert (first["backend"], second["backend"]) == ("local", "reve")
     reve = shipped_policy.backends["reve"].latency_prior  # no outcomes yet: the prior

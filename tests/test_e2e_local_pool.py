@@ -6,7 +6,7 @@ import asyncio
 
 import httpx
 
-from gateway.audit import AuditReader
+from gateway.audit import open_reader
 from gateway.settings import WarmShapeSettings
 
 
@@ -28,7 +28,7 @@ def test_concurrent_requests_are_batched_and_the_snapshot_shows_the_pool(setting
     local = next(b for b in httpx.get(server.base_url + "/v1/backends").json()["data"] if b["name"] == "local")
     assert local["pool"]["workers"] == 1 and local["pool"]["cost_per_image_usd"]["amortized"] > 0
     server.stop()
-    records = AuditReader(settings.resolve(settings.audit.path)).recent(limit=50)
+    records = open_reader(settings).recent(limit=50)
     sizes = [r["batch_size"] for r in records]
     assert len(records) == 12 and max(sizes) > 1 and max(sizes) <= 4
     assert all(r["gpu_seconds"] > 0 and r["cost_usd"] > 0 for r in records)

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from backends.sandbox import SandboxConfig
-from gateway.audit import AuditReader
+from gateway.audit import open_reader
 from gateway.registry import build_backends
 from policies.schema import Policy
 
@@ -81,7 +81,7 @@ def test_with_20_percent_faults_on_every_provider_every_request_gets_images_or_a
     assert len(ok) >= 0.97 * len(bodies), [r.status_code for r in responses]
     assert len({r.headers["x-gateway-backend"] for r in ok}) >= 2  # fallbacks spread across providers
     server.stop()
-    reader = AuditReader(settings.resolve(settings.audit.path))
+    reader = open_reader(settings)
     assert reader.count() == len(bodies)
     records = reader.recent(limit=500)
     assert sum(1 for r in records if len(r["attempts"]) > 1) > 0  # some were served after a retry or fallback

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from backends.protocol import GeneratedImage, GenerationResult
-from gateway.audit import AuditReader
+from gateway.audit import open_reader
 from policies.schema import Policy
 from tests.fakes import ScriptedBackend, png
 
@@ -43,6 +43,6 @@ def test_the_size_delivered_is_said_and_fitted_as_the_policy_says(mode, delivere
     assert image.size == delivered and image.format == "PNG"
     assert r.headers["x-gateway-size"] == r.json()["size"] == f"{delivered[0]}x{delivered[1]}"
     server.stop()
-    record = AuditReader(settings.resolve(settings.audit.path)).recent(1)[0]
+    record = open_reader(settings).recent(1)[0]
     assert record["size_delivered"] == f"{delivered[0]}x{delivered[1]}"
     assert record.get("size_made") == (None if mode == "off" else "1000x1000")

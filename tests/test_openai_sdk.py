@@ -10,7 +10,7 @@ import openai
 import pytest
 from PIL import Image
 
-from gateway.audit import AuditReader
+from gateway.audit import open_reader
 
 
 @pytest.fixture
@@ -51,7 +51,7 @@ def test_gateway_headers_are_readable_with_raw_response(client, gateway, setting
     decision_id = raw.headers["x-gateway-decision-id"]
     raw.parse()
     gateway.stop()  # a clean shutdown drains the audit log
-    record = AuditReader(settings.resolve(settings.audit.path)).get(decision_id)
+    record = open_reader(settings).get(decision_id)
     assert record["backend"] == "local"
     assert record["decision"]["tier"] == "draft"
     assert record["decision"]["candidates"][0]["backend"] == "local"

@@ -14,7 +14,7 @@ from litestar.response import Stream
 from backends.protocol import Backend
 from policies.lint import policy_warnings
 
-from ..audit import AuditLog, AuditReader, audit_query, audit_stats
+from ..audit import AuditLog, audit_query, audit_stats
 from ..auth import admin_only
 from ..config import ConfigError, parse_policy
 from ..errors import InvalidRequest, NotFound
@@ -168,9 +168,9 @@ async def query_audit(audit: AuditLog, limit: int = 100, cursor: str | None = No
     if cursor is not None and not _CURSOR.match(cursor):
         raise InvalidRequest("cursor: not a cursor this API gave (use next_cursor from the previous page)",
                              param="cursor")
-    page, next_cursor = audit_query(AuditReader(audit.path), limit=limit, cursor=cursor, since=since,
-                                    until=until, tenant=tenant, backend=backend, outcome=outcome,
-                                    sla_missed=sla_missed, policy_version=policy_version)
+    page, next_cursor = await asyncio.to_thread(
+        audit_query, audit.reader, limit=limit, cursor=cursor, since=since, until=until, tenant=tenant,
+        backend=backend, outcome=outcome, sla_missed=sla_missed, policy_version=policy_version)
     return {"data": page, "next_cursor": next_cursor}
 
 
@@ -179,12 +179,13 @@ _CURSOR = re.compile(r"^\d+(\.\d+)?(e[+-]?\d+)?~[0-9a-f]{1,64}$")
 
 @get("/audit/export")
 async def export_audit(audit: AuditLog, since: float | None = None, until: float | None = None) -> Stream:
-    reader = AuditReader(audit.path)
+    reader = audit.reader
 
     async def lines() -> AsyncIterator[bytes]:
         cursor = None
         while True:
-            page, cursor = audit_query(reader, limit=500, cursor=cursor, since=since, until=until)
+            page, cursor = await asyncio.to_thread(audit_query, reader, limit=500, cursor=cursor, since=since,
+                                                   until=until)
             for record in page:
                 yield msgspec.json.encode(record) + b"\n"
             if cursor is None:
@@ -195,7 +196,7 @@ async def export_audit(audit: AuditLog, since: float | None = None, until: float
 
 @get("/audit/{decision_id:str}")
 async def get_audit(audit: AuditLog, decision_id: str) -> dict:
-    record = AuditReader(audit.path).get(decision_id)
+    record = await asyncio.to_thread(audit.reader.get, decision_id)
     if record is None:
         raise NotFound("no audit record with that id (records are written within a second)", param="decision_id")
     return record
@@ -217,7 +218,8 @@ async def spend(store: StateStore, policy: PolicyRegistry) -> dict:
 async def stats(audit: AuditLog, window_s: float = 3600.0) -> dict:
     if not 0 < window_s <= 31_622_400:
         raise InvalidRequest("window_s: seconds, more than 0 and at most a year (31622400)", param="window_s")
-    return {"window_s": window_s, "backends": audit_stats(AuditReader(audit.path), time.time() - window_s)}
+    rows = await asyncio.to_thread(audit_stats, audit.reader, time.time() - window_s)
+    return {"window_s": window_s, "backends": rows}
 
 
 admin_router = Router(path="/admin", guards=[admin_only], include_in_schema=True, route_handlers=[

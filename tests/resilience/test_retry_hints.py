@@ -8,7 +8,7 @@ import openai
 import pytest
 
 from backends.errors import BackendTransientError
-from gateway.audit import AuditReader
+from gateway.audit import open_reader
 from gateway.ejection import EjectionConfig
 from gateway.guard import BackendGuard
 from gateway.registry import Backends
@@ -43,7 +43,7 @@ def test_no_candidate_within_the_sla_says_do_not_retry_and_the_openai_sdk_does_n
     with pytest.raises(openai.InternalServerError):
         client.images.generate(prompt="p", size="1024x1024", extra_body={"sla_ms": 100})
     server.stop()
-    assert AuditReader(settings.resolve(settings.audit.path)).count() == 2  # one request, not four
+    assert open_reader(settings).count() == 2  # one request, not four
 
 
 def test_everything_ejected_says_when_to_retry(gateway):

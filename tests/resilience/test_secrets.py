@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from gateway.audit import AuditReader
+from gateway.audit import open_reader
 from gateway.redact import REDACTED, Redactor
 from gateway.settings import ProviderSettings
 from policies.schema import Policy
@@ -80,7 +80,7 @@ def test_an_upstream_echoing_our_key_never_shows_it(path, settings, serve, echoi
     seen.append(httpx.get(server.base_url + "/readyz").text)
     seen.append(httpx.get(server.base_url + "/metrics").text)
     server.stop()
-    reader = AuditReader(settings.resolve(settings.audit.path))
+    reader = open_reader(settings)
     seen.append(json.dumps(reader.recent(limit=100)))
     seen.append(caplog.text)
     joined = "\n".join(seen)
