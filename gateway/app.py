@@ -20,11 +20,13 @@ from policies.schema import Policy
 
 from .api.admin import admin_router
 from .api.images import create_image, get_image_file
+from .api.jobs import cancel_job, create_job, get_job, webhook_secret
 from .api.meta import healthz, list_backends, list_models, readyz
 from .audit import AuditLog, open_audit
 from .auth import KeyRing
 from .errors import GatewayError, error_body
 from .image_store import ImageStore
+from .jobs import Jobs, build_jobs
 from .metrics import Metrics
 from .openapi import complete_openapi
 from .policy_admin import PolicyRegistry
@@ -178,6 +180,8 @@ class Components:
     sandbox: SandboxServer | None
     redactor: Redactor
     data_lock: object | None = None  # held while this process owns the data folder
+    jobs: Jobs | None = None
+    webhook_client: object | None = None  # httpx.AsyncClient for job webhooks
 
     @property
     def backends(self) -> dict[str, Backend]:
@@ -221,8 +225,16 @@ def assemble(settings: Settings, policy: Policy, backends: Mapping[str, Backend]
     service.observers += [sync.observe_record, metrics.observe]
     sandbox = (SandboxServer(built.sandbox_url, load_sandbox_config(settings.sandbox.config_file))
                if built.sandbox_url else None)
+    import os
+
+    import httpx
+
+    webhook_client = httpx.AsyncClient(follow_redirects=False, trust_env=False) if settings.jobs.enabled else None
+    jobs = build_jobs(settings, service, f"{replica_id}:{os.getpid()}", webhook_client)
+    if jobs is not None:
+        redactor.add([jobs.master_secret.decode()])
     return Components(settings, built, registry, keyring, audit, images, store, service, sync, metrics, sandbox,
-                      redactor, data_lock)
+                      redactor, data_lock, jobs, webhook_client)
 
 
 def _tier_groups(registry: PolicyRegistry, built: Backends):
@@ -269,11 +281,17 @@ def _lifespan(c: Components):
             await backend.start()
         # What start-up built lives as long as the process: out of the collector's sight, so the full
         # collections that run under load do not walk it (they were the latency tail at high load).
+        if c.jobs is not None:
+            await c.jobs.runner.start()  # queued jobs (a restart's included) start running
         gc.collect()
         gc.freeze()
         try:
             yield
-        finally:  # backends drain first, so their last requests are still audited
+        finally:  # jobs go back to the queue, backends drain, so their last requests are still audited
+            if c.jobs is not None:
+                await c.jobs.runner.close()
+                c.jobs.store.close()
+                await c.webhook_client.aclose()
             for backend in c.backends.values():
                 with contextlib.suppress(Exception):
                     await backend.aclose()
@@ -336,15 +354,16 @@ def create_app(settings: Settings, policy: Policy,
     """Everything the gateway serves; resources open and close in the lifespan."""
     c = assemble(settings, policy, backends)
     return Litestar(
-        route_handlers=[create_image, get_image_file, list_models, list_backends, healthz, readyz,
-                        openapi_json, metrics_endpoint, admin_router, _schema_assets()],
+        route_handlers=[create_image, create_job, get_job, cancel_job, webhook_secret, get_image_file, list_models,
+                        list_backends, healthz, readyz, openapi_json, metrics_endpoint, admin_router,
+                        _schema_assets()],
         dependencies={name: _const(value) for name, value in {
             "service": c.service, "image_store": c.images, "backends": c.backends, "policy": c.policy,
             "audit": c.audit, "snapshots": c.service.snapshots, "guards": c.built.guards, "store": c.store,
             "settings": settings, "metrics": c.metrics}.items()},
         exception_handlers={GatewayError: _gateway_error, HTTPException: _http_error, Exception: _unexpected},
         lifespan=[_lifespan(c)],
-        state=State({"keyring": c.keyring, "redactor": c.redactor}),
+        state=State({"keyring": c.keyring, "redactor": c.redactor, "jobs": c.jobs}),
         openapi_config=_openapi_config(),
         request_max_body_size=settings.server.max_body_bytes,
         debug=False,

@@ -30,6 +30,7 @@ __all__ = [
     "NoBackendAvailable",
     "NotFound",
     "Unauthorized",
+    "Conflict",
     "error_body",
 ]
 
@@ -80,6 +81,12 @@ class NotFound(GatewayError):
     status = 404
     type = "invalid_request_error"
     code = "not_found"
+
+
+class Conflict(GatewayError):
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
 
 
 class BudgetExceeded(GatewayError):

@@ -20,6 +20,7 @@ __all__ = [
     "AuditSettings",
     "EjectionSettings",
     "ImageSettings",
+    "JobSettings",
     "LimitSettings",
     "LocalPoolSettings",
     "MetricsSettings",
@@ -72,6 +73,29 @@ class AuditSettings(_Section):
 
     def dsn_value(self) -> str:
         return self.dsn.get_secret_value() if self.dsn is not None else ""
+
+
+class JobSettings(_Section):
+    enabled: bool = Field(True, description="POST /v1/images/jobs (async jobs with webhooks).")
+    store: Literal["auto", "sqlite", "postgres"] = Field(
+        "auto", description="Where jobs and idempotency keys live: auto = the audit's Postgres when audit.backend "
+        "is postgres (every replica sees every job), else SQLite under data_dir.")
+    path: str = Field("jobs.sqlite3", description="SQLite file, relative to data_dir.")
+    concurrency: int = Field(16, gt=0, description="Jobs one replica runs at once.")
+    lease_s: float = Field(60.0, ge=1, description="A running job's lease, renewed every third of it: a job whose "
+                           "replica died is run again (once at most) after this.")
+    poll_interval_s: float = Field(0.5, gt=0, description="How often a replica looks for queued jobs and due webhooks.")
+    idempotency_ttl_s: float = Field(86_400.0, gt=0, description="How long an Idempotency-Key is remembered.")
+    webhook_secret_env: str = Field(
+        "IMAGEGW_WEBHOOK_SECRET", description="Variable holding the master secret tenants' webhook secrets derive "
+        "from (set the same on every replica); unset: one is generated into data_dir/webhook_secret.")
+    webhook_allow_http: bool = Field(False, description="Allow http:// webhook URLs (https only by default).")
+    webhook_allow_private: bool = Field(False, description="Allow webhook hosts on private/loopback addresses.")
+    webhook_hosts: list[str] = Field(default_factory=list, description="Only these hosts (and subdomains); empty: any "
+                                     "public host.")
+    webhook_retry_for_s: float = Field(86_400.0, gt=0, description="A webhook not acknowledged is retried with "
+                                       "backoff for this long after the job finished.")
+    webhook_timeout_s: float = Field(10.0, gt=0)
 
 
 class ImageSettings(_Section):
@@ -231,6 +255,7 @@ class Settings(BaseSettings):
     policy_file: str = Field("policy.yaml", description="Relative to config_dir.")
     server: ServerSettings = ServerSettings()
     audit: AuditSettings = AuditSettings()
+    jobs: JobSettings = JobSettings()
     images: ImageSettings = ImageSettings()
     limits: LimitSettings = LimitSettings()
     local: LocalPoolSettings = LocalPoolSettings()

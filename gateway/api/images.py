@@ -10,6 +10,7 @@ from litestar.types import Receive, Scope, Send
 from ..errors import GatewayError, NotFound
 from ..image_store import ImageStore
 from ..service import GenerationService, RequestContext
+from .jobs import idempotency_key, idempotent
 
 __all__ = ["create_image", "get_image_file"]
 
@@ -19,15 +20,16 @@ class _JSONAnswer:
     cookies, media-type resolution) was the largest single framework cost per request (docs/benchmarks.md).
     Errors still go through Litestar's exception handlers."""
 
-    __slots__ = ("body", "headers")
+    __slots__ = ("body", "headers", "status")
 
-    def __init__(self, body: dict, headers: dict[str, str]):
-        self.body = msgspec.json.encode(body)
+    def __init__(self, body: bytes, headers: dict[str, str], status: int = 200):
+        self.body = body
+        self.status = status
         self.headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(self.body)),
                         *((k.encode(), v.encode()) for k, v in headers.items())]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": self.headers})
+        await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
         await send({"type": "http.response.body", "body": self.body})
 
 
@@ -40,8 +42,24 @@ async def create_image(request: Request, service: GenerationService) -> _JSONAns
     except GatewayError as exc:
         service.record_rejection(ctx, exc)  # refused requests are audited too
         raise
-    served = await service.generate(await request.body(), ctx)
-    return _JSONAnswer(served.body, served.headers)
+    jobs = request.app.state.jobs
+    try:
+        key = idempotency_key(request) if jobs is not None else None
+    except GatewayError as exc:
+        service.record_rejection(ctx, exc)
+        raise
+    if key is None:
+        served = await service.generate(await request.body(), ctx)
+        return _JSONAnswer(msgspec.json.encode(served.body), served.headers)
+    body = await request.body()
+
+    async def run() -> tuple[int, dict[str, str], bytes]:
+        served = await service.generate(body, ctx)
+        return 200, served.headers, msgspec.json.encode(served.body)
+
+    status, headers, answer = await idempotent(jobs, ctx.tenant, key, body, run,
+                                               refused=lambda exc: service.record_rejection(ctx, exc))
+    return _JSONAnswer(answer, headers, status)
 
 
 @get("/v1/images/files/{name:str}", summary="Fetch an image returned as a url")
