@@ -29,7 +29,8 @@ _JSON_ERROR = {"application/json": {"schema": _REF}}
 
 _WHY = {
     400: "Bad input: `param` names the field", 401: "Missing or unknown API key", 403: "An app key on an admin route",
-    404: "Not found", 405: "Method not allowed", 413: "Body over server.max_body_bytes",
+    404: "Not found", 405: "Method not allowed", 409: "Conflict: the job already finished, or the "
+    "Idempotency-Key is in use by a request still running (Retry-After)", 413: "Body over server.max_body_bytes",
     422: "The policy is invalid or unsafe to apply (every error's path in `errors`)",
     429: "The tenant is over its budget (x-should-retry: false; Retry-After: until it resets)",
     500: "Internal error (a bug; never from client input)",
@@ -61,7 +62,11 @@ _IMAGES = {
 _ADMIN = {401, 403}
 # Statuses each route answers besides 200 (and 405 for other methods), by (method, path).
 _STATUSES: dict[tuple[str, str], set[int]] = {
-    ("post", "/v1/images/generations"): {400, 401, 413, 429, 502, 503, 504},
+    ("post", "/v1/images/generations"): {400, 401, 409, 413, 429, 502, 503, 504},
+    ("post", "/v1/images/jobs"): {400, 401, 404, 413},
+    ("get", "/v1/images/jobs/{job_id}"): {401, 404},
+    ("delete", "/v1/images/jobs/{job_id}"): {401, 404, 409},
+    ("get", "/admin/webhook-secret"): _ADMIN | {400, 404},
     ("get", "/v1/images/files/{name}"): {404},
     ("get", "/readyz"): {503},
     ("put", "/admin/policy"): _ADMIN | {413, 422},
@@ -109,6 +114,37 @@ def _generation_schema(settings: Settings, tiers: Iterable[str], models: Iterabl
     return schema
 
 
+_IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key", "in": "header", "required": False,
+    "description": "The same key and body within jobs.idempotency_ttl_s (24 h) get the first answer (or the same "
+                   "job) instead of a second generation and charge; another body with the key is a 400",
+    "schema": {"type": "string", "pattern": r"^[\x21-\x7e]{1,255}$"}}
+_JOB = {"type": "object", "required": ["id", "object", "status"], "properties": {
+    "id": {"type": "string"}, "object": {"type": "string", "enum": ["image.job"]},
+    "status": {"type": "string", "enum": ["queued", "running", "succeeded", "failed", "cancelled"]},
+    "data": _IMAGES["properties"]["data"], "error": {"type": "object"}, "backend": {"type": ["string", "null"]},
+    "cost_usd": {"type": ["number", "null"]}, "decision_id": {"type": ["string", "null"]},
+    "created_at": {"type": "number"}, "updated_at": {"type": "number"}, "finished_at": {"type": ["number", "null"]},
+    "webhook": {"type": "object", "properties": {"url": {"type": "string"}, "state": {"type": ["string", "null"]}}},
+}}
+
+
+def _complete_jobs(paths: dict, generation: dict) -> None:
+    body = copy.deepcopy(generation)
+    body["properties"]["webhook_url"] = {
+        "type": "string", "maxLength": 2048, "format": "uri",
+        "description": "Called once the job succeeds or fails (Standard Webhooks signature with the tenant's "
+                       "secret); https and public hosts only unless the gateway allows others"}
+    post_ = paths["/v1/images/jobs"]["post"]
+    post_["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+    post_["responses"]["202"] = {"description": "Accepted: the job, queued (Location: where to poll it)",
+                                 "headers": {"location": {"schema": {"type": "string"}}},
+                                 "content": {"application/json": {"schema": _JOB}}}
+    for method in ("get", "delete"):
+        paths["/v1/images/jobs/{job_id}"][method]["responses"]["200"] = {
+            "description": "The job", "content": {"application/json": {"schema": _JOB}}}
+
+
 def complete_openapi(doc: dict, settings: Settings, tiers: Iterable[str], models: Iterable[str]) -> dict:
     """Litestar's document, completed: error bodies, statuses, headers, limits, content types."""
     doc.setdefault("components", {}).setdefault("schemas", {})["Error"] = _ERROR
@@ -116,10 +152,11 @@ def complete_openapi(doc: dict, settings: Settings, tiers: Iterable[str], models
         for method, op in ops.items():
             if method not in ("get", "post", "put", "delete", "patch"):
                 continue
-            ok = op.get("responses", {}).get("200") or op.get("responses", {}).get("201") or {"description": "OK"}
-            responses = {"200": ok}
+            given = op.get("responses", {})
+            success = next((code for code in ("200", "201", "202") if code in given), "200")
+            responses = {success: given.get(success) or {"description": "OK"}}
             for status in sorted(_statuses(method, path) | {405}):
-                headers = _RETRY_HEADERS if status in (429, 503) else {}
+                headers = _RETRY_HEADERS if status in (409, 429, 503) else {}
                 responses[str(status)] = {"description": _WHY[status], "content": _JSON_ERROR,
                                           **({"headers": headers} if headers else {})}
             op["responses"] = responses
@@ -128,6 +165,11 @@ def complete_openapi(doc: dict, settings: Settings, tiers: Iterable[str], models
         "schema": _generation_schema(settings, tiers, models)}}}
     gen["responses"]["200"] = {"description": "The images (b64_json or url), OpenAI's shape",
                                "headers": _GATEWAY_HEADERS, "content": {"application/json": {"schema": _IMAGES}}}
+    if "/v1/images/jobs" in doc["paths"]:
+        _complete_jobs(doc["paths"], _generation_schema(settings, tiers, models))
+    for op in (gen, doc["paths"].get("/v1/images/jobs", {}).get("post")):
+        if op is not None:
+            op.setdefault("parameters", []).append(_IDEMPOTENCY_KEY)
     files = doc["paths"]["/v1/images/files/{name}"]["get"]["responses"]
     files["200"] = {"description": "The image", "content": {
         m: {"schema": {"type": "string", "format": "binary"}} for m in ("image/png", "image/jpeg", "image/webp")}}

@@ -102,7 +102,10 @@ class _Sqlite(_Db):
             self._conn.executescript(sql.format(blob="BLOB", real="REAL"))
 
     def close(self):
-        self._conn.close()
+        # Under the lock: a worker thread of a cancelled task may still be running a statement (closing the
+        # connection under it crashes the process); after this, statements raise ProgrammingError.
+        with self._lock:
+            self._conn.close()
 
 
 class _Postgres(_Db):
