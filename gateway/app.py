@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -182,6 +183,7 @@ class Components:
     data_lock: object | None = None  # held while this process owns the data folder
     jobs: Jobs | None = None
     webhook_client: object | None = None  # httpx.AsyncClient for job webhooks
+    fleet: object | None = None  # RemoteFleet: the pool's workers on other hosts (local.workers: remote)
 
     @property
     def backends(self) -> dict[str, Backend]:
@@ -225,8 +227,6 @@ def assemble(settings: Settings, policy: Policy, backends: Mapping[str, Backend]
     service.observers += [sync.observe_record, metrics.observe]
     sandbox = (SandboxServer(built.sandbox_url, load_sandbox_config(settings.sandbox.config_file))
                if built.sandbox_url else None)
-    import os
-
     import httpx
 
     webhook_client = httpx.AsyncClient(follow_redirects=False, trust_env=False) if settings.jobs.enabled else None
@@ -234,7 +234,22 @@ def assemble(settings: Settings, policy: Policy, backends: Mapping[str, Backend]
     if jobs is not None:
         redactor.add([jobs.master_secret.decode()])
     return Components(settings, built, registry, keyring, audit, images, store, service, sync, metrics, sandbox,
-                      redactor, data_lock, jobs, webhook_client)
+                      redactor, data_lock, jobs, webhook_client, _remote_fleet(settings, built, replica_id))
+
+
+def _remote_fleet(settings: Settings, built: Backends, replica_id: str):
+    if not (settings.local.enabled and settings.local.workers == "remote" and "local" in built.backends):
+        return None
+    import redis.asyncio as redis
+
+    from backends.local.stream import FleetKeys, RemoteFleet
+
+    pool = built.backends["local"]
+    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2.0, socket_timeout=10.0)
+    fleet = RemoteFleet(client, FleetKeys(settings.redis_namespace), pool, gateway_id=f"{replica_id}-{os.getpid()}",
+                        max_batch_s=settings.local.remote_max_batch_s)
+    pool.external_batches = lambda: fleet.lag
+    return fleet
 
 
 def _tier_groups(registry: PolicyRegistry, built: Backends):
@@ -279,6 +294,8 @@ def _lifespan(c: Components):
             await c.sandbox.start()
         for backend in c.backends.values():
             await backend.start()
+        if c.fleet is not None:
+            await c.fleet.start()  # remote workers join the pool as their heartbeats arrive
         # What start-up built lives as long as the process: out of the collector's sight, so the full
         # collections that run under load do not walk it (they were the latency tail at high load).
         if c.jobs is not None:
@@ -295,6 +312,8 @@ def _lifespan(c: Components):
             for backend in c.backends.values():
                 with contextlib.suppress(Exception):
                     await backend.aclose()
+            if c.fleet is not None:
+                await c.fleet.close()
             for closer in (c.images.close, c.policy.close, c.sync.close, c.store.close):
                 await closer()
             if c.sandbox is not None:

@@ -87,6 +87,49 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_worker(args) -> int:
+    """The pool's workers on this host (one per GPU), serving every gateway through Redis Streams."""
+    import asyncio
+    import contextlib
+    import signal
+
+    import redis.asyncio as redis
+
+    from backends.local.stream import FleetKeys, StreamConsumer
+
+    from .registry import build_local_pool
+
+    settings, _ = _load(args)
+    if not settings.redis_url:
+        raise CliError("imagegw worker needs redis_url (or IMAGEGW_REDIS_URL): the gateways send batches through it")
+    logging.basicConfig(level=settings.server.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings.local.workers = "auto" if settings.local.workers == "remote" else settings.local.workers  # real ones
+    workers = build_local_pool(settings).workers
+
+    async def main() -> None:
+        client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2.0, socket_timeout=10.0)
+        keys = FleetKeys(settings.redis_namespace)
+        consumers = [StreamConsumer(client, keys, w, worker_id=f"{args.id}-{i}" if args.id else None,
+                                    reclaim_s=settings.local.remote_reclaim_s) for i, w in enumerate(workers)]
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):  # finish the batch in hand, then leave
+            loop.add_signal_handler(sig, lambda: [c.stop() for c in consumers])
+        print(f"imagegw worker: {len(consumers)} worker(s) ({', '.join(c.id for c in consumers)}) on "
+              f"namespace {settings.redis_namespace}", flush=True)
+        try:
+            await asyncio.gather(*(c.run() for c in consumers))
+        finally:
+            for w in workers:
+                with contextlib.suppress(Exception):
+                    await w.stop()
+            await client.aclose()
+
+    asyncio.run(main())
+    _exit_past_lingering_threads()
+    return 0
+
+
 def _exit_past_lingering_threads() -> None:
     """The app has shut down (requests drained, audit flushed). A local-pool warm-up still compiling in a
     thread cannot be interrupted; the interpreter would wait for it at exit (minutes), so exit now."""
@@ -435,6 +478,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to listen on (default: server.port, 8080)")
     serve.set_defaults(func=cmd_serve)
 
+    worker = sub.add_parser("worker", help="run the pool's GPU workers for the gateways (through Redis)")
+    worker.add_argument("--config", help="config folder (default: ./config)")
+    worker.add_argument("--id", help="worker id prefix (default: host-pid-device)")
+    worker.set_defaults(func=cmd_worker)
     health = sub.add_parser("healthcheck", help="exit 0 if the running gateway is ready (/readyz)")
     health.add_argument("--config", help="config folder (default: ./config); its server.port is asked")
     health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer (3)")

@@ -88,6 +88,8 @@ def build_local_pool(settings: Settings) -> Backend:
     from backends.local import EngineSpec, LocalPool, PoolConfig, ProcessWorker, ThreadWorker
 
     local = settings.local
+    if local.workers == "remote":
+        return _remote_pool(settings)
     devices = _devices(local.devices)
     use_processes = local.workers == "process" or (local.workers == "auto" and len(devices) > 1)
     compiled = local.compile is True or (local.compile is None and any(d.startswith("cuda") for d in devices))
@@ -116,6 +118,28 @@ def build_local_pool(settings: Settings) -> Backend:
                         profile_path=settings.resolve(local.profile_file), run_sizes=run_sizes[:1],
                         only_sizes=only_sizes, compiled=(local.compile_backend if compiled else ""))
     return LocalPool(workers[0].spec, workers, config)
+
+
+def _remote_pool(settings: Settings) -> Backend:
+    """The fleet's pool as this gateway sees it: batching and predictions here, workers joining by heartbeat
+    (`backends.local.stream`). The workers' settings are this config's `local` section too (compile, warm shapes)."""
+    from backends.local import EngineSpec, LocalPool, PoolConfig
+
+    local = settings.local
+    if not settings.redis_url:
+        raise ValueError("local.workers remote needs redis_url: the workers take their batches from Redis")
+    compiled = local.compile is not False  # GPU hosts compile unless told not to
+    warm = _warm_shapes(local, compiled)
+    jit = compiled and local.compile_backend == "jit"
+    run_sizes = tuple(sorted({w.batch for w in warm})) if jit else ()
+    spec = EngineSpec(preset=local.preset, weights_dir=local.weights_dir, device="remote", run_sizes=run_sizes,
+                      compile_backend=local.compile_backend, max_batch=local.max_batch)
+    config = PoolConfig(name="local", max_n=local.max_n, max_batch=local.max_batch,
+                        max_wait_s=local.max_wait_ms / 1000, gpu_hour_usd=local.gpu_hour_usd,
+                        profile_path=settings.resolve(local.profile_file), run_sizes=run_sizes[:1],
+                        only_sizes=frozenset((w.width, w.height) for w in warm[:1]) if compiled else frozenset(),
+                        compiled=(local.compile_backend if compiled else ""))
+    return LocalPool(spec, [], config)
 
 
 def build_backends(settings: Settings) -> Backends:

@@ -127,8 +127,13 @@ class LocalPoolSettings(_Section):
     weights_dir: Path | None = Field(None, description="Local diffusers folder; overrides preset.")
     devices: list[str] | Literal["auto"] = Field(
         "auto", description="auto: every visible GPU, else one CPU worker; or e.g. [cuda:0, cuda:1].")
-    workers: Literal["auto", "thread", "process"] = Field(
-        "auto", description="process: one child process per device (crash isolation); auto: process on multi-GPU.")
+    workers: Literal["auto", "thread", "process", "remote"] = Field(
+        "auto", description="process: one child process per device (crash isolation); auto: process on multi-GPU; "
+        "remote: no workers here, the fleet's `imagegw worker` processes serve through Redis (needs redis_url).")
+    remote_reclaim_s: float = Field(
+        10.0, gt=0, description="remote: a batch whose worker stopped renewing its claim this long is taken over "
+        "by another worker (run once more at most).")
+    remote_max_batch_s: float = Field(900.0, gt=0, description="remote: longest a gateway waits for a batch's answer.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     compile: bool | None = Field(None, description="torch.compile; default on for CUDA.")
     compile_mode: Literal["reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "default"] = \

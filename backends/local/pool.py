@@ -84,7 +84,12 @@ class LocalPool:
         self._free_since: dict[int, float] = {}  # worker index -> when its last batch ended
         self._closing = False
         self._occupancy = 1.0
+        self._mean_cycle_s = 0.0
         self.batches_run = 0
+        self._starting: list[asyncio.Task] = []
+        # Batches queued ahead of ours that this process does not see (remote workers: other gateways' batches
+        # no worker has taken yet); counted as work ahead, so a long stream overflows to APIs.
+        self.external_batches = lambda: 0
 
     @property
     def offer(self) -> Offer:
@@ -122,12 +127,14 @@ class LocalPool:
         ready = [w for w in self.workers if w.ready]
         if self._closing:
             return LoadReport(Health.UNCONFIGURED, "closed")
+        if not self.workers:
+            return LoadReport(Health.UNCONFIGURED, "no workers yet (remote workers appear with their first heartbeat)")
         if not ready:
-            failed = all(w.state == "failed" for w in self.workers)
+            failed = all(w.state in ("failed", "down") for w in self.workers)
             detail = "; ".join(f"{w.name}: {w.detail}" for w in self.workers)
             return LoadReport(Health.UNCONFIGURED if failed else Health.WARMING, detail)
         now = time.monotonic()
-        running_s = self._running_s(now)
+        running_s = self._running_s(now) + self.external_batches() * self._mean_cycle_s
         idle = any(w.ready and not w.busy for w in self.workers)
         queue = self.batcher.points(now, running_s, len(ready))
         # A lone job is predicted to wait for company only when the arrivals say some is coming.
@@ -150,8 +157,22 @@ class LocalPool:
 
     async def start(self) -> None:
         # Kept: the loop holds only weak references to tasks, and a collected one would never finish warming.
-        self._starting = [asyncio.create_task(self._start_worker(worker)) for worker in self.workers]
+        self._starting += [asyncio.create_task(self._start_worker(worker)) for worker in self.workers]
         self._scheduler = asyncio.create_task(self._schedule(), name=f"{self.config.name}-scheduler")
+
+    def add_worker(self, worker) -> None:
+        """A worker that joined while the pool runs (a remote one's proxy): started and scheduled like the rest.
+        Workers are never removed (the scheduler keys them by position): one that leaves is marked down."""
+        self.workers.append(worker)
+        self._starting.append(asyncio.create_task(self._start_worker(worker)))
+
+    def refresh_fleet(self) -> None:
+        """Remote workers' state changed (warmed more shapes, came or went): learn and re-offer."""
+        for worker in self.workers:
+            if worker.ready:
+                self._learn_warm_up(worker)
+        self._refresh_offer()
+        self._wakeup.set()
 
     async def _start_worker(self, worker) -> None:
         try:
@@ -386,6 +407,7 @@ class LocalPool:
         model, width, height, steps, _ = batch.key
         self.profile = self.profile.observe(model, width, height, steps, batch.slots, seconds)
         self._occupancy = 0.8 * self._occupancy + 0.2 * batch.slots
+        self._mean_cycle_s = seconds if not self.batches_run else 0.8 * self._mean_cycle_s + 0.2 * seconds
         self.batches_run += 1
 
     def _deliver(self, jobs: list[_Pending], output, slots: int) -> None:
