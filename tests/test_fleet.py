@@ -17,12 +17,16 @@ import httpx
 import pytest
 import redis
 
+from gateway.audit import open_reader
 from gateway.config import load_policy, load_settings
+from gateway.jobs.webhooks import verify
 from tests.conftest import ROOT
+from tests.test_jobs import Receiver
+from tests.test_jobs import _wait as _wait_job
 
 
 @pytest.fixture
-def fleet_config(tmp_path, monkeypatch):
+def fleet_config(tmp_path, monkeypatch, postgres_dsn):
     for key in [k for k in os.environ if k.startswith("IMAGEGW_")]:
         monkeypatch.delenv(key)
     config = tmp_path / "config"
@@ -31,7 +35,9 @@ def fleet_config(tmp_path, monkeypatch):
     namespace = f"fleet{uuid.uuid4().hex[:8]}"
     (config / "gateway.yaml").write_text(json.dumps({
         "data_dir": str(tmp_path / "data"), "redis_url": "redis://127.0.0.1:6379/0", "redis_namespace": namespace,
-        "sandbox": {"mode": "off"}, "audit": {"flush_interval_s": 0.02},
+        "sandbox": {"mode": "off"},
+        "audit": {"backend": "postgres", "dsn": postgres_dsn, "flush_interval_s": 0.02},  # jobs live there too
+        "jobs": {"webhook_allow_http": True, "webhook_allow_private": True, "poll_interval_s": 0.05},
         "local": {"preset": "tiny", "devices": ["cpu"], "compile": False, "workers": "remote",
                   "remote_reclaim_s": 2.0, "max_wait_ms": 20,
                   "warm_shapes": [{"width": 256, "height": 256, "steps": 4, "batch_sizes": [1]}]},
@@ -68,8 +74,9 @@ def _busy_worker(namespace: str) -> str | None:
     return None
 
 
-def test_a_gateway_without_workers_serves_the_fleets_pool_and_a_killed_workers_batch_is_finished_by_another(
-        fleet_config, serve, tmp_path):
+def test_a_gateway_without_workers_serves_the_fleets_pool_and_a_killed_workers_job_is_finished_by_another(
+        fleet_config, serve, tmp_path, monkeypatch):
+    monkeypatch.setenv("IMAGEGW_ADMIN_KEY", "fleet-admin")
     settings = load_settings(fleet_config)
     workers = {name: _worker(fleet_config, name, tmp_path) for name in ("wa", "wb")}
     try:
@@ -80,31 +87,38 @@ def test_a_gateway_without_workers_serves_the_fleets_pool_and_a_killed_workers_b
         assert quick.status_code == 200, quick.text
         assert quick.headers["x-gateway-backend"] == "local"
 
-        # A long batch; the worker that takes it is killed while it runs.
-        import threading
-
-        answer = {}
-
-        def slow():
-            answer["r"] = httpx.post(server.base_url + "/v1/images/generations", timeout=120, json={
-                "prompt": "a slow fox", "size": "768x768", "model": "local", "steps": 40, "n": 1,
-                "sla_ms": 110000, "seed": 3})
-
-        # Seconds on this CPU (768x768, 40 steps): the kill comes with the first heartbeat that shows it busy.
-        thread = threading.Thread(target=slow)
-        thread.start()
+        # A long job (seconds on this CPU: 768x768, 40 steps); the worker that takes its batch is killed while
+        # it runs, with the first heartbeat that shows it busy.
+        receiver = Receiver()
+        body = {"prompt": "a slow fox", "size": "768x768", "model": "local", "steps": 40, "sla_ms": 110000,
+                "seed": 3, "webhook_url": receiver.url}
+        key = {"idempotency-key": "batch-job-1"}
+        job = httpx.post(server.base_url + "/v1/images/jobs", json=body, headers=key, timeout=10).json()
         victim = None
         deadline = time.monotonic() + 30
-        while victim is None and time.monotonic() < deadline and thread.is_alive():
+        while victim is None and time.monotonic() < deadline:
             victim = _busy_worker(settings.redis_namespace)
             time.sleep(0.01)
-        if victim is not None:
-            workers[victim.rsplit("-", 1)[0]].send_signal(signal.SIGKILL)
-        thread.join(120)
-        assert victim is not None, "the batch finished before any heartbeat showed it (too fast to kill)"
-        assert answer["r"].status_code == 200, answer["r"].text  # the client never saw the worker die
+        assert victim is not None, "no heartbeat showed the batch running"
+        workers[victim.rsplit("-", 1)[0]].send_signal(signal.SIGKILL)
+        again = httpx.post(server.base_url + "/v1/images/jobs", json=body, headers=key, timeout=10)
+        assert again.json()["id"] == job["id"]  # an idempotent retry: the same job, not a second one
+        with httpx.Client(base_url=server.base_url, timeout=10) as c:
+            done = _wait_job(c, job["id"])
+        assert done["status"] == "succeeded" and done["backend"] == "local", done  # the client never saw it die
         survivor = ({"wa", "wb"} - {victim.rsplit("-", 1)[0]}).pop()
         assert "took over batch" in (tmp_path / f"{survivor}.log").read_text()
+        deadline = time.monotonic() + 10
+        while not receiver.calls and time.monotonic() < deadline:
+            time.sleep(0.05)
+        secret = httpx.get(server.base_url + "/admin/webhook-secret", params={"tenant": "anonymous"},
+                           headers={"authorization": "Bearer fleet-admin"}).json()["secret"]
+        (headers, payload), = receiver.calls
+        verify(secret, headers, payload)
+        assert json.loads(payload)["data"]["id"] == job["id"]
+        receiver.close()
+        record = open_reader(settings).get(done["decision_id"])  # in Postgres, with the sync requests' records
+        assert record["backend"] == "local" and record["replica"]
     finally:
         for proc in workers.values():
             proc.kill()
