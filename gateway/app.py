@@ -364,6 +364,16 @@ def _schema_assets():
                                       include_in_schema=False)
 
 
+def _console():
+    """The ops console: plain files of this package (no CDN, no build step), signed in with an admin key."""
+    from pathlib import Path
+
+    from litestar.static_files import create_static_files_router
+
+    return create_static_files_router(path="/ui", directories=[Path(__file__).parent / "ui"], html_mode=True,
+                                      include_in_schema=False)
+
+
 def _const(value) -> Provide:
     return Provide(lambda: value, sync_to_thread=False)
 
@@ -375,7 +385,7 @@ def create_app(settings: Settings, policy: Policy,
     return Litestar(
         route_handlers=[create_image, create_job, get_job, cancel_job, webhook_secret, get_image_file, list_models,
                         list_backends, healthz, readyz, openapi_json, metrics_endpoint, admin_router,
-                        _schema_assets()],
+                        _schema_assets(), _console()],
         dependencies={name: _const(value) for name, value in {
             "service": c.service, "image_store": c.images, "backends": c.backends, "policy": c.policy,
             "audit": c.audit, "snapshots": c.service.snapshots, "guards": c.built.guards, "store": c.store,

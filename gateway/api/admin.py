@@ -133,6 +133,14 @@ async def simulate_policy(request: Request, policy: PolicyRegistry, settings: Se
     return {"requests": len(trace), "current": current.summary(), "candidate": cand.summary()}
 
 
+@get("/policy/schema")
+async def policy_schema() -> dict:
+    """The policy's JSON Schema (what `imagegw policy schema` prints): editors and the console check with it."""
+    from policies.schema import Policy
+
+    return Policy.model_json_schema()
+
+
 @get("/policy/history")
 async def policy_history(policy: PolicyRegistry) -> dict:
     return {"current": policy.version.version, "versions": [v.summary() for v in reversed(policy.history)]}
@@ -223,6 +231,6 @@ async def stats(audit: AuditLog, window_s: float = 3600.0) -> dict:
 
 
 admin_router = Router(path="/admin", guards=[admin_only], include_in_schema=True, route_handlers=[
-    policy_route, validate_policy, simulate_policy, policy_history, policy_diff, rollback_policy,
+    policy_route, validate_policy, simulate_policy, policy_schema, policy_history, policy_diff, rollback_policy,
     query_audit, export_audit, get_audit, stats, spend,
 ])
