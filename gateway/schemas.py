@@ -46,7 +46,7 @@ class GenerationRequest(BaseModel):
     partial_images: Annotated[int, Field(ge=0, le=3)] | None = None
     # Gateway extensions (the OpenAI SDK sends them through extra_body).
     tier: Annotated[str, Field(min_length=1, max_length=64)] | None = None
-    sla_ms: Annotated[int, Field(gt=0, le=3_600_000)] | None = None
+    sla_ms: Annotated[int, Field(gt=0, le=86_400_000)] | None = None  # up to a day: async jobs
     max_cost_usd: Annotated[float, Field(ge=0)] | None = None
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)] | None = None
     steps: Annotated[int, Field(ge=1, le=500)] | None = None

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from backends.protocol import Backend, GeneratedImage, GenerationJob
 from policies.costs import settled_cost_usd
 from policies.decide import decide
+from policies.holding import hold_for_s
 from policies.schema import Policy
 from policies.types import Decision, RejectReason, RouteRequest
 
@@ -179,6 +180,20 @@ class GenerationService:
         finally:
             await self._settle(reservation, 0.0)  # failed or cancelled: nothing was spent
             self._finish_soon(record)
+
+    def job_hold_s(self, body: bytes, ctx: RequestContext) -> float:
+        """How long an async job waits for idle pool capacity before it runs (0: now), by the policy's `jobs`
+        rule (`policies.holding`). A body that does not route runs now, to fail with its audit record."""
+        policy = self._policy.current
+        try:
+            route = self._route_request(parse_generation_request(body), policy, ctx)
+        except GatewayError:
+            return 0.0
+        snapshot = self.snapshots.current(policy)
+        decision = decide(route, policy, snapshot)
+        local = next((v for v in snapshot.backends if v.pool is not None), None)
+        slack_s = decision.sla_ms / 1000 - max(0.0, time.time() - ctx.received_wall)
+        return hold_for_s(slack_s, local.pool.has_headroom if local else None, decision, policy.jobs)
 
     async def _within_budget(self, route: RouteRequest, policy: Policy, snapshot, decision: Decision,
                              ctx: RequestContext):

@@ -123,6 +123,18 @@ class Rule(_Strict):
     hedge: bool | None = None
 
 
+class JobsPolicy(_Strict):
+    """Async jobs (`POST /v1/images/jobs`), whose SLAs may be hours: hold them for idle pool capacity."""
+
+    hold_for_idle_pool: bool = Field(
+        True, description="While the pool is busy, a job whose deadline allows waits (in the job store, not in the "
+        "pool's queue, so it never delays interactive work) and is decided again later; it runs as soon as the "
+        "pool is idle, or when waiting longer would leave only just enough time for the quickest backend.")
+    recheck_s: float = Field(60.0, gt=0, le=3600, description="How long a held job waits before it is decided again.")
+    margin_s: float = Field(120.0, ge=0, description="Time kept in hand beyond the quickest backend's prediction "
+                            "when deciding whether a job may wait another recheck_s.")
+
+
 class ImagesPolicy(_Strict):
     """What is done to images before they are delivered."""
 
@@ -149,6 +161,7 @@ class Policy(_Strict):
     dispatch: Dispatch = Dispatch()
     budgets: BudgetPolicy = BudgetPolicy()
     images: ImagesPolicy = ImagesPolicy()
+    jobs: JobsPolicy = JobsPolicy()
     tiers: dict[Name, Tier] = Field(default_factory=lambda: {"standard": Tier()})
     backends: dict[Name, BackendPolicy] = Field(default_factory=dict)
     rules: list[Rule] = Field(default_factory=list)

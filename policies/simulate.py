@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from .batching import ArrivalRate, QueuedJob, SLABatcher
 from .decide import decide
+from .holding import hold_for_s
 from .profile import ThroughputProfile
 from .schema import Policy
 from .traces import TraceRequest
@@ -126,6 +127,7 @@ class SimResult:
     timeline: list[dict] = field(default_factory=list)
     released: int = 0  # pool jobs given back to their next candidate (late binding)
     hedges: int = 0  # second calls started by hedging
+    jobs_held: int = 0  # times an async job waited for idle pool capacity
 
     @property
     def images(self) -> int:
@@ -147,7 +149,7 @@ class SimResult:
             "backend_mix": dict(Counter(o.backend or "none" for o in self.outcomes)),
             "latency_s": {q: _pct(latencies, p) for q, p in (("p50", .5), ("p95", .95), ("p99", .99))},
             "gpu_utilisation": self.gpu_busy_s / max(1e-9, self.gpus * self.horizon_s),
-            "pool_released": self.released, "hedges_started": self.hedges,
+            "pool_released": self.released, "hedges_started": self.hedges, "jobs_held": self.jobs_held,
         }
 
 
@@ -178,6 +180,7 @@ class _Sim:
         self.recent: dict[str, float] = {}  # backend -> EWMA of observed latency, ms
         self.released = 0
         self.hedges = 0
+        self.held = 0  # times an async job was held for idle pool capacity
 
     def push(self, at: float, kind: str, data) -> None:
         self.seq += 1
@@ -220,13 +223,27 @@ class _Sim:
 
     # --- events -------------------------------------------------------------------------
 
+    def _hold_s(self, req: TraceRequest, route: RouteRequest) -> float:
+        """An async job waits for idle pool capacity as the gateway's job runner makes it wait."""
+        pool = self.world.pool
+        if not req.job or pool is None:
+            return 0.0
+        decision = decide(route, self.policy, self.snapshot())
+        idle = any(t <= self.now for t in self.gpu_free_at) and len(self.batcher) == 0
+        return hold_for_s(decision.sla_ms / 1000 - (self.now - req.t), idle, decision, self.policy.jobs)
+
     def arrive(self, req: TraceRequest) -> None:
+        route = RouteRequest(width=req.width, height=req.height, n=req.n, steps=req.steps, tenant=req.tenant,
+                             tier=req.tier, sla_ms=req.sla_ms)
+        hold = self._hold_s(req, route)
+        if hold > 0:
+            self.held += 1
+            self.push(self.now + hold, "arrive", req)  # decided again then; its latency counts from req.t
+            return
         tier = req.tier or self.policy.defaults.tier
         tier_sla = self.policy.tiers[tier].sla_ms if tier in self.policy.tiers else None
         outcome = Outcome(req, tier, req.sla_ms or tier_sla or self.policy.defaults.sla_ms)
         self.outcomes.append(outcome)
-        route = RouteRequest(width=req.width, height=req.height, n=req.n, steps=req.steps, tenant=req.tenant,
-                             tier=req.tier, sla_ms=req.sla_ms)
         if self.strategy.tweak is not None:
             route = self.strategy.tweak(route, self.rng)
         decision = decide(route, self.policy, self.snapshot())
@@ -356,7 +373,7 @@ class _Sim:
                 self.arrive(data)
                 arrived += 1
                 if progress is not None and arrived % step == 0:
-                    progress(arrived / len(self.trace))
+                    progress(min(1.0, arrived / len(self.trace)))
             elif kind == "api_done":
                 outcome, candidate = data
                 if self.finish(outcome, candidate.backend, candidate.predicted_cost_usd, candidate):
@@ -380,7 +397,8 @@ class _Sim:
         pool = self.world.pool
         gpu_cost = pool.gpus * horizon / 3600 * pool.gpu_hour_usd if pool else 0.0
         result = SimResult(self.strategy.name, self.outcomes, horizon, self.api_spend, gpu_cost, self.busy_s,
-                           pool.gpus if pool else 0, released=self.released, hedges=self.hedges)
+                           pool.gpus if pool else 0, released=self.released, hedges=self.hedges,
+                           jobs_held=self.held)
         result.timeline = _timeline(self.outcomes, horizon)
         for row in result.timeline:
             busy = self.busy_by_minute.get(int(row["t"] // 60), 0.0)

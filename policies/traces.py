@@ -1,7 +1,7 @@
 """Request traces for the simulator: the JSON-lines format, and synthetic generators.
 
 One request per line: {"t": seconds from start, "tenant": "...", "tier": "...",
-"sla_ms": int, "width": int, "height": int, "steps": int, "n": int}
+"sla_ms": int, "width": int, "height": int, "steps": int, "n": int, "job": bool}
 (all but "t" optional). Generators are deterministic for a seed.
 """
 
@@ -26,6 +26,7 @@ class TraceRequest:
     height: int = 1024
     steps: int | None = None
     n: int = 1
+    job: bool = False  # an async job (POST /v1/images/jobs): may be held for idle pool capacity
 
 
 def parse_jsonl(lines: Iterable[str]) -> list[TraceRequest]:
@@ -41,7 +42,8 @@ def parse_jsonl(lines: Iterable[str]) -> list[TraceRequest]:
 
 
 def dump_jsonl(trace: list[TraceRequest]) -> str:
-    return "".join(json.dumps({k: v for k, v in asdict(r).items() if v is not None}) + "\n" for r in trace)
+    return "".join(json.dumps({k: v for k, v in asdict(r).items() if v is not None and (k != "job" or v)}) + "\n"
+                   for r in trace)
 
 
 # (tier, sla_ms, share): a product mix of interactive drafts, standard and premium work

@@ -233,3 +233,34 @@ async def test_two_replicas_claiming_at_once_on_postgres_take_different_jobs(pos
     assert sorted(got) == [f"j{i:02d}" for i in range(20)]  # each job once, none twice
     for s in stores:
         s.close()
+
+
+def test_a_job_with_hours_of_slack_waits_while_the_pool_is_busy_and_runs_once_it_is_idle(job_settings,
+                                                                                         shipped_policy, serve):
+    import dataclasses
+
+    from backends.protocol import LoadReport
+    from policies.schema import JobsPolicy
+    from policies.types import Health
+
+    class BusyPool(ScriptedBackend):
+        busy = True
+
+        def load(self):
+            report = super().load()
+            return LoadReport(Health.OK, pool=dataclasses.replace(report.pool, has_headroom=not self.busy))
+
+    pool = BusyPool("local", kind=BackendKind.LOCAL, models=("tiny",))
+    policy = shipped_policy.model_copy(update={"jobs": JobsPolicy(recheck_s=0.3, margin_s=0)})
+    server = serve(job_settings, policy, {"local": pool})
+    with httpx.Client(base_url=server.base_url, timeout=10) as c:
+        job = c.post("/v1/images/jobs", json=BODY | {"sla_ms": 7_200_000, "model": "local"}).json()
+        time.sleep(1.0)
+        waiting = c.get(f"/v1/images/jobs/{job['id']}").json()
+        assert waiting["status"] == "queued" and waiting["held_until"] and not pool.calls  # held, not run
+        pool.busy = False
+        done = _wait(c, job["id"])
+        assert done["status"] == "succeeded" and done["backend"] == "local" and "held_until" not in done
+        pool.busy = True
+        urgent = c.post("/v1/images/jobs", json=BODY | {"sla_ms": 60_000, "model": "local"}).json()
+        assert _wait(c, urgent["id"])["status"] == "succeeded"  # no slack to wait: run on the busy pool at once

@@ -91,6 +91,8 @@ def _public(job: dict) -> dict:
         out["data"] = job["data"]
     if job["error"] is not None:
         out["error"] = job["error"]["error"] if "error" in job["error"] else job["error"]
+    if job.get("held_until"):
+        out["held_until"] = job["held_until"]  # waiting for idle pool capacity (policy `jobs`)
     if job["webhook_url"]:
         out["webhook"] = {"url": job["webhook_url"], "state": job["webhook_state"]}
     return out

@@ -86,6 +86,10 @@ class JobRunner:
         ctx = RequestContext(tenant=job.tenant, base_url_of=lambda: self._base_url)
         ctx.received_wall = job.created_at  # the SLA counts from acceptance, queueing included
         ctx.received_mono = time.monotonic() - max(0.0, time.time() - job.created_at)
+        hold = self._service.job_hold_s(job.body, ctx)
+        if hold > 0:  # the pool is busy and the deadline allows: wait in the store, not in the pool's queue
+            await self._store.hold(job.id, self._owner, time.time() + hold, time.time())
+            return
         try:
             served = await self._service.generate(job.body, ctx)
         except GatewayError as exc:

@@ -41,7 +41,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     webhook_attempts INTEGER NOT NULL DEFAULT 0,
     webhook_next_at {real},
     webhook_error TEXT,
-    finished_at {real}
+    finished_at {real},
+    not_before {real}
 );
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs (tenant, idempotency_key);
 CREATE INDEX IF NOT EXISTS jobs_claim ON jobs (status, lease_until);
@@ -59,7 +60,7 @@ CREATE TABLE IF NOT EXISTS idempotency (
 );
 """
 _JOB_VIEW = "id, tenant, status, webhook_url, created_at, updated_at, result, error, backend, cost_usd, " \
-            "decision_id, runs, webhook_state, finished_at"
+            "decision_id, runs, webhook_state, finished_at, not_before"
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,7 +177,7 @@ class JobStore:
             return await self.add(job_id, tenant, body, webhook_url, key, fingerprint, now)
         # The row as inserted (a runner may have claimed it already: the answer says what was accepted).
         return _view((job_id, tenant, "queued", webhook_url, now, now, None, None, None, None, None, 0, None,
-                      None)), True
+                      None, None)), True
 
     async def get(self, job_id: str, tenant: str | None = None) -> dict | None:
         rows = await self._run(f"SELECT {_JOB_VIEW} FROM jobs WHERE id = ?", (job_id,))
@@ -188,9 +189,10 @@ class JobStore:
         """The oldest queued job, or one whose runner stopped renewing its lease (a replica that died)."""
         rows = await self._run(
             "UPDATE jobs SET status = 'running', lease_owner = ?, lease_until = ?, runs = runs + 1, updated_at = ? "
-            "WHERE id = (SELECT id FROM jobs WHERE status = 'queued' OR (status = 'running' AND lease_until < ?) "
+            "WHERE id = (SELECT id FROM jobs WHERE (status = 'queued' AND (not_before IS NULL OR not_before <= ?)) "
+            "OR (status = 'running' AND lease_until < ?) "
             f"ORDER BY created_at LIMIT 1{self._db.skip_locked}) "
-            "RETURNING id, tenant, body, created_at, runs", (owner, now + self.lease_s, now, now))
+            "RETURNING id, tenant, body, created_at, runs", (owner, now + self.lease_s, now, now, now))
         if not rows:
             return None
         r = rows[0]
@@ -213,6 +215,12 @@ class JobStore:
             "WHERE id = ? AND lease_owner = ? AND status = 'running' RETURNING id",
             (status, _json(result), _json(error), backend, cost_usd, decision_id, now, now, now, job_id, owner))
         return bool(rows)
+
+    async def hold(self, job_id: str, owner: str, until: float, now: float) -> None:
+        """Back to the queue until `until` (waiting for idle pool capacity); that claim not counted as a run."""
+        await self._run("UPDATE jobs SET status = 'queued', lease_owner = NULL, lease_until = NULL, runs = runs - 1, "
+                        "not_before = ?, updated_at = ? WHERE id = ? AND lease_owner = ? AND status = 'running'",
+                        (until, now, job_id, owner))
 
     async def requeue(self, job_id: str, owner: str, now: float) -> None:
         """A job this replica was running when it shut down: back to the queue, and that run not counted."""
@@ -283,11 +291,12 @@ def _json(value) -> str | None:
 
 def _view(row: tuple) -> dict:
     (job_id, tenant, status, webhook_url, created, updated, result, error, backend, cost, decision_id, runs,
-     webhook_state, finished) = row
+     webhook_state, finished, not_before) = row
     return {"id": job_id, "tenant": tenant, "status": status, "webhook_url": webhook_url, "created_at": created,
             "updated_at": updated, "data": msgspec.json.decode(result) if result else None,
             "error": msgspec.json.decode(error) if error else None, "backend": backend, "cost_usd": cost,
-            "decision_id": decision_id, "runs": runs, "webhook_state": webhook_state, "finished_at": finished}
+            "decision_id": decision_id, "runs": runs, "webhook_state": webhook_state, "finished_at": finished,
+            "held_until": not_before if status == "queued" else None}
 
 
 def open_job_store(settings) -> JobStore:
