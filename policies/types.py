@@ -149,6 +149,7 @@ class PoolModel:
     work_ahead_s: float = 0.0  # queued + still-running batch seconds, summed over workers
     typical_batch: float = 1.0  # observed images per batch (occupancy)
     has_headroom: bool = True  # an idle worker and nothing queued: the marginal image costs ~0
+    busy_workers: int = 0  # workers running a batch now (ops: the pool's GPU use)
     max_wait_s: float = 0.0  # how long the batcher holds a lone job for company
     running_s: float = 0.0  # what the running batches still need, summed over workers
     queue: tuple[QueuePoint, ...] | None = None  # the queue in deadline order; None: all of work_ahead_s is ahead

@@ -70,6 +70,7 @@ def test_an_operator_signs_in_reads_the_fleet_and_a_decision_then_changes_and_ro
     expect(rows).to_have_count(5)
     assert sorted(rows.locator("strong").all_inner_texts()) == ["bria", "gemini", "local", "reve", "seedream"]
     expect(page.get_by_text("Last hour, by backend")).to_be_visible()
+    expect(page.get_by_text("GPU use: 0 of 1 worker(s) busy")).to_be_visible()
     expect(page.get_by_role("img", name="Requests/s by backend")).to_be_visible()
     page.screenshot(path=SHOTS / "overview.png", full_page=True)
 

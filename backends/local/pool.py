@@ -143,6 +143,7 @@ class LocalPool:
             profile=self.profile, model=self.model, gpu_hour_usd=self.config.gpu_hour_usd, workers=len(ready),
             work_ahead_s=queue[-1].work_s if queue else running_s, typical_batch=self._occupancy,
             has_headroom=idle and not queue, max_wait_s=wait, running_s=running_s, queue=queue,
+            busy_workers=sum(1 for w in ready if w.busy),
         )
         warming = [w.name for w in self.workers if not w.ready]
         growing = sum(len(w.pending_warm) for w in ready)

@@ -67,7 +67,8 @@ def _pool_figures(pool: PoolModel, steps: int) -> dict:
     per_image_s = pool.gpu_seconds_per_image(_REFERENCE, steps)
     return {
         "pool": {
-            "workers": pool.workers, "work_ahead_s": round(pool.work_ahead_s, 3),
+            "workers": pool.workers, "busy_workers": pool.busy_workers,
+            "work_ahead_s": round(pool.work_ahead_s, 3),
             "typical_batch": round(pool.typical_batch, 2), "has_headroom": pool.has_headroom,
             "gpu_seconds_per_image": round(per_image_s, 4),
             "cost_per_image_usd": {"amortized": local_cost_usd(per_image_s, pool.gpu_hour_usd),

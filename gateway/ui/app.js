@@ -122,6 +122,7 @@ function backendTable(backends) {
       pacing.paced ? [h("br"), h("span", { class: "warming" }, "paced: " + (pacing.reason || ""))] : null,
       pacing.requests_per_minute ? [h("br"), h("span", { class: "muted" }, pacing.requests_per_minute + " requests/min allowed")] : null];
     const pool = b.pool ? [
+      `GPU use: ${b.pool.busy_workers} of ${b.pool.workers} worker(s) busy`, h("br"),
       "queue " + b.pool.work_ahead_s + " s of work ahead", h("br"), "batches of " + b.pool.typical_batch + " on average",
       h("br"), (b.pool.has_headroom ? "idle capacity now" : "busy"), h("br"),
       "amortized " + fmt.usd(b.pool.cost_per_image_usd.amortized) + " · marginal " + fmt.usd(b.pool.cost_per_image_usd.marginal),
