@@ -82,7 +82,7 @@ class AuditDraft:
 def _decision_record(d: Decision) -> dict:
     return {
         "tier": d.tier, "sla_ms": d.sla_ms, "max_cost_usd": d.max_cost_usd,
-        "objective": d.objective, "rule": d.rule, "reason": d.reason,
+        "objective": d.objective, "rule": d.rule, "reason": d.reason, **({"at_risk": True} if d.at_risk else {}),
         "chosen": d.chosen.backend if d.chosen else None,
         "candidates": [
             {"backend": c.backend, "model": c.model, "predicted_latency_ms": round(c.predicted_latency_ms, 1),

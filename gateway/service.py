@@ -140,7 +140,7 @@ class GenerationService:
                 raise _no_candidate(decision, self._retry_after)
             decision, reservation = await self._within_budget(route, policy, snapshot, decision, ctx)
             record.decision = decision
-            deadline = ctx.received_mono + decision.sla_ms / 1000
+            deadline = ctx.received_mono + decision.serve_within_ms / 1000  # the SLA, or a best effort's need
             job = GenerationJob(
                 id=ctx.id, prompt=req.prompt, width=route.width, height=route.height, n=req.n,
                 seed=req.seed, negative_prompt=req.negative_prompt, quality=req.quality,
@@ -165,7 +165,7 @@ class GenerationService:
                       "output_format": req.output_format},
                 headers={**_headers(ctx, entry, outcome.candidate.backend, cost,
                                     self._backends[outcome.candidate.backend].offer.sandbox),
-                         "x-gateway-size": size},
+                         "x-gateway-size": size, **({"x-gateway-sla": "at_risk"} if decision.at_risk else {})},
             )
         except GatewayError as exc:
             record.fail(exc)

@@ -116,6 +116,7 @@ def decide(request: RouteRequest, policy: Policy, snapshot: Snapshot) -> Decisio
     rejected: list[Rejection] = []
     reserve_bound: list[tuple[PoolModel, Candidate]] = []
     probes: list[Candidate] = []
+    late: list[Candidate] = []  # predicted to miss the SLA only
     pooled: set[str] = set()  # queueing backends among the candidates (only they get release times)
     eligible = index.eligible(tier, rule)
     backends = policy.backends
@@ -144,6 +145,9 @@ def decide(request: RouteRequest, policy: Policy, snapshot: Snapshot) -> Decisio
                 continue
             rejected.append(Rejection(name, RejectReason.SLA_MISS,
                                       f"predicted {policy.latency_quantile} {latency:.0f} ms > SLA {sla_ms} ms"))
+            if max_cost is None or cost <= max_cost:  # the best effort, should nothing meet the SLA
+                late.append(Candidate(name, request.model or view.models[0], latency, cost, bp.quality, steps,
+                                      expected_ms=latency))
             continue
         if max_cost is not None and cost > max_cost:
             rejected.append(Rejection(name, RejectReason.COST_CEILING,
@@ -171,7 +175,11 @@ def decide(request: RouteRequest, policy: Policy, snapshot: Snapshot) -> Decisio
             rejected.append(Rejection(candidate.backend, RejectReason.SLA_MISS,
                                       "would eat into the slack reserve of committed pool jobs"))
 
-    candidates.sort(key=_rank_key(objective))
+    at_risk = not candidates and not probes and bool(late) and tier.on_no_candidate == "best_effort"
+    if at_risk:  # the one predicted to finish first, then the rest by the same prediction
+        candidates = sorted(late, key=lambda c: (c.predicted_latency_ms, c.predicted_cost_usd, c.backend))
+    else:
+        candidates.sort(key=_rank_key(objective))
     if probes:
         candidates = _with_probes(probes, candidates, sla_ms, rejected)
     if pooled:
@@ -189,8 +197,9 @@ def decide(request: RouteRequest, policy: Policy, snapshot: Snapshot) -> Decisio
         rule=rule.name if rule else None,
         candidates=tuple(candidates),
         rejected=tuple(rejected),
-        reason=_explain(objective, candidates, rule),
+        reason=_explain_at_risk(candidates, sla_ms, rule) if at_risk else _explain(objective, candidates, rule),
         hedge=rule.hedge if rule and rule.hedge is not None else policy.dispatch.hedge,
+        at_risk=at_risk,
     )
 
 
@@ -219,6 +228,14 @@ def _with_release_times(candidates: list[Candidate], pooled: set[str], snapshot:
         if candidate.backend in pooled and (fallback := snapshot.get(following.backend)) is not None:
             candidate.start_within_ms = max(0.0, sla_ms - fallback.latency.p99_ms)  # built by this decide()
     return candidates
+
+
+def _explain_at_risk(candidates: list[Candidate], sla_ms: float, rule: Rule | None) -> str:
+    via = f" under rule {rule.name!r}" if rule else ""
+    best = candidates[0]
+    return (f"no backend is predicted to meet the {sla_ms:.0f} ms SLA{via}; best effort (the tier's on_no_candidate) "
+            f"on {best.backend}, predicted to finish first: {best.predicted_latency_ms:.0f} ms, "
+            f"${best.predicted_cost_usd:.6f}")
 
 
 def _explain(objective: Objective, candidates: list[Candidate], rule: Rule | None) -> str:

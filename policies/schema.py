@@ -51,6 +51,10 @@ class Tier(_Strict):
     local_max_ms: int | None = Field(
         None, gt=0, description="Longest predicted local-pool completion this tier accepts, below its SLA: keeps "
         "the pool's queue short enough for tighter tiers, sending this tier's overflow to the APIs first.")
+    on_no_candidate: Literal["reject", "best_effort"] = Field(
+        "reject", description="When no backend is predicted to meet the SLA: reject (503 no_candidate), or "
+        "best_effort: serve on the one predicted to finish first, marked x-gateway-sla: at_risk and audited so "
+        "(the simulator counts it as a miss when it is late).")
 
 
 class LatencyPrior(_Strict):

@@ -94,6 +94,11 @@ class Outcome:
     cost_usd: float = 0.0
     attempts: int = 0
     race: _Race | None = None  # a hedged pair in flight
+    serve_within_ms: float | None = None  # a best-effort request's allowance past its SLA (Decision.serve_within_ms)
+
+    @property
+    def give_up_at(self) -> float:
+        return self.request.t + (self.serve_within_ms or self.sla_ms) / 1000
 
     @property
     def latency_s(self) -> float | None:
@@ -247,6 +252,7 @@ class _Sim:
         if self.strategy.tweak is not None:
             route = self.strategy.tweak(route, self.rng)
         decision = decide(route, self.policy, self.snapshot())
+        outcome.serve_within_ms = decision.serve_within_ms
         candidates = list(decision.candidates)
         second = decision.hedge_partner(candidates[0], candidates[1:]) if candidates else None
         if second is not None:
@@ -309,7 +315,7 @@ class _Sim:
             start_by = None
             if candidate.start_within_ms is not None and self.binds_late:
                 start_by = outcome.request.t + candidate.start_within_ms / 1000
-            job = QueuedJob(key, outcome.request.n, outcome.request.t + outcome.sla_ms / 1000, self.now,
+            job = QueuedJob(key, outcome.request.n, outcome.give_up_at, self.now,
                             (outcome, rest, candidate), start_by=start_by)
             if outcome.race is not None:
                 outcome.race.local_job = job
@@ -325,7 +331,7 @@ class _Sim:
             dispatch = self.policy.dispatch
             backoff = dispatch.backoff_initial_ms / 1000 * self.rng.random() * 2
             if tries < dispatch.max_attempts_per_backend and \
-                    failed_at + backoff < outcome.request.t + outcome.sla_ms / 1000:
+                    failed_at + backoff < outcome.give_up_at:
                 self.push(failed_at + backoff, "retry", (outcome, candidates, tries + 1))
             else:
                 self.push(failed_at, "fallback", (outcome, rest, candidate))

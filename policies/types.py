@@ -286,6 +286,15 @@ class Decision:
     reason: str
     hedge: bool = False
     notes: tuple[str, ...] = field(default=())
+    at_risk: bool = False  # best effort: no candidate was predicted to meet the SLA (tier on_no_candidate)
+
+    @property
+    def serve_within_ms(self) -> float:
+        """How long the request may take: its SLA, or for a best-effort one, what its first candidate needs
+        (with room for its tail), so it is not cut at an SLA it was never going to meet."""
+        if not self.at_risk or not self.candidates:
+            return self.sla_ms
+        return max(self.sla_ms, 1.5 * self.candidates[0].predicted_latency_ms)
 
     @property
     def chosen(self) -> Candidate | None:

@@ -308,3 +308,22 @@ def test_no_probe_when_the_pool_is_busy_measured_or_the_fallback_needs_all_the_s
     assert names(tight) == ["reve"] and "no slack" in next(r.detail for r in tight.rejected if r.backend == "local")
     measured = decide(dataclasses.replace(REQ, sla_ms=500), POLICY, Snapshot((local(), api("reve", 400))))
     assert names(measured) == ["reve"]  # a measured 1.0 s is not a guess: no probe
+
+
+def test_a_best_effort_tier_serves_on_the_backend_predicted_to_finish_first_when_none_meets_the_sla():
+    policy = POLICY.model_copy(update={"tiers": {**POLICY.tiers, "draft": POLICY.tiers["draft"].model_copy(
+        update={"on_no_candidate": "best_effort"})}})
+    busy = Snapshot((local(queue_ms=20_000), api("reve", 15_000), api("seedream", 12_000), api("gemini", 31_000)))
+    d = decide(dataclasses.replace(REQ, tier="draft", sla_ms=5_000), policy, busy)
+    assert d.at_risk and d.chosen.backend == "seedream"  # 12 s beats the pool's queue and reve
+    assert names(d)[:2] == ["seedream", "reve"]
+    assert "best effort" in d.reason and "5000 ms SLA" in d.reason
+    assert all(r.reason is RejectReason.SLA_MISS for r in d.rejected)  # still says why each misses
+    assert d.serve_within_ms == pytest.approx(1.5 * d.chosen.predicted_latency_ms)  # not cut at the SLA
+    refused = decide(dataclasses.replace(REQ, tier="standard", sla_ms=5_000), policy, busy)
+    assert not refused.candidates and not refused.at_risk  # a reject tier refuses as before
+    capped = decide(dataclasses.replace(REQ, tier="draft", sla_ms=5_000, max_cost_usd=0.0001), policy,
+                    Snapshot((api("reve", 15_000),)))
+    assert not capped.candidates  # best effort never breaks the cost ceiling
+    met = decide(dataclasses.replace(REQ, tier="draft"), policy, WORLD)
+    assert not met.at_risk and met.serve_within_ms == met.sla_ms

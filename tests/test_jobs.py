@@ -264,3 +264,15 @@ def test_a_job_with_hours_of_slack_waits_while_the_pool_is_busy_and_runs_once_it
         pool.busy = True
         urgent = c.post("/v1/images/jobs", json=BODY | {"sla_ms": 60_000, "model": "local"}).json()
         assert _wait(c, urgent["id"], timeout=5)["status"] == "succeeded"  # 60 s < the 120 s margin: runs at once
+
+
+def test_a_draft_no_backend_can_serve_in_time_is_served_at_risk_instead_of_refused(settings, shipped_policy, serve):
+    server = serve(settings, shipped_policy, {"reve": ScriptedBackend("reve", models=("reve-create",))})
+    with httpx.Client(base_url=server.base_url, timeout=10) as c:
+        r = c.post("/v1/images/generations", json=BODY | {"tier": "draft", "sla_ms": 1000})  # reve's p95: 15 s
+        assert r.status_code == 200 and r.headers["x-gateway-sla"] == "at_risk"
+        refused = c.post("/v1/images/generations", json=BODY | {"tier": "standard", "sla_ms": 1000})
+        assert refused.status_code == 503 and "x-gateway-sla" not in refused.headers
+    server.stop()
+    record = open_reader(settings).get(r.headers["x-gateway-decision-id"])
+    assert record["decision"]["at_risk"] and "best effort" in record["decision"]["reason"]
