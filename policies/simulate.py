@@ -148,6 +148,9 @@ class SimResult:
             "refused_or_failed": len(self.outcomes) - len(served), "images": self.images,
             "api_spend_usd": round(self.api_spend_usd, 4), "gpu_cost_usd": round(self.gpu_cost_usd, 4),
             "total_cost_usd": round(total, 4), "cost_per_image_usd": total / self.images if self.images else None,
+            # What counts: refused and late requests bought nothing the client wanted.
+            "sla_met_images": (met := sum(o.request.n for o in self.outcomes if o.sla_met)),
+            "cost_per_sla_met_image_usd": total / met if met else None,
             "sla_attainment": sum(o.sla_met for o in self.outcomes) / max(1, len(self.outcomes)),
             "sla_by_tier": {t: sum(o.sla_met for o in self.outcomes if o.tier == t)
                             / max(1, sum(1 for o in self.outcomes if o.tier == t)) for t in tiers},

@@ -13,7 +13,7 @@ import random
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
-__all__ = ["SHAPES", "TraceRequest", "dump_jsonl", "parse_jsonl", "synthetic"]
+__all__ = ["KINDS", "SHAPES", "TraceRequest", "dump_jsonl", "parse_jsonl", "synthetic"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +51,21 @@ MIX = [("draft", 15_000, 0.25), ("standard", 30_000, 0.6), ("premium", 60_000, 0
 SHAPES = [(1024, 1024, 0.8), (1152, 896, 0.1), (896, 1152, 0.1)]
 
 
+# The harder mix (issue 18): 5 s drafts that only a pool can meet, mixed sizes and step counts, n up to 4.
+TIGHT_MIX = [("draft", 5_000, 0.3), ("standard", 20_000, 0.4), ("standard", 30_000, 0.15), ("premium", 60_000, 0.15)]
+MIXED_SHAPES = [(1024, 1024, 0.5), (896, 1152, 0.12), (1152, 896, 0.12), (1536, 1024, 0.13), (1024, 1536, 0.13)]
+_KINDS = {  # kind -> (arrival shape, tier mix, sizes, steps choices, n choices with weights)
+    "steady": ("steady", MIX, SHAPES, (None,), ((1, 0.85), (2, 0.15))),
+    "diurnal": ("diurnal", MIX, SHAPES, (None,), ((1, 0.85), (2, 0.15))),
+    "bursty": ("bursty", MIX, SHAPES, (None,), ((1, 0.85), (2, 0.15))),
+    "flash_crowd": ("flash_crowd", MIX, SHAPES, (None,), ((1, 0.85), (2, 0.15))),
+    "tight_drafts": ("bursty", TIGHT_MIX, SHAPES, (None,), ((1, 0.85), (2, 0.15))),
+    "mixed_shapes": ("diurnal", TIGHT_MIX, MIXED_SHAPES, (20, 30), ((1, 0.6), (2, 0.2), (3, 0.1), (4, 0.1))),
+    "flash_mixed": ("flash_crowd", TIGHT_MIX, MIXED_SHAPES, (20, 30), ((1, 0.6), (2, 0.2), (3, 0.1), (4, 0.1))),
+}
+KINDS = tuple(_KINDS)
+
+
 def _rate(kind: str, t: float, base: float, duration: float) -> float:
     if kind == "steady":
         return base
@@ -65,17 +80,24 @@ def _rate(kind: str, t: float, base: float, duration: float) -> float:
 
 
 def synthetic(kind: str, duration_s: float = 3600, rate_per_s: float = 0.5, seed: int = 0) -> list[TraceRequest]:
-    """A non-homogeneous Poisson trace (thinning), with the MIX of tiers and SHAPES of sizes."""
+    """A non-homogeneous Poisson trace (thinning) of one of KINDS: its arrival shape, tier mix, sizes, steps, n."""
+    if kind not in _KINDS:
+        raise ValueError(f"unknown trace kind {kind!r}: {', '.join(KINDS)}")
+    shape, mix, sizes, steps, ns = _KINDS[kind]
     rng = random.Random(seed)
-    peak = max(_rate(kind, t, rate_per_s, duration_s) for t in range(0, int(duration_s) + 1, 10))
+    peak = max(_rate(shape, t, rate_per_s, duration_s) for t in range(0, int(duration_s) + 1, 10))
     t, out = 0.0, []
     while True:
         t += rng.expovariate(peak)
         if t >= duration_s:
             return out
-        if rng.random() > _rate(kind, t, rate_per_s, duration_s) / peak:
+        if rng.random() > _rate(shape, t, rate_per_s, duration_s) / peak:
             continue
-        tier, sla, _ = rng.choices(MIX, weights=[m[2] for m in MIX])[0]
-        w, h, _ = rng.choices(SHAPES, weights=[s[2] for s in SHAPES])[0]
-        out.append(TraceRequest(t=round(t, 3), tenant=f"app{rng.randrange(3)}", tier=tier, sla_ms=sla,
-                                width=w, height=h, n=1 if rng.random() < 0.85 else 2))
+        tier, sla, _ = rng.choices(mix, weights=[m[2] for m in mix])[0]
+        w, h, _ = rng.choices(sizes, weights=[s[2] for s in sizes])[0]
+        tenant = f"app{rng.randrange(3)}"  # drawn in this order: the four original kinds stay as they were
+        n = rng.choices([n for n, _ in ns], weights=[p for _, p in ns])[0] if len(ns) > 2 else \
+            (1 if rng.random() < ns[0][1] else ns[1][0])
+        out.append(TraceRequest(t=round(t, 3), tenant=tenant, tier=tier, sla_ms=sla,
+                                width=w, height=h, n=n,
+                                steps=rng.choice(steps) if len(steps) > 1 else steps[0]))
