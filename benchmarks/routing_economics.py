@@ -5,8 +5,8 @@ Every strategy routes the same trace through the same world: 2 reserved H100s ru
 their list prices with lognormal latencies and failure rates. Cost counts the API
 bills plus the reserved GPUs for the whole trace (paid busy or idle), and is reported per image delivered within its
 SLA beside the refusals (a refused or late request bought nothing), as well as per image served. The SLA-blind
-baselines route without the request's own sla_ms (which would otherwise override their rule's "no SLA"). The lower bound is an
-offline relaxation: the GPUs' cost, plus the cheapest eligible API for every image that
+baselines route without the request's own sla_ms (which would otherwise override their rule's "no SLA"). The lower
+bound is an offline relaxation: the GPUs' cost, plus the cheapest eligible API for every image that
 cannot fit on the pool even if the pool ran every image at its best batch efficiency.
 
 Run: .venv/bin/python benchmarks/routing_economics.py [--duration 3600] [--rate 0.6] [--gpus 2]

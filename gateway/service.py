@@ -145,6 +145,7 @@ class GenerationService:
                 id=ctx.id, prompt=req.prompt, width=route.width, height=route.height, n=req.n,
                 seed=req.seed, negative_prompt=req.negative_prompt, quality=req.quality,
                 output_format=req.output_format, response_format=req.response_format,
+                pool_only=policy.reserve_pool and _pool_only(decision, snapshot),
             )
             outcome = await self._dispatcher.run(decision, job, deadline, record.attempts, policy.dispatch)
             view = snapshot.get(outcome.candidate.backend)
@@ -304,6 +305,11 @@ class GenerationService:
                 name = await self._images.put(image.content(), image.media_type)
                 out.append({"url": f"{self._public_url or ctx.base_url_of().rstrip('/')}/v1/images/files/{name}"})
         return out
+
+
+def _pool_only(decision: Decision, snapshot) -> bool:
+    """Only a queueing pool could serve it: what the pool keeps room for (policy reserve_pool)."""
+    return all((v := snapshot.get(c.backend)) is not None and v.pool is not None for c in decision.candidates)
 
 
 def _seconds_to_reset(now: float, budget, day_need: float, month_need: float) -> int:

@@ -175,6 +175,8 @@ def decide(request: RouteRequest, policy: Policy, snapshot: Snapshot) -> Decisio
             rejected.append(Rejection(candidate.backend, RejectReason.SLA_MISS,
                                       "would eat into the slack reserve of committed pool jobs"))
 
+    if policy.reserve_pool and candidates:
+        candidates = _keep_reserved_room(candidates, pooled, snapshot, rejected)
     at_risk = not candidates and not probes and bool(late) and tier.on_no_candidate == "best_effort"
     if at_risk:  # the one predicted to finish first, then the rest by the same prediction
         candidates = sorted(late, key=lambda c: (c.predicted_latency_ms, c.predicted_cost_usd, c.backend))
@@ -201,6 +203,27 @@ def decide(request: RouteRequest, policy: Policy, snapshot: Snapshot) -> Decisio
         hedge=rule.hedge if rule and rule.hedge is not None else policy.dispatch.hedge,
         at_risk=at_risk,
     )
+
+
+def _keep_reserved_room(candidates: list[Candidate], pooled: set[str], snapshot: Snapshot,
+                        rejected: list[Rejection]) -> list[Candidate]:
+    """A request that other backends can serve in time stays off a pool whose backlog is past its reservation:
+    the room is for requests only the pool can serve (their arrivals set it; see PoolModel.flexible_backlog_s)."""
+    others = [c for c in candidates if c.backend not in pooled]
+    if not others:
+        return candidates
+    kept = []
+    for c in candidates:
+        pool = snapshot.get(c.backend).pool if c.backend in pooled else None
+        limit = pool.flexible_backlog_s if pool is not None else None
+        backlog = pool.work_ahead_s / max(pool.workers, 1) if pool is not None else 0.0
+        if limit is not None and backlog > limit:
+            rejected.append(Rejection(c.backend, RejectReason.RESERVED,
+                                      f"backlog {backlog:.1f} s per worker > {limit:.1f} s kept for requests only "
+                                      "the pool can serve; another backend can serve this one in time"))
+        else:
+            kept.append(c)
+    return kept
 
 
 def _with_probes(probes: list[Candidate], candidates: list[Candidate], sla_ms: float,

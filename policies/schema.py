@@ -161,6 +161,11 @@ class Policy(_Strict):
     record_prompt_text: bool = Field(False, description="Store prompt text in the audit log (else a hash).")
     live_latency_min_samples: int = Field(
         20, ge=1, description="Successes observed before a backend's latency comes from outcomes, not its prior.")
+    reserve_pool: bool = Field(
+        False, description="Keep pool capacity for requests only the pool can serve (their SLA is tighter than "
+        "every other backend's prediction): while such requests are arriving, requests with other candidates "
+        "join the pool only while its backlog leaves them room (trunk reservation). Off by default: it buys SLA "
+        "with API spend (docs/benchmarks.md, routing economics).")
     defaults: Defaults = Defaults()
     dispatch: Dispatch = Dispatch()
     budgets: BudgetPolicy = BudgetPolicy()

@@ -23,6 +23,7 @@ from .batching import ArrivalRate, QueuedJob, SLABatcher
 from .decide import decide
 from .holding import hold_for_s
 from .profile import ThroughputProfile
+from .reservation import InflexibleArrivals
 from .schema import Policy
 from .traces import TraceRequest
 from .types import (
@@ -189,6 +190,7 @@ class _Sim:
         self.released = 0
         self.hedges = 0
         self.held = 0  # times an async job was held for idle pool capacity
+        self.inflexible = InflexibleArrivals()  # requests only the pool could serve (trunk reservation)
 
     def push(self, at: float, kind: str, data) -> None:
         self.seq += 1
@@ -221,7 +223,9 @@ class _Sim:
                               work_ahead_s=0.0 if queue is None else queue[-1].work_s if queue else running,
                               typical_batch=self.occupancy, has_headroom=idle and len(self.batcher) == 0,
                               max_wait_s=pool.max_wait_s if self.batcher.arrivals.expects_any(pool.max_wait_s)
-                              else 0.0, running_s=0.0 if queue is None else running, queue=queue)
+                              else 0.0, running_s=0.0 if queue is None else running, queue=queue,
+                              flexible_backlog_s=self.inflexible.backlog_limit_s(self.now)
+                              if self.policy.reserve_pool else None)
             views.append(BackendView(name="local", kind=BackendKind.LOCAL, health=Health.OK, models=(pool.model,),
                                      sizes=SizeSupport(max_side=2048, multiple_of=8), max_n=10,
                                      default_steps=pool.default_steps,
@@ -257,6 +261,11 @@ class _Sim:
         decision = decide(route, self.policy, self.snapshot())
         outcome.serve_within_ms = decision.serve_within_ms
         candidates = list(decision.candidates)
+        if self.policy.reserve_pool and candidates and all(c.backend == "local" for c in candidates) and \
+                self.world.pool is not None:
+            pool = self.world.pool
+            self.inflexible.record(self.now, decision.sla_ms / 1000, pool.profile.seconds(
+                pool.model, req.width, req.height, candidates[0].steps, req.n))
         second = decision.hedge_partner(candidates[0], candidates[1:]) if candidates else None
         if second is not None:
             first = candidates[0]

@@ -55,6 +55,7 @@ class RejectReason(StrEnum):
     SLA_MISS = "sla_miss"
     COST_CEILING = "cost_ceiling"
     NOT_IN_POLICY = "not_in_policy"
+    RESERVED = "reserved"  # the pool's room is kept for work only it can serve; this request has others
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +158,9 @@ class PoolModel:
     # in overload the queue runs slower than predicted (smaller batches, mixed shapes), and a committed job
     # can no longer be given back. 4 measured best (docs/benchmarks.md, late binding).
     committed_reserve: float = 4.0
+    # Trunk reservation: while work that only the pool can serve is arriving, a request with other candidates
+    # joins the pool only while its backlog (work ahead per worker) stays under this; None: no reservation.
+    flexible_backlog_s: float | None = None
 
     def ahead_s(self, sla_s: float | None) -> float:
         """Work that runs before a new job due in `sla_s`: the batcher goes by earliest deadline."""

@@ -327,3 +327,16 @@ def test_a_best_effort_tier_serves_on_the_backend_predicted_to_finish_first_when
     assert not capped.candidates  # best effort never breaks the cost ceiling
     met = decide(dataclasses.replace(REQ, tier="draft"), policy, WORLD)
     assert not met.at_risk and met.serve_within_ms == met.sla_ms
+
+
+def test_a_request_other_backends_can_serve_stays_off_a_pool_whose_room_is_reserved():
+    policy = POLICY.model_copy(update={"reserve_pool": True})
+    reserved = dataclasses.replace(local(queue_ms=6_000), pool=dataclasses.replace(
+        local(queue_ms=6_000).pool, flexible_backlog_s=4.0))  # drafts only the pool can serve keep arriving
+    world = Snapshot((reserved, api("reve", 15_000)))
+    flexible = decide(dataclasses.replace(REQ, sla_ms=30_000), policy, world)
+    assert names(flexible) == ["reve"] and reasons(flexible)["local"] is RejectReason.RESERVED
+    assert "kept for requests only the pool can serve" in next(r.detail for r in flexible.rejected)
+    only_pool = decide(dataclasses.replace(REQ, sla_ms=12_000), policy, world)  # reve's 15 s misses: pool only
+    assert names(only_pool) == ["local"]
+    assert names(decide(dataclasses.replace(REQ, sla_ms=30_000), POLICY, world))[0] == "local"  # off by default

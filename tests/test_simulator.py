@@ -249,3 +249,14 @@ def test_async_jobs_wait_for_the_idle_pool_meet_their_hours_long_slas_and_never_
     # never delay interactive work there either. Holding keeps them in the job store instead (the pool's queue
     # and the runner's slots stay for work that is due).
     assert h["api_spend_usd"] <= e["api_spend_usd"]
+
+
+def test_reserving_the_pool_for_tight_drafts_meets_more_of_them_at_an_api_cost_the_summary_shows():
+    economics, policy = _economics()
+    world = economics.world(2)
+    trace = synthetic("tight_drafts", 1800, 0.6, seed=1)  # 5 s drafts no API meets, bursts of standard work
+    plain = simulate(trace, policy, world, seed=1).summary()
+    reserved = simulate(trace, policy.model_copy(update={"reserve_pool": True}), world, seed=1).summary()
+    assert reserved["sla_by_tier"]["draft"] > plain["sla_by_tier"]["draft"] + 0.05
+    assert reserved["sla_attainment"] > plain["sla_attainment"]
+    assert reserved["api_spend_usd"] > plain["api_spend_usd"]  # the price: standard work sent to the APIs

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from policies.profile import ThroughputProfile
+from policies.reservation import InflexibleArrivals
 from policies.types import BackendKind, Health, PoolModel, SizeSupport
 
 from ..errors import BackendReleased, BackendTimeout, BackendTransientError, BackendUnavailable
@@ -90,6 +91,7 @@ class LocalPool:
         # Batches queued ahead of ours that this process does not see (remote workers: other gateways' batches
         # no worker has taken yet); counted as work ahead, so a long stream overflows to APIs.
         self.external_batches = lambda: 0
+        self.inflexible = InflexibleArrivals()  # jobs only the pool could serve: the room kept for them
 
     @property
     def offer(self) -> Offer:
@@ -143,7 +145,7 @@ class LocalPool:
             profile=self.profile, model=self.model, gpu_hour_usd=self.config.gpu_hour_usd, workers=len(ready),
             work_ahead_s=queue[-1].work_s if queue else running_s, typical_batch=self._occupancy,
             has_headroom=idle and not queue, max_wait_s=wait, running_s=running_s, queue=queue,
-            busy_workers=sum(1 for w in ready if w.busy),
+            busy_workers=sum(1 for w in ready if w.busy), flexible_backlog_s=self.inflexible.backlog_limit_s(now),
         )
         warming = [w.name for w in self.workers if not w.ready]
         growing = sum(len(w.pending_warm) for w in ready)
@@ -231,6 +233,10 @@ class LocalPool:
             raise BackendUnavailable(f"local pool is not ready: {self.load().detail}")
         steps = job.steps or self._offer.default_steps
         guidance = job.guidance_scale if job.guidance_scale is not None else self.spec.guidance_scale
+        if job.pool_only:
+            now = time.monotonic()
+            self.inflexible.record(now, deadline - now, self.profile.seconds(self.model, job.width, job.height,
+                                                                             steps, job.n))
         future = asyncio.get_running_loop().create_future()
         pending = _Pending(job, steps, future)
         item = QueuedJob(key=(self.model, job.width, job.height, steps, guidance), slots=job.n, deadline=deadline,
