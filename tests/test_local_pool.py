@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import os
 import signal
@@ -451,4 +452,15 @@ async def test_closed_loop_clients_answered_together_fill_whole_batches_instead_
     await asyncio.gather(*(client(k) for k in range(8)))
     sizes = collections.Counter(len(b.prompts) for b in worker.batches)
     assert sizes[8] >= 0.8 * sum(sizes.values()), sizes
+    await pool.aclose()
+
+
+async def test_jobs_only_the_pool_could_serve_set_the_room_it_keeps_for_them():
+    pool = await start(LocalPool(TINY, [FakeWorker(seconds=lambda b: 0.05)], PoolConfig(max_wait_s=0.0, max_batch=1)))
+    assert pool.load().pool.flexible_backlog_s is None  # nothing pool-only yet: no reservation
+    await pool.generate(job(0), time.monotonic() + 5)
+    assert pool.load().pool.flexible_backlog_s is None  # a job with other candidates reserves nothing
+    await pool.generate(dataclasses.replace(job(1), pool_only=True), time.monotonic() + 5)
+    limit = pool.load().pool.flexible_backlog_s
+    assert limit is not None and 4.0 < limit < 5.0  # it could wait its 5 s SLA less its own run
     await pool.aclose()
