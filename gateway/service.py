@@ -182,6 +182,11 @@ class GenerationService:
             await self._settle(reservation, 0.0)  # failed or cancelled: nothing was spent
             self._finish_soon(record)
 
+    def check(self, body: bytes, ctx: RequestContext) -> None:
+        """Raise the 400 a request would get (every field and limit), without running it: async jobs are checked
+        when accepted, not when they run."""
+        self._route_request(parse_generation_request(body), self._policy.current, ctx)
+
     def job_hold_s(self, body: bytes, ctx: RequestContext) -> float:
         """How long an async job waits for idle pool capacity before it runs (0: now), by the policy's `jobs`
         rule (`policies.holding`). A body that does not route runs now, to fail with its audit record."""

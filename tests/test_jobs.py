@@ -109,6 +109,10 @@ def test_a_bad_job_body_is_a_400_naming_the_field_and_a_disallowed_webhook_is_re
     with httpx.Client(base_url=server.base_url, timeout=10) as c:
         r = c.post("/v1/images/jobs", json={"prompt": "x", "n": 0})
         assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+        r = c.post("/v1/images/jobs", json=BODY | {"prompt": "x" * 40_000})  # a limit, checked when accepted
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+        r = c.post("/v1/images/jobs", json=BODY | {"tier": "nope"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "tier"
         r = c.post("/v1/images/jobs", json=BODY | {"webhook_url": "http://127.0.0.1:9/hook"})
         assert r.status_code == 400 and r.json()["error"]["param"] == "webhook_url"
         assert "https" in r.json()["error"]["message"]

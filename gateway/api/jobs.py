@@ -14,7 +14,6 @@ from litestar.response import Response
 from ..auth import admin_only
 from ..errors import Conflict, GatewayError, InvalidRequest, NotFound
 from ..jobs import Jobs
-from ..schemas import parse_generation_request
 from ..service import GenerationService, RequestContext, time_ordered_id
 
 __all__ = ["cancel_job", "create_job", "get_job", "idempotent", "webhook_secret"]
@@ -109,7 +108,7 @@ def _jobs(request: Request) -> Jobs:
       response_description="The job (queued); poll its Location or receive a signed webhook")
 async def create_job(request: Request, service: GenerationService) -> Response:
     ctx = RequestContext(base_url_of=lambda: str(request.base_url))
-    tenant = _tenant(request, service, ctx)
+    tenant = ctx.tenant = _tenant(request, service, ctx)
     jobs = _jobs(request)
     try:
         key = idempotency_key(request)
@@ -122,9 +121,8 @@ async def create_job(request: Request, service: GenerationService) -> Response:
             if why:
                 raise InvalidRequest(f"webhook_url: {why}", param="webhook_url", code="webhook_url_not_allowed")
         body = msgspec.json.encode(payload)
-        parse_generation_request(body)  # a bad field is a 400 now, not a failed job later
+        service.check(body, ctx)  # a bad field or a limit is a 400 now, not a failed job later
     except GatewayError as exc:
-        ctx.tenant = tenant
         service.record_rejection(ctx, exc)
         raise
     try:

@@ -244,6 +244,7 @@ const REASONS = {
   not_ready: "is still starting up", disabled: "is turned off in the policy",
   not_requested_model: "is not the backend or model the request named", model_unavailable: "does not offer the model asked for",
   not_in_policy: "is not in the policy",
+  reserved: "is keeping its room for requests only it can serve, and another backend can serve this one in time",
 };
 
 async function decision(page, id) {
