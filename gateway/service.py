@@ -197,7 +197,8 @@ class GenerationService:
             return 0.0
         snapshot = self.snapshots.current(policy)
         decision = decide(route, policy, snapshot)
-        local = next((v for v in snapshot.backends if v.pool is not None), None)
+        chosen = {c.backend for c in decision.candidates}  # a job the pool cannot take does not wait for it
+        local = next((v for v in snapshot.backends if v.pool is not None and v.name in chosen), None)
         slack_s = decision.sla_ms / 1000 - max(0.0, time.time() - ctx.received_wall)
         return hold_for_s(slack_s, local.pool.has_headroom if local else None, decision, policy.jobs)
 

@@ -241,6 +241,8 @@ class _Sim:
         if not req.job or pool is None:
             return 0.0
         decision = decide(route, self.policy, self.snapshot())
+        if not any(c.backend == "local" for c in decision.candidates):
+            return 0.0  # a job the pool cannot take does not wait for it
         idle = any(t <= self.now for t in self.gpu_free_at) and len(self.batcher) == 0
         return hold_for_s(decision.sla_ms / 1000 - (self.now - req.t), idle, decision, self.policy.jobs)
 

@@ -256,7 +256,7 @@ def test_a_job_with_hours_of_slack_waits_while_the_pool_is_busy_and_runs_once_it
 
     pool = BusyPool("local", kind=BackendKind.LOCAL, models=("tiny",))
     policy = shipped_policy.model_copy(update={"jobs": JobsPolicy(recheck_s=0.3)})
-    server = serve(job_settings, policy, {"local": pool})
+    server = serve(job_settings, policy, {"local": pool, "reve": ScriptedBackend("reve", models=("reve-create",))})
     with httpx.Client(base_url=server.base_url, timeout=10) as c:
         job = c.post("/v1/images/jobs", json=BODY | {"sla_ms": 7_200_000, "model": "local"}).json()
         time.sleep(1.0)
@@ -266,6 +266,8 @@ def test_a_job_with_hours_of_slack_waits_while_the_pool_is_busy_and_runs_once_it
         done = _wait(c, job["id"])
         assert done["status"] == "succeeded" and done["backend"] == "local" and "held_until" not in done
         pool.busy = True
+        elsewhere = c.post("/v1/images/jobs", json=BODY | {"sla_ms": 7_200_000, "model": "reve"}).json()
+        assert _wait(c, elsewhere["id"], timeout=5)["backend"] == "reve"  # the pool cannot take it: no wait
         urgent = c.post("/v1/images/jobs", json=BODY | {"sla_ms": 60_000, "model": "local"}).json()
         assert _wait(c, urgent["id"], timeout=5)["status"] == "succeeded"  # 60 s < the 120 s margin: runs at once
 
