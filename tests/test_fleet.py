@@ -153,11 +153,10 @@ async def test_a_batch_lost_with_two_workers_fails_instead_of_running_a_third_ti
 
     import redis.asyncio as aioredis
 
-    from backends.local.stream import FleetKeys, RemoteFleet, StreamConsumer
-    from backends.local.workers import BatchRequest
+    from backends.local.stream import FleetKeys, RemoteFleet
 
     keys = FleetKeys(f"lost{uuid.uuid4().hex[:8]}")
-    client = aioredis.Redis()
+    client = aioredis.Redis(socket_timeout=10)
 
     class Pool:
         def add_worker(self, worker):
@@ -169,22 +168,32 @@ async def test_a_batch_lost_with_two_workers_fails_instead_of_running_a_third_ti
     fleet = RemoteFleet(client, keys, Pool(), max_batch_s=30)
     await fleet.start()
     try:
-        submitted = asyncio.create_task(fleet.submit(BatchRequest(["p"], [1], 64, 64, 2)))
-        await asyncio.sleep(0.1)
-        # Two workers take it in turn and die (never renew, never answer).
-        await client.xreadgroup(keys.group, "d1", {keys.batches: ">"}, count=1)
-        await asyncio.sleep(0.3)
-        await client.xautoclaim(keys.batches, keys.group, "d2", min_idle_time=0, count=1)
-        await asyncio.sleep(0.3)
-        third = StreamConsumer(client, keys, _StubWorker(), worker_id="w3", reclaim_s=0.2)
-        running = asyncio.create_task(third.run())
-        with pytest.raises(RuntimeError, match="lost with 2 workers; not run again"):
-            await asyncio.wait_for(submitted, 10)
-        third.stop()
-        await asyncio.wait_for(running, 5)
-        assert third.batches_run == 0
+        async with asyncio.timeout(60):  # fails, never hangs
+            await _lose_a_batch_twice(client, keys, fleet)
     finally:
-        await fleet.close()
+        await asyncio.wait_for(fleet.close(), 10)
         for key in [k async for k in client.scan_iter(match=f"imagegw:{keys.namespace}:*")]:
             await client.delete(key)
         await client.aclose()
+
+
+async def _lose_a_batch_twice(client, keys, fleet) -> None:
+    import asyncio
+
+    from backends.local.stream import StreamConsumer
+    from backends.local.workers import BatchRequest
+
+    submitted = asyncio.create_task(fleet.submit(BatchRequest(["p"], [1], 64, 64, 2)))
+    await asyncio.sleep(0.1)
+    # Two workers take it in turn and die (never renew, never answer).
+    await client.xreadgroup(keys.group, "d1", {keys.batches: ">"}, count=1)
+    await asyncio.sleep(0.3)
+    await client.xautoclaim(keys.batches, keys.group, "d2", min_idle_time=0, count=1)
+    await asyncio.sleep(0.3)
+    third = StreamConsumer(client, keys, _StubWorker(), worker_id="w3", reclaim_s=0.2)
+    running = asyncio.create_task(third.run())
+    with pytest.raises(RuntimeError, match="lost with 2 workers; not run again"):
+        await asyncio.wait_for(submitted, 10)
+    third.stop()
+    await asyncio.wait_for(running, 5)
+    assert third.batches_run == 0

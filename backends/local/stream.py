@@ -136,6 +136,7 @@ class RemoteFleet:
         self.proxies: dict[str, StreamWorker] = {}
         self._waiting: dict[str, asyncio.Future] = {}
         self._tasks: list[asyncio.Task] = []
+        self._closing = False
         self.lag = 0  # batches in the stream no worker has taken yet (from every gateway)
 
     async def start(self) -> None:
@@ -146,15 +147,19 @@ class RemoteFleet:
                        asyncio.create_task(self._replies(), name="fleet-replies")]
 
     async def close(self) -> None:
+        # The loops also stop at their next turn (a blocked read returns within a second): a cancellation that
+        # a client library turns into an error of its own must not keep a shutdown waiting.
+        self._closing = True
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=3.0)
         for future in self._waiting.values():
             if not future.done():
                 future.set_exception(WorkerCrashed("gateway shutting down"))
 
     async def _watch(self) -> None:
-        while True:
+        while not self._closing:
             await asyncio.sleep(self.poll_interval_s)
             with contextlib.suppress(Exception):  # Redis away: the last view stands; replies resume later
                 await self.refresh()
@@ -207,7 +212,7 @@ class RemoteFleet:
 
     async def _replies(self) -> None:
         stream, last = self.keys.replies(self.gateway_id), "$"
-        while True:
+        while not self._closing:
             try:
                 answer = await self.redis.xread({stream: last}, count=64, block=1000)
             except asyncio.CancelledError:
