@@ -21,7 +21,7 @@ from policies.schema import Policy
 
 from .api.admin import admin_router
 from .api.images import create_image, get_image_file
-from .api.jobs import cancel_job, create_job, get_job, webhook_secret
+from .api.jobs import create_job, job_route, webhook_secret
 from .api.meta import healthz, list_backends, list_models, readyz
 from .audit import AuditLog, open_audit
 from .auth import KeyRing
@@ -383,7 +383,7 @@ def create_app(settings: Settings, policy: Policy,
     """Everything the gateway serves; resources open and close in the lifespan."""
     c = assemble(settings, policy, backends)
     return Litestar(
-        route_handlers=[create_image, create_job, get_job, cancel_job, webhook_secret, get_image_file, list_models,
+        route_handlers=[create_image, create_job, job_route, webhook_secret, get_image_file, list_models,
                         list_backends, healthz, readyz, openapi_json, metrics_endpoint, admin_router,
                         _schema_assets(), _console()],
         dependencies={name: _const(value) for name, value in {

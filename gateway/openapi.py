@@ -31,7 +31,8 @@ _WHY = {
     400: "Bad input: `param` names the field", 401: "Missing or unknown API key", 403: "An app key on an admin route",
     404: "Not found", 405: "Method not allowed", 409: "Conflict: the job already finished, or the "
     "Idempotency-Key is in use by a request still running (Retry-After)", 413: "Body over server.max_body_bytes",
-    422: "The policy is invalid or unsafe to apply (every error's path in `errors`)",
+    422: "The policy is invalid or unsafe to apply (every error's path in `errors`); on the image routes, an "
+         "Idempotency-Key already used with another body",
     429: "The tenant is over its budget (x-should-retry: false; Retry-After: until it resets)",
     500: "Internal error (a bug; never from client input)",
     502: "Every candidate backend failed (`attempts`)",
@@ -62,8 +63,8 @@ _IMAGES = {
 _ADMIN = {401, 403}
 # Statuses each route answers besides 200 (and 405 for other methods), by (method, path).
 _STATUSES: dict[tuple[str, str], set[int]] = {
-    ("post", "/v1/images/generations"): {400, 401, 409, 413, 429, 502, 503, 504},
-    ("post", "/v1/images/jobs"): {400, 401, 404, 413},
+    ("post", "/v1/images/generations"): {400, 401, 409, 413, 422, 429, 502, 503, 504},
+    ("post", "/v1/images/jobs"): {400, 401, 404, 413, 422},
     ("get", "/v1/images/jobs/{job_id}"): {401, 404},
     ("delete", "/v1/images/jobs/{job_id}"): {401, 404, 409},
     ("get", "/admin/webhook-secret"): _ADMIN | {400, 404},
@@ -132,9 +133,9 @@ _JOB = {"type": "object", "required": ["id", "object", "status"], "properties": 
 def _complete_jobs(paths: dict, generation: dict) -> None:
     body = copy.deepcopy(generation)
     body["properties"]["webhook_url"] = {
-        "type": "string", "maxLength": 2048, "format": "uri",
+        "anyOf": [{"type": "string", "maxLength": 2048, "format": "uri"}, {"type": "null"}],
         "description": "Called once the job succeeds or fails (Standard Webhooks signature with the tenant's "
-                       "secret); https and public hosts only unless the gateway allows others"}
+                       "secret); https and public hosts only unless the gateway allows others; null: none"}
     post_ = paths["/v1/images/jobs"]["post"]
     post_["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
     post_["responses"]["202"] = {"description": "Accepted: the job, queued (Location: where to poll it)",

@@ -150,7 +150,7 @@ def test_an_idempotent_retry_gets_the_first_answer_and_is_charged_once(settings,
         assert again.json() == first.json() and again.headers["idempotent-replayed"] == "true"
         assert again.headers["x-gateway-decision-id"] == first.headers["x-gateway-decision-id"]
         other = c.post("/v1/images/generations", json=BODY | {"seed": 2}, headers=key)
-        assert other.status_code == 400 and other.json()["error"]["code"] == "idempotency_key_reused"
+        assert other.status_code == 422 and other.json()["error"]["code"] == "idempotency_key_reused"
         bad = c.post("/v1/images/generations", json=BODY, headers={"idempotency-key": "has space"})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "Idempotency-Key"
         j1 = c.post("/v1/images/jobs", json=BODY, headers={"idempotency-key": "job-7"}).json()

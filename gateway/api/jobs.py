@@ -8,7 +8,7 @@ import re
 import time
 
 import msgspec
-from litestar import Request, delete, get, post
+from litestar import HttpMethod, Request, get, post, route
 from litestar.response import Response
 
 from ..auth import admin_only
@@ -16,7 +16,13 @@ from ..errors import Conflict, GatewayError, InvalidRequest, NotFound
 from ..jobs import Jobs
 from ..service import GenerationService, RequestContext, time_ordered_id
 
-__all__ = ["cancel_job", "create_job", "get_job", "idempotent", "webhook_secret"]
+__all__ = ["create_job", "idempotent", "job_route", "webhook_secret"]
+
+class KeyReused(InvalidRequest):
+    """The IETF idempotency-key draft's answer to a key reused with another payload: 422."""
+
+    status = 422
+
 
 _KEY = re.compile(r"^[\x21-\x7e]{1,255}$")  # printable ASCII, no spaces: what clients send (UUIDs, hashes)
 _PENDING_FOR_S = 3600.0  # a key held by a request that never finished (its replica died) is free after this
@@ -53,7 +59,8 @@ def _decode_object(body: bytes) -> dict:
 
 async def idempotent(jobs: Jobs, tenant: str, key: str, body: bytes, run, refused=lambda exc: None):
     """Run the synchronous route once per (tenant, key): a retry with the same body gets the first answer
-    (never a second charge); another body with the key is a 400; the key in use by a request still running, a 409.
+    (never a second charge); another body with the key is a 422 (the IETF idempotency-key draft); the key in use
+    by a request still running, a 409.
     Only answers are remembered: a failed request charged nothing, so a retry runs again."""
     try:
         print_ = fingerprint("generations", _decode_object(body))
@@ -61,8 +68,8 @@ async def idempotent(jobs: Jobs, tenant: str, key: str, body: bytes, run, refuse
         print_ = hashlib.sha256(body).hexdigest()
     state, found = await jobs.store.remember(tenant, key, print_, time.time(), _PENDING_FOR_S)
     if state == "mismatch":
-        exc = InvalidRequest("Idempotency-Key: already used with another request body", param="Idempotency-Key",
-                             code="idempotency_key_reused")
+        exc = KeyReused("Idempotency-Key: already used with another request body", param="Idempotency-Key",
+                        code="idempotency_key_reused")
         refused(exc)  # audited like any refused request
         raise exc
     if state == "busy":
@@ -129,30 +136,28 @@ async def create_job(request: Request, service: GenerationService) -> Response:
         job, created = await jobs.store.add(time_ordered_id(), tenant, body, webhook_url, key,
                                             fingerprint("jobs", [payload, webhook_url]) if key else None, time.time())
     except ValueError:
-        raise InvalidRequest("Idempotency-Key: already used with another request body", param="Idempotency-Key",
-                             code="idempotency_key_reused") from None
+        raise KeyReused("Idempotency-Key: already used with another request body", param="Idempotency-Key",
+                        code="idempotency_key_reused") from None
     if created and jobs.runner is not None:
         jobs.runner.poke()
     headers = {"location": f"/v1/images/jobs/{job['id']}"} | ({} if created else {"idempotent-replayed": "true"})
     return Response(_public(job), status_code=202, headers=headers)
 
 
-@get("/v1/images/jobs/{job_id:str}", summary="A job: status, and the images once it succeeded")
-async def get_job(request: Request, job_id: str, service: GenerationService) -> dict:
+@route("/v1/images/jobs/{job_id:str}", http_method=[HttpMethod.GET, HttpMethod.DELETE], status_code=200,
+       summary="A job (GET: its status, and the images once it succeeded; DELETE: cancel it if queued or running)")
+async def job_route(request: Request, job_id: str, service: GenerationService) -> dict:
+    """One handler for both methods, so the path's Allow header lists both. A cancelled job stays readable
+    (status cancelled): DELETE cancels, it does not erase."""
     tenant = _tenant(request, service, RequestContext())
-    job = await _jobs(request).store.get(job_id, tenant)
+    store = _jobs(request).store
+    if request.method == HttpMethod.GET:
+        job = await store.get(job_id, tenant)
+    else:
+        job = await store.cancel(job_id, tenant, time.time())
     if job is None:
         raise NotFound("no job with that id for this API key", param="job_id")
-    return _public(job)
-
-
-@delete("/v1/images/jobs/{job_id:str}", status_code=200, summary="Cancel a queued or running job")
-async def cancel_job(request: Request, job_id: str, service: GenerationService) -> dict:
-    tenant = _tenant(request, service, RequestContext())
-    job = await _jobs(request).store.cancel(job_id, tenant, time.time())
-    if job is None:
-        raise NotFound("no job with that id for this API key", param="job_id")
-    if job["status"] != "cancelled":
+    if request.method == HttpMethod.DELETE and job["status"] != "cancelled":
         raise Conflict(f"job already {job['status']}: nothing to cancel", param="job_id", code="job_finished")
     return _public(job)
 
