@@ -28,6 +28,7 @@ imagegw listening on {base}
   local pool: {'preset ' + settings.local.preset if settings.local.enabled else 'disabled'}
   providers: {', '.join(settings.backends) or 'none'}{'  (SANDBOX: emulated, no keys set)' if sandbox else ''}
   docs:    {base}/schema        backends: {base}/v1/backends
+  console: {base}/ui/          (sign in with the admin key)
 
 Try it:
   curl -s {base}/v1/images/generations -H 'content-type: application/json' \\
