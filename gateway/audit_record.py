@@ -56,6 +56,11 @@ class AuditDraft:
             "sandbox": bool(outcome.result.extra.get("sandbox")),
         }
 
+    def replay(self, original_id: str | None) -> None:
+        """An Idempotency-Key retry answered with the first answer: nothing ran, nothing was charged."""
+        self.result = {"outcome": "replayed", "status": 200, "backend": None, "cost_usd": 0.0,
+                       "replay_of": original_id}
+
     def fail(self, exc: GatewayError) -> None:
         self.fail_with(exc.code or exc.type, exc.status, exc.message)
 

@@ -259,6 +259,12 @@ class GenerationService:
             except Exception:
                 log.exception("could not settle spend for %s", reservation.tenant)
 
+    def record_replay(self, ctx: RequestContext, original_id: str | None) -> None:
+        """Audit an Idempotency-Key retry that got the first answer again (every request has its record)."""
+        draft = AuditDraft(ctx, self._policy.version)
+        draft.replay(original_id)
+        self._finish_soon(draft)
+
     def record_rejection(self, ctx: RequestContext, exc: GatewayError) -> None:
         """Audit a request refused before it was read (authentication)."""
         draft = AuditDraft(ctx, self._policy.version)

@@ -160,6 +160,11 @@ def test_an_idempotent_retry_gets_the_first_answer_and_is_charged_once(settings,
         finished = c.delete(f"/v1/images/jobs/{j1['id']}")
         assert finished.status_code == 409 and finished.json()["error"]["code"] == "job_finished"
     assert len(local.calls) == 2  # one generation for the first request, one for the job
+    server.stop()
+    records = {r["id"]: r for r in open_reader(settings).recent(50)}
+    replays = [r for r in records.values() if r["outcome"] == "replayed"]
+    assert len(replays) == 1 and replays[0]["replay_of"] == first.headers["x-gateway-decision-id"]
+    assert replays[0]["cost_usd"] == 0 and replays[0]["id"] != replays[0]["replay_of"]  # audited, not charged
 
 
 def test_a_failed_request_forgets_its_key_so_a_retry_runs_again(settings, shipped_policy, serve):

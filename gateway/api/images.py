@@ -58,7 +58,8 @@ async def create_image(request: Request, service: GenerationService) -> _JSONAns
         return 200, served.headers, msgspec.json.encode(served.body)
 
     status, headers, answer = await idempotent(jobs, ctx.tenant, key, body, run,
-                                               refused=lambda exc: service.record_rejection(ctx, exc))
+                                               refused=lambda exc: service.record_rejection(ctx, exc),
+                                               replayed=lambda original: service.record_replay(ctx, original))
     return _JSONAnswer(answer, headers, status)
 
 

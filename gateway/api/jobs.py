@@ -57,7 +57,8 @@ def _decode_object(body: bytes) -> dict:
     return payload
 
 
-async def idempotent(jobs: Jobs, tenant: str, key: str, body: bytes, run, refused=lambda exc: None):
+async def idempotent(jobs: Jobs, tenant: str, key: str, body: bytes, run, refused=lambda exc: None,
+                     replayed=lambda original_id: None):
     """Run the synchronous route once per (tenant, key): a retry with the same body gets the first answer
     (never a second charge); another body with the key is a 422 (the IETF idempotency-key draft); the key in use
     by a request still running, a 409.
@@ -79,6 +80,7 @@ async def idempotent(jobs: Jobs, tenant: str, key: str, body: bytes, run, refuse
         raise exc
     if state == "replay":
         status, headers, stored = found
+        replayed(headers.get("x-gateway-decision-id"))  # audited: a record of its own, pointing at the first
         return status, {**headers, "idempotent-replayed": "true"}, stored
     try:
         status, headers, answer = await run()

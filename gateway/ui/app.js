@@ -250,7 +250,10 @@ const REASONS = {
 async function decision(page, id) {
   const r = await api("GET", "/admin/audit/" + encodeURIComponent(id));
   const d = r.decision || {};
-  const story = r.outcome === "ok"
+  const story = r.outcome === "replayed"
+    ? `This request (tenant ${r.tenant}) repeated an earlier one with the same Idempotency-Key: the first answer` +
+      ` (decision ${r.replay_of || "?"}) was sent again; nothing ran and nothing was charged.`
+    : r.outcome === "ok"
     ? `This request (tenant ${r.tenant}) was served by ${r.backend} in ${fmt.ms(r.latency_ms)} for ${fmt.usd(r.cost_usd)}` +
       (d.sla_ms ? `, against a deadline of ${fmt.ms(d.sla_ms)}: the SLA was ${r.sla_met ? "met" : "missed"}.` : ".") +
       (d.chosen && d.chosen !== r.backend ? ` The first choice, ${d.chosen}, failed, so the gateway fell back.` : "") +
