@@ -114,7 +114,7 @@ def _seed_spend(store: StateStore, audit: AuditLog, now: float) -> None:
     month_start = calendar.timegm((t.tm_year, t.tm_mon, 1, 0, 0, 0))
     day, month = period_keys(now)
     totals = {}
-    replica = audit.stamp.get("replica") if audit.sink.name == "postgres" else None  # SQLite: this replica's file
+    replica = audit.stamp.get("replica") if audit.sink.shared else None  # else the file is this replica's own
     for tenant, (d, m) in audit.reader.spend_since(day_start, month_start, replica=replica).items():
         totals[(tenant, day)], totals[(tenant, month)] = d, m
     if totals:

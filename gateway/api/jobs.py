@@ -23,6 +23,10 @@ class KeyReused(InvalidRequest):
 
     status = 422
 
+    def __init__(self):
+        super().__init__("Idempotency-Key: already used with another request body", param="Idempotency-Key",
+                         code="idempotency_key_reused")
+
 
 _KEY = re.compile(r"^[\x21-\x7e]{1,255}$")  # printable ASCII, no spaces: what clients send (UUIDs, hashes)
 _PENDING_FOR_S = 3600.0  # a key held by a request that never finished (its replica died) is free after this
@@ -69,8 +73,7 @@ async def idempotent(jobs: Jobs, tenant: str, key: str, body: bytes, run, refuse
         print_ = hashlib.sha256(body).hexdigest()
     state, found = await jobs.store.remember(tenant, key, print_, time.time(), _PENDING_FOR_S)
     if state == "mismatch":
-        exc = KeyReused("Idempotency-Key: already used with another request body", param="Idempotency-Key",
-                        code="idempotency_key_reused")
+        exc = KeyReused()
         refused(exc)  # audited like any refused request
         raise exc
     if state == "busy":
@@ -138,8 +141,7 @@ async def create_job(request: Request, service: GenerationService) -> Response:
         job, created = await jobs.store.add(time_ordered_id(), tenant, body, webhook_url, key,
                                             fingerprint("jobs", [payload, webhook_url]) if key else None, time.time())
     except ValueError:
-        raise KeyReused("Idempotency-Key: already used with another request body", param="Idempotency-Key",
-                        code="idempotency_key_reused") from None
+        raise KeyReused() from None
     if created and jobs.runner is not None:
         jobs.runner.poke()
     headers = {"location": f"/v1/images/jobs/{job['id']}"} | ({} if created else {"idempotent-replayed": "true"})

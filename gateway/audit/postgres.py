@@ -102,6 +102,8 @@ def _without_nul(value):
 
 
 class PostgresSink:
+    shared = True
+
     def __init__(self, dsn: str, *, pool_size: int = 4, connect_timeout_s: float = 5.0):
         self.name = "postgres"
         self._dsn = dsn  # a secret (it may hold a password): never logged

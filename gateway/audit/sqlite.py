@@ -68,6 +68,8 @@ def _insert(conn: sqlite3.Connection, records: list[dict[str, Any]]) -> None:
 class SqliteSink:
     """One connection, used by one writer thread at a time (the writer awaits each batch)."""
 
+    shared = False  # a file per replica
+
     def __init__(self, path: Path):
         self.path = path
         self.name = f"sqlite {path}"

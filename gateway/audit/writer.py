@@ -18,6 +18,7 @@ class Sink(Protocol):
     """Where batches go. `write` takes one batch as one transaction (all or nothing)."""
 
     name: str
+    shared: bool  # every replica writes to it (records are told apart by their replica id)
 
     async def open(self) -> None: ...
 
@@ -120,7 +121,7 @@ class AuditLog:
                 await self.sink.write(remaining[start:start + self._batch_size])
                 self.written += len(remaining[start:start + self._batch_size])
         except Exception as exc:
-            log.error("audit: %d records could not be written at shutdown (%s: %s)", len(remaining) - 0,
+            log.error("audit: %d records could not be written at shutdown (%s: %s)", len(remaining),
                       type(exc).__name__, exc)
         finally:
             await self.sink.close()

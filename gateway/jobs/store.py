@@ -172,7 +172,7 @@ class JobStore:
                             "created_at, updated_at) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
                             (job_id, tenant, body, webhook_url, key, fingerprint, now, now))
         except Exception as exc:  # the same key raced in from another request: answer with that job
-            if key is None or "unique" not in str(exc).lower() and "duplicate" not in str(exc).lower():
+            if key is None or not _duplicate_key(exc):
                 raise
             return await self.add(job_id, tenant, body, webhook_url, key, fingerprint, now)
         # The row as inserted (a runner may have claimed it already: the answer says what was accepted).
@@ -260,7 +260,7 @@ class JobStore:
                             "VALUES (?, ?, ?, 'pending', ?)", (tenant, key, fingerprint, now))
             return "new", None
         except Exception as exc:
-            if "unique" not in str(exc).lower() and "duplicate" not in str(exc).lower():
+            if not _duplicate_key(exc):
                 raise
         rows = await self._run("SELECT fingerprint, state, status, headers, body FROM idempotency "
                                "WHERE tenant = ? AND key = ?", (tenant, key))
@@ -283,6 +283,12 @@ class JobStore:
 
     def close(self) -> None:
         self._db.close()
+
+
+def _duplicate_key(exc: Exception) -> bool:
+    """A unique constraint refused the row (SQLite's IntegrityError and Postgres's UniqueViolation say so)."""
+    text = str(exc).lower()
+    return "unique" in text or "duplicate" in text
 
 
 def _json(value) -> str | None:
