@@ -142,7 +142,7 @@ async def create_job(request: Request, service: GenerationService) -> Response:
                                             fingerprint("jobs", [payload, webhook_url]) if key else None, time.time())
     except ValueError:
         raise KeyReused() from None
-    if created and jobs.runner is not None:
+    if created:
         jobs.runner.poke()
     headers = {"location": f"/v1/images/jobs/{job['id']}"} | ({} if created else {"idempotent-replayed": "true"})
     return Response(_public(job), status_code=202, headers=headers)

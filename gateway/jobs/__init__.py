@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class Jobs:
     store: JobStore
-    runner: JobRunner | None
+    runner: JobRunner
     url_policy: UrlPolicy
     master_secret: bytes
 
