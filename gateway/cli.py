@@ -301,7 +301,7 @@ def cmd_pool_build(args) -> int:
     store = engine.store
     if spec.compile_backend == "jit":
         todo = [s for s in shapes if (s.width, s.height) in sizes]
-        if args.jobs > 1 and len(todo) > 1:
+        if args.jobs > 1 and len(_jit_build_groups(spec, todo)) > 1:
             return _build_jit_in_parallel(spec, todo, store, args.jobs)
         return _build_jit(engine, todo, store)
     if args.force:
@@ -346,28 +346,42 @@ def _build_jit(engine, shapes, store) -> int:
     return 0
 
 
+def _jit_build_groups(spec, shapes) -> list[tuple[int, int, int, tuple[int, ...]]]:
+    """(width, height, steps, batch sizes) a build process compiles: one per size under a dynamic batch (its
+    batch sizes share one graph), one per shape under static graphs."""
+    if not spec.dynamic_batch:
+        return [(s.width, s.height, s.steps, (s.batch,)) for s in shapes]
+    groups: dict[tuple[int, int, int], list[int]] = {}
+    for s in shapes:
+        groups.setdefault((s.width, s.height, s.steps), []).append(s.batch)
+    return [(w, h, steps, tuple(batches)) for (w, h, steps), batches in groups.items()]
+
+
 def _build_jit_in_parallel(spec, shapes, store, jobs: int) -> int:
-    """Each warm shape compiled in its own process with its own compile cache, then the caches merged into the
-    artifact folder: the shapes' compiles overlap (the GPU holds several SDXL pipelines)."""
+    """Each size (or, under static graphs, each warm shape) compiled in its own process with its own compile
+    cache, then the caches merged into the artifact folder: the compiles overlap (the GPU holds several SDXL
+    pipelines)."""
     import multiprocessing as mp
     import tempfile
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     from backends.local import jit_cache
-    from backends.local.parallel_build import build_jit_shape
+    from backends.local.parallel_build import build_jit_shapes
 
     started = time.perf_counter()
-    workers = min(jobs, len(shapes))
-    print(f"compiling {len(shapes)} shape(s) with torch.compile, {workers} at a time, into {store.folder}", flush=True)
+    groups = _jit_build_groups(spec, shapes)
+    workers = min(jobs, len(groups))
+    print(f"compiling {len(shapes)} shape(s) with torch.compile in {len(groups)} process(es), {workers} at a time, "
+          f"into {store.folder}", flush=True)
     failed = 0
     with tempfile.TemporaryDirectory(prefix="imagegw-build-") as scratch, \
             ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-        caches = {i: Path(scratch) / f"shape-{i}" for i in range(len(shapes))}
-        futures = {pool.submit(build_jit_shape, spec, caches[i], s.width, s.height, s.batch, s.steps): i
-                   for i, s in enumerate(shapes)}
+        caches = {i: Path(scratch) / f"build-{i}" for i in range(len(groups))}
+        futures = {pool.submit(build_jit_shapes, spec, caches[i], w, h, batches, steps): i
+                   for i, (w, h, steps, batches) in enumerate(groups)}
         for done, future in enumerate(as_completed(futures), 1):
-            shape = shapes[futures[future]]
-            label = f"  [{done}/{len(shapes)}] {shape.width}x{shape.height} x{shape.batch}, {shape.steps} steps"
+            w, h, steps, batches = groups[futures[future]]
+            label = f"  [{done}/{len(groups)}] {w}x{h} x{','.join(map(str, batches))}, {steps} steps"
             try:
                 print(f"{label}: {future.result():.1f}s (at {time.perf_counter() - started:.0f}s)", flush=True)
             except Exception as exc:
@@ -377,7 +391,7 @@ def _build_jit_in_parallel(spec, shapes, store, jobs: int) -> int:
         for cache in caches.values():  # save() merges one cache in and returns the folder's size
             written = jit_cache.save(store, cache) or written
     if failed or not written:
-        print(f"{failed} shape(s) failed; nothing saved for them", file=sys.stderr)
+        print(f"{failed} build(s) failed; nothing saved for them", file=sys.stderr)
         return 1
     print(f"done in {time.perf_counter() - started:.1f}s: {written / 1e6:.1f} MB in {store.folder}")
     return 0

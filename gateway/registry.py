@@ -107,6 +107,7 @@ def build_local_pool(settings: Settings) -> Backend:
     for i, device in enumerate(devices):
         spec = EngineSpec(preset=local.preset, weights_dir=local.weights_dir, device=device, dtype=local.dtype,
                           compile=local.compile, compile_mode=local.compile_mode, compile_vae=local.compile_vae,
+                          dynamic_batch=local.dynamic_batch,
                           tune_layout=local.tune_layout, attention=local.attention, fp8=local.fp8,
                           cache_dir=settings.resolve(local.compile_cache), run_sizes=run_sizes,
                           compile_backend=local.compile_backend, artifacts_dir=settings.resolve(local.artifacts),

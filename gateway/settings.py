@@ -141,6 +141,9 @@ class LocalPoolSettings(_Section):
     attention: Literal["auto", "cudnn", "flash"] = Field(
         "auto", description="Scaled-dot-product attention kernel: torch's choice, or cuDNN's / FlashAttention-2's.")
     compile_vae: bool = Field(True, description="Also compile the VAE decoder: SDXL batch 1 1.17 -> 1.03 s on an H100.")
+    dynamic_batch: bool = Field(
+        True, description="jit: one compiled UNet graph for every batch size (a start traces it once, not once per "
+        "warm shape) and the VAE decoded image by image; false: one static graph per batch size.")
     tune_layout: bool = Field(True, description="Fused QKV projections and channels-last weights on CUDA.")
     fp8: bool = Field(False, description="FP8 UNet Linear layers (Hopper).")
     gpu_hour_usd: float = Field(2.0, ge=0)

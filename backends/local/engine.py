@@ -31,6 +31,7 @@ class EngineSpec:
     compile: bool | None = None  # None: on for CUDA, off for CPU
     compile_mode: str = "reduce-overhead"  # CUDA graphs, one static graph per batch shape
     compile_vae: bool = True  # the VAE decoder too: -0.1 s per SDXL image on an H100 (docs/benchmarks.md)
+    dynamic_batch: bool = True  # jit: one UNet graph for every batch size (one trace per start, not one per shape)
     fp8: bool = False  # FP8 Linear layers in the UNet (Hopper); check the error with benchmarks/local_pool.py
     tune_layout: bool = True  # fused QKV and channels-last on CUDA
     attention: str = "auto"  # auto | cudnn | flash: the SDPA kernel (cuDNN's is Hopper-tuned)
@@ -128,7 +129,8 @@ class DiffusionEngine:
             self.aot = AotCompiler(pipe, self.store, self.spec.max_batch)
         else:
             jit_cache.load(self.store, self.spec.cache_dir)
-            optimize.compile_pipeline(pipe, self.spec.compile_mode, self.spec.cache_dir, self.spec.compile_vae)
+            optimize.compile_pipeline(pipe, self.spec.compile_mode, self.spec.cache_dir, self.spec.compile_vae,
+                                      self.spec.dynamic_batch)
         self.compiled = True
 
     def _artifact_store(self, pipe):
