@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+_ADMIN_KEY = "pool-http-bench-admin"  # the benchmark's own gateway, to read its audit records
 
 
 def _free_port() -> int:
@@ -51,7 +52,8 @@ def http_rows(model: str, size: int, steps: int, batches: list[int], backend: st
     env = dict(os.environ, IMAGEGW_SERVER__PORT=str(port), IMAGEGW_DATA_DIR=str(data), IMAGEGW_LOCAL__PRESET=model,
                IMAGEGW_LOCAL__COMPILE_BACKEND=backend, IMAGEGW_LOCAL__MAX_BATCH=str(max(batches)),
                IMAGEGW_LOCAL__WARM_SHAPES=json.dumps([{"width": size, "height": size, "steps": steps,
-                                                       "batch_sizes": batches}]), PYTHONUNBUFFERED="1")
+                                                       "batch_sizes": batches}]), PYTHONUNBUFFERED="1",
+               IMAGEGW_ADMIN_KEY=_ADMIN_KEY)
     if not compiled:
         env["IMAGEGW_LOCAL__COMPILE"] = "false"
     if artifacts is not None:
@@ -73,17 +75,25 @@ def http_rows(model: str, size: int, steps: int, batches: list[int], backend: st
             body = {"model": "local", "prompt": "a lighthouse at dusk", "size": f"{size}x{size}",
                     "response_format": "b64_json", "sla_ms": 600_000}
 
-            def one(i: int) -> float:
+            ids: list[str] = []
+
+            def one(i: int, **extra) -> float:
                 t = time.perf_counter()
-                r = client.post("/v1/images/generations", json={**body, "prompt": f"{body['prompt']} {i}"})
+                r = client.post("/v1/images/generations", json={**body, "prompt": f"{body['prompt']} {i}", **extra})
                 if r.status_code != 200:
                     raise RuntimeError(f"{r.status_code}: {r.text[:300]}")
+                ids.append(r.headers.get("x-gateway-decision-id", ""))
                 return time.perf_counter() - t
 
             one(-1)
             lat = [one(i) for i in range(5)]
             row |= {"batch": 1, "latency_s": statistics.median(lat), "runs": lat}
             print(f"  batch 1 through HTTP: {row['latency_s']:.3f}s (median of 5)", flush=True)
+            row |= _breakdown(client, ids[-5:], lat)
+            jpeg = [one(100 + i, output_format="jpeg") for i in range(5)]
+            row["latency_jpeg_s"] = statistics.median(jpeg)
+            print(f"  where it went: {json.dumps({k: v for k, v in row.items() if k.startswith('b1_')})}; "
+                  f"as JPEG {row['latency_jpeg_s']:.3f}s", flush=True)
             row |= _throughput(f"http://127.0.0.1:{port}", body, clients, seconds)
             print(f"  {clients} clients: {row['images_per_s']:.3f} images/s over {row['seconds']:.0f}s, "
                   f"{row['errors']} errors", flush=True)
@@ -96,6 +106,25 @@ def http_rows(model: str, size: int, steps: int, batches: list[int], backend: st
             proc.kill()
         log.close()
         print(f"  (gateway log: {data / 'serve.log'})", flush=True)
+
+
+def _breakdown(client, ids: list[str], latencies: list[float]) -> dict:
+    """Batch 1's latency split by the audit records: the worker's batch (engine + encode: gpu_seconds), the rest of
+    the server's time (routing, queue, dispatch, response), and what is left to HTTP and JSON on the client."""
+    time.sleep(1.5)  # audit records are written within a second
+    worker, server = [], []
+    for decision_id in ids:
+        try:
+            record = client.get(f"/admin/audit/{decision_id}",
+                                headers={"authorization": f"Bearer {_ADMIN_KEY}"}).json()
+            worker.append(record["gpu_seconds"] * 1000)
+            server.append(record["latency_ms"])
+        except Exception:  # an older gateway, or a record not there: no breakdown
+            return {}
+    client_ms = statistics.median(latencies) * 1000
+    return {"b1_worker_ms": round(statistics.median(worker), 1),
+            "b1_server_rest_ms": round(statistics.median([s - w for s, w in zip(server, worker, strict=True)]), 1),
+            "b1_http_json_ms": round(client_ms - statistics.median(server), 1)}
 
 
 def _throughput(url: str, body: dict, clients: int, seconds: float) -> dict:

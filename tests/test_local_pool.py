@@ -464,3 +464,38 @@ async def test_jobs_only_the_pool_could_serve_set_the_room_it_keeps_for_them():
     limit = pool.load().pool.flexible_backlog_s
     assert limit is not None and 4.0 < limit < 5.0  # it could wait its 5 s SLA less its own run
     await pool.aclose()
+
+
+async def test_a_worker_takes_its_next_batch_while_the_last_ones_images_are_encoded():
+    """The engine hands back pixels; the pool encodes them on a thread while the worker already runs the next
+    batch, so encoding is never part of the GPU's cycle (and the images still arrive as the asked format)."""
+    import threading
+
+    import backends.local.workers as workers
+    from backends.local.workers import BatchOutput
+
+    encoding = threading.Event()
+    started_while_encoding = []
+
+    class PixelWorker(FakeWorker):
+        async def run(self, req):
+            started_while_encoding.append(encoding.is_set())
+            await asyncio.sleep(0.05)
+            return BatchOutput([], 0.05, pixels=np.zeros((len(req.prompts), 8, 8, 3), np.uint8), output_format="png")
+
+    real = workers.encode_pixels
+
+    def slow_encode(pixels, fmt):
+        encoding.set()
+        time.sleep(0.3)
+        return real(pixels, fmt)
+
+    original, workers.encode_pixels = workers.encode_pixels, slow_encode
+    pool = await start(LocalPool(TINY, [PixelWorker()], PoolConfig(max_wait_s=0.0, max_batch=1)))
+    try:
+        results = await asyncio.gather(*(pool.generate(job(i), time.monotonic() + 10) for i in range(2)))
+    finally:
+        workers.encode_pixels = original
+        await pool.aclose()
+    assert started_while_encoding == [False, True]  # the second batch ran while the first was being encoded
+    assert all(r.images[0].data.startswith(b"\x89PNG") for r in results)

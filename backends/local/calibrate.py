@@ -8,7 +8,6 @@ from collections.abc import Callable, Iterable
 
 from policies.profile import ThroughputProfile
 
-from .encode import encode_batch
 from .engine import DiffusionEngine
 
 __all__ = ["calibrate"]
@@ -18,7 +17,7 @@ def calibrate(engine: DiffusionEngine, model: str, shapes: Iterable[tuple[int, i
               repeats: int = 2, progress: Callable[[str], None] = lambda _: None,
               profile: ThroughputProfile | None = None) -> ThroughputProfile:
     """Time each shape at each batch size (one untimed warm-up run, then the median of `repeats`), as the
-    worker runs it: generation and the PNG encoding that holds the worker before its next batch."""
+    worker runs it: generation and the copy to the host (the pool encodes while the worker runs its next batch)."""
     profile = profile or ThroughputProfile(max_batch=max(batches))
     table = {k: dict(v) for k, v in profile.table.items()}
     for width, height, steps in shapes:
@@ -29,7 +28,7 @@ def calibrate(engine: DiffusionEngine, model: str, shapes: Iterable[tuple[int, i
                 started = time.perf_counter()
                 images = engine.generate([f"calibration {i}"] * batch, width=width, height=height, steps=steps,
                                          seeds=list(range(batch)), output_type="uint8")
-                encode_batch(images, "png")  # the worker encodes before it takes the next batch: part of its cycle
+                images.cpu()  # the worker's part ends with its pixels on the host
                 if i:  # the first run compiles and warms caches
                     runs.append(time.perf_counter() - started)
             table.setdefault((model, width, height, steps), {})[batch] = statistics.median(runs)

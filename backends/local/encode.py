@@ -3,8 +3,9 @@
 JPEG is encoded on the GPU (nvJPEG through torchvision) when the images are on a CUDA device and torchvision is
 there: one batched call, and only the compressed bytes cross to the host. PNG, WebP and JPEG without nvJPEG are
 encoded on a shared thread pool: PNG striped across threads (`png.encode_png`), the others one image a thread
-(Pillow's encoders release the GIL). A worker holds its device until its batch is encoded, so this time is part
-of every batch's cycle (SD1.5 on an H200: 8 PNGs one by one took 0.28 s, a quarter of the cycle).
+(Pillow's encoders release the GIL). A worker hands back host pixels and takes its next batch while the pool
+encodes them (`workers.encoded`), so encoding is off the GPU's cycle (SD1.5 on an H200: 8 PNGs one by one took
+0.28 s, a quarter of the cycle, when the worker encoded before it took the next batch).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from .png import encode_png
 
-__all__ = ["encode_batch", "encode_pil"]
+__all__ = ["encode_batch", "encode_pil", "encode_pixels", "encodes_on_device"]
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +58,20 @@ def _gpu_jpeg(images) -> list[bytes] | None:
 
 def encode_batch(images, output_format: str = "png") -> list[bytes]:
     """(B, 3, H, W) uint8 tensor (any device) -> one file's bytes per image, in order."""
-    if output_format == "jpeg" and images.device.type == "cuda":
+    if encodes_on_device(images, output_format):
         encoded = _gpu_jpeg(images)
         if encoded is not None:
             return encoded
-    pixels = images.permute(0, 2, 3, 1).cpu().numpy()
+    return encode_pixels(images.permute(0, 2, 3, 1).cpu().numpy(), output_format)
+
+
+def encodes_on_device(images, output_format: str) -> bool:
+    """JPEG of CUDA images: nvJPEG, a few ms a batch, only the compressed bytes cross to the host."""
+    return output_format == "jpeg" and images.device.type == "cuda"
+
+
+def encode_pixels(pixels, output_format: str = "png") -> list[bytes]:
+    """(B, H, W, 3) uint8 numpy array on the host -> one file's bytes per image, in order."""
     pool = _threads()
     if output_format == "png":
         return [encode_png(p, pool) for p in pixels]

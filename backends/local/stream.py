@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from .workers import BatchOutput, BatchRequest, WarmShape, WorkerCrashed
+from .workers import BatchOutput, BatchRequest, WarmShape, WorkerCrashed, encoded
 
 __all__ = ["FleetKeys", "RemoteFleet", "StreamConsumer", "StreamWorker"]
 
@@ -332,7 +332,7 @@ class StreamConsumer:
         self.worker.busy = True
         try:
             req = BatchRequest(**msgspec.json.decode(fields[b"req"]))
-            output = await self.worker.run(req)
+            output = await asyncio.to_thread(encoded, await self.worker.run(req))
             meta, images = {"seconds": output.seconds, "timings": output.timings,
                             "images": len(output.images)}, output.images
         except WorkerCrashed:

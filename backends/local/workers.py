@@ -7,16 +7,19 @@ A worker runs one batch at a time. A child process that dies mid-batch raises
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import multiprocessing as mp
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
-from .encode import encode_batch
+from .encode import encode_batch, encode_pixels, encodes_on_device
 from .engine import DiffusionEngine, EngineSpec
 
-__all__ = ["BatchOutput", "BatchRequest", "ProcessWorker", "ThreadWorker", "WarmShape", "WorkerCrashed", "shape_key"]
+__all__ = ["BatchOutput", "BatchRequest", "ProcessWorker", "ThreadWorker", "WarmShape", "WorkerCrashed", "encoded",
+           "shape_key"]
 
 log = logging.getLogger(__name__)
 
@@ -46,21 +49,35 @@ class BatchRequest:
 @dataclass(slots=True)
 class BatchOutput:
     images: list[bytes]
-    seconds: float  # generation and encoding (the pool replaces it with the whole cycle it saw)
+    seconds: float  # the worker's part (the pool replaces it with the whole cycle it saw)
     timings: dict = field(default_factory=dict)
+    pixels: Any = None  # (B, H, W, 3) uint8 on the host, still to encode (`encoded`); images is empty until then
+    output_format: str = "png"
 
 
 class WorkerCrashed(RuntimeError):
     """The worker's process died; its batch never finished."""
 
 
-def _run_batch(engine: DiffusionEngine, req: BatchRequest) -> BatchOutput:
+def _run_batch(engine: DiffusionEngine, req: BatchRequest, encode: bool = False) -> BatchOutput:
+    """Generate a batch. Its images come back as host pixels for the caller to encode while this worker runs its
+    next batch (GPU JPEG, a few ms, is done here), or encoded when `encode` is set."""
     started = time.perf_counter()
     images = engine.generate(req.prompts, width=req.width, height=req.height, steps=req.steps, seeds=req.seeds,
                              negative_prompts=req.negative_prompts, guidance_scale=req.guidance_scale,
                              output_type="uint8")
-    encoded = encode_batch(images, req.output_format)
-    return BatchOutput(encoded, time.perf_counter() - started)
+    if encode or encodes_on_device(images, req.output_format):
+        return BatchOutput(encode_batch(images, req.output_format), time.perf_counter() - started)
+    pixels = images.permute(0, 2, 3, 1).cpu().numpy()
+    return BatchOutput([], time.perf_counter() - started, pixels=pixels, output_format=req.output_format)
+
+
+def encoded(output: BatchOutput) -> BatchOutput:
+    """The batch's images as file bytes (blocking: run it on a thread). Encoded here when the worker handed back
+    pixels, so the GPU was already on its next batch meanwhile."""
+    if output.pixels is None:
+        return output
+    return dataclasses.replace(output, images=encode_pixels(output.pixels, output.output_format), pixels=None)
 
 
 def _timed_run(engine: DiffusionEngine, shape: WarmShape) -> float:
