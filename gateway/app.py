@@ -34,6 +34,7 @@ from .policy_admin import PolicyRegistry
 from .policy_history import PolicyHistory
 from .redact import Redactor
 from .registry import Backends, build_backends
+from .result_cache import ResultCache
 from .sandbox_runner import SandboxServer, load_sandbox_config
 from .service import GenerationService
 from .settings import Settings
@@ -216,9 +217,13 @@ def assemble(settings: Settings, policy: Policy, backends: Mapping[str, Backend]
                 guard.pacer.local_share = lambda: 1 / store.ledger.replicas  # while Redis is away
     if built.cap is not None:
         built.cap.groups = _tier_groups(registry, built)
+    cache = settings.cache
+    results = ResultCache(settings.resolve(cache.dir), max_bytes=cache.max_bytes, ttl_s=cache.ttl_s,
+                          unseeded=cache.unseeded, shared_across_tenants=cache.shared_across_tenants,
+                          single_flight=cache.single_flight, enabled=cache.enabled)
     service = GenerationService(backends=built.backends, policy=registry, audit=audit, images=images,
                                 limits=settings.limits, public_url=settings.server.public_url,
-                                guards=built.guards, store=store, redact=redactor)
+                                guards=built.guards, store=store, redact=redactor, results=results)
     sync = StateSync(store, service.snapshots.stats, built.guards, settings.state_sync_interval_s)
     registry.on_apply = lambda entry: sync.spawn(store.publish_policy(_policy_payload(entry)))
     local = built.backends.get("local")

@@ -48,6 +48,7 @@ class AuditDraft:
             "outcome": "ok", "status": 200, "backend": outcome.candidate.backend,
             "size_delivered": size, **({"size_made": made} if made != size else {}),
             "model": outcome.result.model, "cost_usd": cost, "images": len(outcome.result.images),
+            "cost_predicted_usd": outcome.candidate.predicted_cost_usd,
             "provider_request_id": outcome.result.provider_request_id,
             "billed_units": outcome.result.billed_units,
             "gpu_seconds": outcome.result.gpu_seconds,
@@ -60,6 +61,13 @@ class AuditDraft:
         """An Idempotency-Key retry answered with the first answer: nothing ran, nothing was charged."""
         self.result = {"outcome": "replayed", "status": 200, "backend": None, "cost_usd": 0.0,
                        "replay_of": original_id}
+
+    def cached(self, found, kind: str) -> None:
+        """Served images an identical request got (`hit`: the result cache; `shared`: made once for requests in
+        flight together): no backend ran, nothing is charged, the cost of making them again is saved."""
+        self.result = {"outcome": "cached", "status": 200, "backend": "cache", "cost_usd": 0.0, "cache": kind,
+                       "cost_saved_usd": found.cost_usd, "cached_from": found.made_by, "made_by_backend": found.backend,
+                       "images": len(found.images), "size_delivered": found.size}
 
     def fail(self, exc: GatewayError) -> None:
         self.fail_with(exc.code or exc.type, exc.status, exc.message)
@@ -79,7 +87,7 @@ class AuditDraft:
             "decision": _decision_record(d) if d else None,
             "attempts": [a.as_record() for a in self.attempts],
             "latency_ms": round(latency_ms, 2),
-            "sla_met": (self.result["outcome"] == "ok" and latency_ms <= sla_ms) if sla_ms else None,
+            "sla_met": (self.result["outcome"] in ("ok", "cached") and latency_ms <= sla_ms) if sla_ms else None,
             **self.result,
         }
 

@@ -29,6 +29,9 @@ class Metrics:
         self.latency = Histogram("imagegw_request_latency_seconds", "End-to-end request latency",
                                  ["backend"], buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.cost = Counter("imagegw_cost_usd", "Cost incurred", ["backend", "tenant"], registry=self.registry)
+        self.cost_predicted = Counter("imagegw_cost_predicted_usd", "What served requests were predicted to cost "
+                                      "when chosen (against imagegw_cost_usd: price-list drift)", ["backend"],
+                                      registry=self.registry)
         self.images = Counter("imagegw_images", "Images delivered", ["backend"], registry=self.registry)
         self.sla_missed = Counter("imagegw_sla_missed", "Requests that missed their SLA", ["tier"],
                                   registry=self.registry)
@@ -36,6 +39,11 @@ class Metrics:
                                 ["backend", "outcome", "error_class"], registry=self.registry)
         self.fallbacks = Counter("imagegw_fallbacks", "Requests served by other than the first candidate",
                                  registry=self.registry)
+        self.cached = Counter("imagegw_result_cache_served", "Requests served images an identical one got "
+                              "(hit: the result cache; shared: made once for requests in flight together)",
+                              ["kind"], registry=self.registry)
+        self.saved = Counter("imagegw_result_cache_saved_usd", "What cached and shared answers would have cost",
+                             registry=self.registry)
         self._guards, self._pool_model, self._backlog, self._degraded = guards, pool_model, audit_backlog, degraded
         self._budget_use = budget_use
         # Label children by values: prometheus_client's labels() validates and locks on every call, several
@@ -56,10 +64,15 @@ class Metrics:
         self._child(self.latency, backend).observe(record["latency_ms"] / 1000)
         if record.get("cost_usd"):
             self._child(self.cost, backend, record.get("tenant") or "anonymous").inc(record["cost_usd"])
+        if record.get("cost_predicted_usd") is not None:
+            self._child(self.cost_predicted, backend).inc(record["cost_predicted_usd"])
         if record.get("images"):
             self._child(self.images, backend).inc(record["images"])
         if record.get("sla_met") is False:
             self._child(self.sla_missed, (record.get("decision") or {}).get("tier") or "none").inc()
+        if record.get("cache"):
+            self._child(self.cached, record["cache"]).inc()
+            self.saved.inc(record.get("cost_saved_usd") or 0.0)
         attempts = record.get("attempts") or []
         for a in attempts:
             self._child(self.attempts, a["backend"], a["outcome"], a.get("error_class") or "").inc()

@@ -30,6 +30,7 @@ from .errors import BudgetExceeded, GatewayError, InvalidRequest, NoBackendAvail
 from .guard import BackendGuard
 from .image_store import ImageStore
 from .policy_admin import PolicyRegistry
+from .result_cache import CachedResult, ResultCache
 from .schemas import GenerationRequest, parse_generation_request
 from .settings import LimitSettings
 from .snapshot import SnapshotSource
@@ -88,8 +89,9 @@ class GenerationService:
                  images: ImageStore, limits: LimitSettings, public_url: str | None = None,
                  guards: Mapping[str, BackendGuard] | None = None,
                  observers: list[Callable[[dict], None]] | None = None, store: StateStore | None = None,
-                 redact: Callable[[str], str] | None = None):
+                 redact: Callable[[str], str] | None = None, results: ResultCache | None = None):
         self._backends = backends
+        self.results = results  # identical seeded requests served from a cache, and made once when in flight
         self.store = store or MemoryStore()
         self.observers = observers if observers is not None else []  # metrics, live stats: fed each record
         self._policy = policy
@@ -120,7 +122,7 @@ class GenerationService:
         return RouteRequest(
             width=width, height=height, n=req.n, steps=req.steps, tenant=ctx.tenant, tier=req.tier,
             sla_ms=req.sla_ms, max_cost_usd=req.max_cost_usd, backend=backend, model=model,
-            tags=frozenset(req.tags or ()),
+            tags=frozenset(req.tags or ()), quality=req.quality,
         )
 
     async def generate(self, body: bytes, ctx: RequestContext) -> ServedImages:
@@ -129,10 +131,22 @@ class GenerationService:
         policy = entry.policy
         record = AuditDraft(ctx, entry)
         reservation = None
+        key, leads, made = None, False, None
         try:
             req = parse_generation_request(body)
             record.describe(req, policy)
             route = self._route_request(req, policy, ctx)
+            key = self.results.key(req, route.width, route.height, ctx.tenant) if self.results else None
+            if key is not None:
+                served = await self._from_cache(key, req, ctx, entry, record)
+                if served is not None:
+                    return served
+                leads, flight = self.results.join(key)
+                if not leads:
+                    shared = await asyncio.shield(flight)  # an identical request is making these images
+                    if shared is not None:
+                        return await self._serve_cached(shared, "shared", req, ctx, entry, record)
+                    # it failed: this one makes its own (and shares nothing)
             snapshot = self.snapshots.current(policy)
             decision = decide(route, policy, snapshot)
             record.decision = decision
@@ -149,12 +163,16 @@ class GenerationService:
             )
             outcome = await self._dispatcher.run(decision, job, deadline, record.attempts, policy.dispatch)
             view = snapshot.get(outcome.candidate.backend)
+            bp = policy.backends[view.name]
             cost = settled_cost_usd(
-                view, policy.backends[view.name], policy.cost_accounting,
-                len(outcome.result.images), outcome.result.gpu_seconds,
-                outcome.candidate.predicted_cost_usd,
+                view, bp, policy.cost_accounting, len(outcome.result.images), outcome.result.gpu_seconds,
+                outcome.candidate.predicted_cost_usd, billed_units=outcome.result.billed_units,
+                per_image_usd=bp.price_per_image(route.megapixels, route.quality, route.model),
             ) + outcome.hedge_cost_usd
             images, size = await self._exact(outcome.result, route, req.output_format, policy)
+            if key is not None:
+                made = CachedResult(images, size, outcome.candidate.backend, outcome.result.model, cost, ctx.id)
+                await self.results.put(key, made)
             data = await self._deliver(images, req.response_format, ctx)
             record.succeed(outcome, cost, size)
             if reservation is None:
@@ -180,7 +198,31 @@ class GenerationService:
             raise
         finally:
             await self._settle(reservation, 0.0)  # failed or cancelled: nothing was spent
+            if leads:
+                self.results.land(key, made)  # its followers get these images, or (None) make their own
             self._finish_soon(record)
+
+    async def _from_cache(self, key: str, req, ctx: RequestContext, entry, record: AuditDraft) -> ServedImages | None:
+        found = await self.results.get(key)
+        return None if found is None else await self._serve_cached(found, "hit", req, ctx, entry, record)
+
+    async def _serve_cached(self, found: CachedResult, kind: str, req, ctx: RequestContext, entry,
+                            record: AuditDraft) -> ServedImages:
+        """Images an identical request was served (`hit`: from the cache; `shared`: made for one in flight):
+        nothing runs and nothing is charged; the cost they would have had again is counted as saved."""
+        data = await self._deliver(found.images, req.response_format, ctx)
+        record.cached(found, kind)
+        if kind == "hit":
+            self.results.hits += 1
+        else:
+            self.results.shared_hits += 1
+        self.results.saved_usd += found.cost_usd
+        return ServedImages(
+            body={"created": int(ctx.received_wall), "data": data, "size": found.size,
+                  "output_format": req.output_format},
+            headers={**_headers(ctx, entry, found.backend, 0.0, False), "x-gateway-size": found.size,
+                     "x-gateway-cache": kind, "x-gateway-cache-source": found.made_by},
+        )
 
     def check(self, body: bytes, ctx: RequestContext) -> None:
         """Raise the 400 a request would get (every field and limit), without running it: async jobs are checked

@@ -104,6 +104,20 @@ class ImageSettings(_Section):
     max_download_bytes: int = Field(32 * 1024 * 1024, gt=0)
 
 
+class CacheSettings(_Section):
+    """The result cache and single flight (`gateway/result_cache.py`)."""
+
+    enabled: bool = Field(True, description="Serve a repeat of a seeded request from the images it got before, "
+                          "and make identical requests in flight once.")
+    dir: str = Field("result_cache", description="Where cached images are kept, under data_dir.")
+    max_bytes: int = Field(2 * 1024**3, ge=0, description="Past this the least recently used entries go.")
+    ttl_s: float = Field(7 * 86_400, gt=0, description="An entry older than this is made anew.")
+    unseeded: bool = Field(False, description="Cache requests without a seed too (they ask for a new image: off).")
+    shared_across_tenants: bool = Field(False, description="One tenant's images served to another asking the "
+                                        "same: off, each tenant has its own entries.")
+    single_flight: bool = Field(True, description="Identical cacheable requests in flight share one generation.")
+
+
 class LimitSettings(_Section):
     model_aliases: dict[str, str] = Field(
         default_factory=lambda: {m: "auto" for m in ("dall-e-2", "dall-e-3", "gpt-image-1", "gpt-image-1-mini")},
@@ -265,6 +279,7 @@ class Settings(BaseSettings):
     audit: AuditSettings = AuditSettings()
     jobs: JobSettings = JobSettings()
     images: ImageSettings = ImageSettings()
+    cache: CacheSettings = CacheSettings()
     limits: LimitSettings = LimitSettings()
     local: LocalPoolSettings = LocalPoolSettings()
     backends: dict[str, ProviderSettings] = Field(default_factory=dict)

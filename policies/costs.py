@@ -22,7 +22,7 @@ def predicted_cost_usd(
 ) -> float:
     """The cost of serving this request on this backend, before it runs."""
     if view.pool is None:
-        return (backend_policy.price_per_image_usd or 0.0) * request.n
+        return backend_policy.price_per_image(request.megapixels, request.quality, request.model) * request.n
     pool = view.pool
     if accounting is CostAccounting.MARGINAL and pool.has_headroom:
         return 0.0
@@ -36,10 +36,18 @@ def settled_cost_usd(
     images: int,
     gpu_seconds: float | None,
     predicted: float,
+    *,
+    billed_units: float | None = None,
+    per_image_usd: float | None = None,
 ) -> float:
-    """What a finished request cost: list price per image, or the GPU time it used."""
+    """What a finished request cost: the provider's reported usage times its unit price (policy `billed`) when
+    it reported one, else the price list per image delivered (`per_image_usd`, the request's line), or the GPU
+    time it used."""
     if view.pool is None:
-        return (backend_policy.price_per_image_usd or 0.0) * images
+        if backend_policy.billed is not None and billed_units is not None:
+            return backend_policy.billed.usd * billed_units
+        price = per_image_usd if per_image_usd is not None else (backend_policy.price_per_image_usd or 0.0)
+        return price * images
     if accounting is CostAccounting.MARGINAL and predicted == 0.0:
         return 0.0
     if gpu_seconds is None:

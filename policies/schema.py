@@ -68,15 +68,52 @@ class LatencyPrior(_Strict):
         return self
 
 
+class PriceRow(_Strict):
+    """One line of a backend's price list; the first line that matches a request prices its images."""
+
+    max_megapixels: float | None = Field(None, gt=0, description="Images up to this size (width x height / 1e6).")
+    quality: list[str] | None = Field(None, min_length=1, description="Only requests asking one of these qualities "
+                                      "(OpenAI's quality: low, medium, high, standard, hd, auto).")
+    model: list[str] | None = Field(None, min_length=1, description="Only requests naming one of these provider "
+                                    "models (\"model\": \"backend/model\").")
+    usd_per_image: float = Field(ge=0.0)
+
+
+class BilledUnit(_Strict):
+    """What the provider reports it billed (its usage in the answer) and what one unit costs: a request is then
+    settled from that report instead of the price list (the price list still predicts it)."""
+
+    unit: Literal["image", "token", "credit"] = Field(description="What the provider counts: Seedream "
+                                                      "usage.generated_images, Gemini's image output tokens, "
+                                                      "Reve credits_used.")
+    usd: float = Field(ge=0.0, description="The price of one unit (Gemini 3 Pro image tokens: 0.00012).")
+
+
 class BackendPolicy(_Strict):
     enabled: bool = True
     quality: float = Field(ge=0.0, le=1.0, description="Quality score, compared with tiers' min_quality.")
     price_per_image_usd: float | None = Field(
-        None, ge=0.0, description="API list price per image; null for the local pool (cost model)."
+        None, ge=0.0, description="API list price per image (a request no `prices` line matches); null for the "
+        "local pool (cost model)."
     )
+    prices: list[PriceRow] = Field(default_factory=list, description="Price list by size, quality and model: "
+                                   "the first matching line prices a request.")
+    billed: BilledUnit | None = Field(None, description="Settle from the provider's reported usage.")
     latency_prior: LatencyPrior | None = Field(
         None, description="Latency assumed until enough outcomes are observed."
     )
+
+    def price_per_image(self, megapixels: float, quality: str | None, model: str | None) -> float:
+        """The list price of one image of this request (0 when the backend has none: the local pool)."""
+        for row in self.prices:
+            if row.max_megapixels is not None and megapixels > row.max_megapixels + 1e-9:
+                continue
+            if row.quality is not None and quality not in row.quality:
+                continue
+            if row.model is not None and model not in row.model:
+                continue
+            return row.usd_per_image
+        return self.price_per_image_usd or 0.0
 
 
 class Defaults(_Strict):
@@ -161,6 +198,9 @@ class Policy(_Strict):
     record_prompt_text: bool = Field(False, description="Store prompt text in the audit log (else a hash).")
     live_latency_min_samples: int = Field(
         20, ge=1, description="Successes observed before a backend's latency comes from outcomes, not its prior.")
+    cost_drift_warn: float = Field(
+        0.1, gt=0, description="/admin/stats warns when a backend's settled cost differs from its predicted cost by "
+        "more than this share (a price list out of date).")
     reserve_pool: bool = Field(
         False, description="Keep pool capacity for requests only the pool can serve (their SLA is tighter than "
         "every other backend's prediction): while such requests are arriving, requests with other candidates "

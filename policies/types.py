@@ -73,6 +73,7 @@ class RouteRequest:
     backend: str | None = None  # a named backend ("model": "reve" or "reve/reve-create")
     model: str | None = None
     tags: frozenset[str] = frozenset()
+    quality: str | None = None  # OpenAI's quality field, for price lists that charge by it
 
     @property
     def megapixels(self) -> float:

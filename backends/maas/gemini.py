@@ -66,10 +66,22 @@ class GeminiBackend(ApiBackend):
         if not isinstance(payload, dict):
             raise error_for_status(502, "Gemini answered 200 with a non-object body")
         data, mime = _first_image(payload)
-        usage = payload.get("usageMetadata") or {}
         return Piece(image=b64_image(data, "Gemini", mime),
-                     request_id=payload.get("responseId"), billed_units=usage.get("candidatesTokenCount"),
+                     request_id=payload.get("responseId"), billed_units=_image_tokens(payload.get("usageMetadata")),
                      model=payload.get("modelVersion"))
+
+
+def _image_tokens(usage) -> float | None:
+    """The image output tokens Google bills at the image rate: candidatesTokensDetails' IMAGE entry, else all
+    candidate tokens (an answer without the breakdown). None when the answer says nothing."""
+    if not isinstance(usage, dict):
+        return None
+    for detail in usage.get("candidatesTokensDetails") or ():
+        if isinstance(detail, dict) and detail.get("modality") == "IMAGE" and \
+                isinstance(detail.get("tokenCount"), int | float):
+            return float(detail["tokenCount"])
+    total = usage.get("candidatesTokenCount")
+    return float(total) if isinstance(total, int | float) else None
 
 
 _NULL = msgspec.Raw(b"null")

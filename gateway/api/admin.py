@@ -19,6 +19,7 @@ from ..auth import admin_only
 from ..config import ConfigError, parse_policy
 from ..errors import InvalidRequest, NotFound
 from ..policy_admin import PolicyRegistry
+from ..service import GenerationService
 from ..settings import Settings
 from ..state import StateStore
 
@@ -223,11 +224,14 @@ async def spend(store: StateStore, policy: PolicyRegistry) -> dict:
 
 
 @get("/stats")
-async def stats(audit: AuditLog, window_s: float = 3600.0) -> dict:
+async def stats(audit: AuditLog, service: GenerationService, policy: PolicyRegistry,
+                window_s: float = 3600.0) -> dict:
     if not 0 < window_s <= 31_622_400:
         raise InvalidRequest("window_s: seconds, more than 0 and at most a year (31622400)", param="window_s")
-    rows = await asyncio.to_thread(audit_stats, audit.reader, time.time() - window_s)
-    return {"window_s": window_s, "backends": rows}
+    rows = await asyncio.to_thread(audit_stats, audit.reader, time.time() - window_s,
+                                   policy.current.cost_drift_warn)
+    cache = service.results.stats() if service.results is not None else None  # this replica, since it started
+    return {"window_s": window_s, "backends": rows, "result_cache": cache}
 
 
 admin_router = Router(path="/admin", guards=[admin_only], include_in_schema=True, route_handlers=[

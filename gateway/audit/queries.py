@@ -36,8 +36,9 @@ def audit_query(reader: AuditReader, *, limit: int = 100, cursor: str | None = N
     return page, next_cursor
 
 
-def audit_stats(reader: AuditReader, since: float) -> list[dict[str, Any]]:
-    """Per backend since a time: requests, images, cost per image, p50/p95 latency, SLA attainment, fallbacks."""
+def audit_stats(reader: AuditReader, since: float, drift_warn: float = 0.1) -> list[dict[str, Any]]:
+    """Per backend since a time: requests, images, cost per image (settled, and as predicted when chosen, with
+    a warning past `drift_warn`), p50/p95 latency, SLA attainment, fallbacks."""
     rows = reader.rows("SELECT backend, latency_ms, cost_usd, sla_met, outcome, record FROM audit WHERE ts >= ?",
                         (since,))
     groups: dict[str, list] = {}
@@ -55,9 +56,24 @@ def audit_stats(reader: AuditReader, since: float) -> list[dict[str, Any]]:
             "images": images, "cost_usd": cost, "cost_per_image_usd": cost / images if images else None,
             "latency_ms": {"p50": _pct(latencies, 0.5), "p95": _pct(latencies, 0.95)},
             "sla_attainment": sum(judged) / len(judged) if judged else None,
+            "cost_saved_usd": float(sum(r.get("cost_saved_usd") or 0 for r in records)),  # cached answers
+            **_drift(records, drift_warn),
             "fallbacks": sum(1 for r in records if r.get("outcome") == "ok"
                              and (r.get("decision") or {}).get("chosen") not in (None, r.get("backend"))),
         })
+    return out
+
+
+def _drift(records: list[dict], warn: float) -> dict[str, Any]:
+    """Settled against predicted cost over the requests that carry both (served ones)."""
+    both = [r for r in records if r.get("outcome") == "ok" and r.get("cost_predicted_usd") is not None]
+    predicted = float(sum(r["cost_predicted_usd"] for r in both))
+    settled = float(sum(r.get("cost_usd") or 0 for r in both))
+    drift = settled / predicted - 1 if predicted > 0 else None
+    out: dict[str, Any] = {"cost_predicted_usd": predicted, "cost_drift": drift}
+    if drift is not None and abs(drift) > warn:
+        out["warning"] = (f"settled cost {drift:+.0%} against predicted over {len(both)} requests: the price list "
+                          "(policy backends.<name>.prices / billed) may be out of date")
     return out
 
 

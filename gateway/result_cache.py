@@ -1,0 +1,208 @@
+"""Identical requests served once: a disk cache of delivered images, and single flight for identical requests in
+flight at the same time.
+
+A request is cacheable when it names a seed: without one a client asks for a new image (`cache.unseeded` opts
+those in too). Its key is a digest of everything that shapes the images it gets: the prompt (Unicode NFC, runs
+of whitespace collapsed, trimmed), the negative prompt, size, n, steps, seed, model, tier, quality and output
+format, and the tenant unless `cache.shared_across_tenants`. The response format is not in it: a cached image is
+answered as base64 or as a URL alike.
+
+On disk, under `cache.dir` in the data folder: `<key>.json` (what was served, by whom, at what cost) and
+`<key>.<i>` per image, written under temporary names and moved in place (a reader never sees half an entry).
+Entries expire after `cache.ttl_s`; past `cache.max_bytes` the least recently used go first. Each replica keeps
+its own folder unless they share one; single flight is within one replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+
+from backends.protocol import GeneratedImage
+
+__all__ = ["CachedResult", "ResultCache", "request_key"]
+
+log = logging.getLogger(__name__)
+
+_SPACE = re.compile(r"\s+")
+
+
+def _normal(text: str | None) -> str:
+    return _SPACE.sub(" ", unicodedata.normalize("NFC", text or "")).strip()
+
+
+def request_key(req, width: int, height: int, tenant: str | None, *, shared: bool = False) -> str:
+    """The digest identical requests share (see the module docstring for what counts)."""
+    fields = {
+        "prompt": _normal(req.prompt), "negative_prompt": _normal(req.negative_prompt),
+        "size": f"{width}x{height}", "n": req.n, "steps": req.steps, "seed": req.seed, "model": req.model,
+        "tier": req.tier, "quality": req.quality, "output_format": req.output_format,
+        "tenant": None if shared else (tenant or "anonymous"),
+    }
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class CachedResult:
+    """What one request was served: the delivered images and what they cost when they were made."""
+
+    images: tuple[GeneratedImage, ...]
+    size: str
+    backend: str
+    model: str
+    cost_usd: float
+    made_by: str  # the decision id of the request that made them
+    created: float = 0.0
+
+
+class _Flight:
+    """The first of identical requests in flight makes the images; the others wait for them."""
+
+    def __init__(self):
+        self.done = asyncio.get_running_loop().create_future()
+        self.followers = 0
+
+
+class ResultCache:
+    def __init__(self, folder: Path, *, max_bytes: int, ttl_s: float, unseeded: bool = False,
+                 shared_across_tenants: bool = False, single_flight: bool = True, enabled: bool = True,
+                 clock=time.time):
+        self.folder = Path(folder)
+        self.max_bytes, self.ttl_s = max_bytes, ttl_s
+        self.unseeded, self.shared, self.single_flight, self.enabled = (unseeded, shared_across_tenants,
+                                                                       single_flight, enabled)
+        self._clock = clock
+        self._index: dict[str, tuple[float, int]] | None = None  # key -> (last use, bytes), loaded at first use
+        self._flights: dict[str, _Flight] = {}
+        self.hits = self.shared_hits = self.misses = 0
+        self.saved_usd = 0.0
+
+    def key(self, req, width: int, height: int, tenant: str | None) -> str | None:
+        """The request's key, or None when it is not cacheable."""
+        if not self.enabled or (req.seed is None and not self.unseeded):
+            return None
+        return request_key(req, width, height, tenant, shared=self.shared)
+
+    # -- disk ------------------------------------------------------------------------------------------------
+
+    async def get(self, key: str) -> CachedResult | None:
+        try:
+            found = await asyncio.to_thread(self._read, key)
+        except (OSError, ValueError, KeyError) as exc:  # a damaged entry is a miss, never an error
+            log.warning("result cache entry %s unreadable (%s): ignored", key[:12], exc)
+            found = None
+        if found is None:
+            self.misses += 1
+        return found
+
+    async def put(self, key: str, result: CachedResult) -> None:
+        if not all(image.present for image in result.images):
+            return  # links the provider hosts: nothing of ours to keep
+        try:
+            await asyncio.to_thread(self._write, key, result)
+        except OSError as exc:  # a full disk costs the cache, not the request
+            log.warning("result cache could not store %s: %s", key[:12], exc)
+
+    def _meta(self, key: str) -> Path:
+        return self.folder / f"{key}.json"
+
+    def _load_index(self) -> dict[str, tuple[float, int]]:
+        if self._index is None:
+            index = {}
+            for meta in self.folder.glob("*.json") if self.folder.is_dir() else ():
+                with contextlib.suppress(OSError, ValueError):
+                    info = json.loads(meta.read_text())
+                    index[meta.stem] = (meta.stat().st_mtime, int(info.get("bytes", 0)))
+            self._index = index
+        return self._index
+
+    def _read(self, key: str) -> CachedResult | None:
+        index = self._load_index()
+        meta_path = self._meta(key)
+        if key not in index or not meta_path.is_file():
+            index.pop(key, None)
+            return None
+        info = json.loads(meta_path.read_text())
+        now = self._clock()
+        if now - info["created"] > self.ttl_s:
+            self._remove(key)
+            return None
+        images = tuple(GeneratedImage(data=(self.folder / f"{key}.{i}").read_bytes(), media_type=media)
+                       for i, media in enumerate(info["media_types"]))
+        os.utime(meta_path, (now, now))  # last use, for eviction
+        index[key] = (now, index[key][1])
+        return CachedResult(images=images, size=info["size"], backend=info["backend"], model=info["model"],
+                            cost_usd=info["cost_usd"], made_by=info["made_by"], created=info["created"])
+
+    def _write(self, key: str, result: CachedResult) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        index = self._load_index()
+        total = 0
+        suffix = f".tmp-{os.getpid()}"
+        for i, image in enumerate(result.images):
+            data = image.content()
+            tmp = self.folder / f"{key}.{i}{suffix}"
+            tmp.write_bytes(data)
+            os.replace(tmp, self.folder / f"{key}.{i}")
+            total += len(data)
+        info = {"created": self._clock(), "size": result.size, "backend": result.backend, "model": result.model,
+                "cost_usd": result.cost_usd, "made_by": result.made_by, "bytes": total,
+                "media_types": [image.media_type for image in result.images]}
+        tmp = self.folder / f"{key}.json{suffix}"
+        tmp.write_text(json.dumps(info))
+        os.replace(tmp, self._meta(key))  # last: an entry exists only once its images do
+        index[key] = (self._clock(), total)
+        self._evict(index)
+
+    def _evict(self, index: dict[str, tuple[float, int]]) -> None:
+        used = sum(size for _, size in index.values())
+        for key, (_, size) in sorted(index.items(), key=lambda item: item[1][0]):
+            if used <= self.max_bytes:
+                break
+            self._remove(key)
+            used -= size
+
+    def _remove(self, key: str) -> None:
+        if self._index is not None:
+            self._index.pop(key, None)
+        meta = self._meta(key)
+        with contextlib.suppress(OSError, ValueError):
+            count = len(json.loads(meta.read_text()).get("media_types", []))
+            meta.unlink()
+            for i in range(count):
+                (self.folder / f"{key}.{i}").unlink(missing_ok=True)
+
+    # -- single flight -----------------------------------------------------------------------------------------
+
+    def join(self, key: str) -> tuple[bool, asyncio.Future]:
+        """(True, future) for the first of identical requests: it makes the images and `land`s them;
+        (False, future) for the others: they await the future (a CachedResult, or None if the first failed)."""
+        flight = self._flights.get(key) if self.single_flight else None
+        if flight is None:
+            flight = _Flight()
+            if self.single_flight:
+                self._flights[key] = flight
+            return True, flight.done
+        flight.followers += 1
+        return False, flight.done
+
+    def land(self, key: str, result: CachedResult | None) -> None:
+        """The first request is done (None: it failed; its followers then make their own)."""
+        flight = self._flights.pop(key, None)
+        if flight is not None and not flight.done.done():
+            flight.done.set_result(result)
+
+    def stats(self) -> dict:
+        index = self._index or {}
+        return {"enabled": self.enabled, "entries": len(index), "bytes": sum(s for _, s in index.values()),
+                "max_bytes": self.max_bytes, "hits": self.hits, "shared": self.shared_hits, "misses": self.misses,
+                "saved_usd": round(self.saved_usd, 6), "in_flight": len(self._flights)}

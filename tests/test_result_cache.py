@@ -1,0 +1,168 @@
+"""Identical seeded requests are served once: a repeat from the result cache, requests in flight together from
+one generation; nothing is charged for them, the cost saved is audited and counted, and a tenant never gets
+another tenant's images."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+
+import httpx
+import pytest
+
+from backends.protocol import GeneratedImage
+from gateway.auth import hash_key
+from gateway.result_cache import CachedResult, ResultCache, request_key
+from gateway.schemas import parse_generation_request
+from gateway.settings import ApiKeySettings
+from tests.fakes import ScriptedBackend
+from tests.test_admin import ADMIN, admin, wait_audited
+
+
+def _req(**body):
+    return parse_generation_request(__import__("json").dumps({"prompt": "a red fox", **body}).encode())
+
+
+@pytest.fixture
+def gateway(settings, shipped_policy, serve, monkeypatch):
+    monkeypatch.setenv("IMAGEGW_ADMIN_KEY", ADMIN)
+    reve = ScriptedBackend("reve", models=("reve-create",), delay_s=0.3)
+    server = serve(settings, shipped_policy, {"reve": reve})
+    server.reve = reve
+    return server
+
+
+def post(server, key=None, **body):
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(server.base_url + "/v1/images/generations", headers=headers, timeout=30,
+                      json={"prompt": "a red fox", "size": "1024x1024", "model": "reve", **body})
+
+
+def test_the_key_ignores_whitespace_and_response_format_but_not_what_shapes_the_image():
+    base = request_key(_req(seed=1), 1024, 1024, "t")
+    assert request_key(_req(prompt="  a   red\tfox ", seed=1, response_format="url"), 1024, 1024, "t") == base
+    for other in (_req(seed=2), _req(seed=1, steps=20), _req(seed=1, output_format="jpeg"),
+                  _req(seed=1, negative_prompt="blur"), _req(seed=1, tier="premium"), _req(seed=1, n=2)):
+        assert request_key(other, 1024, 1024, "t") != base
+    assert request_key(_req(seed=1), 1024, 768, "t") != base
+    assert request_key(_req(seed=1), 1024, 1024, "u") != base  # per tenant by default
+    assert request_key(_req(seed=1), 1024, 1024, "u", shared=True) == request_key(_req(seed=1), 1024, 1024, "t",
+                                                                                  shared=True)
+
+
+def test_a_request_without_a_seed_asks_for_a_new_image_and_is_not_cached(tmp_path):
+    cache = ResultCache(tmp_path, max_bytes=10**6, ttl_s=60)
+    assert cache.key(_req(), 1024, 1024, "t") is None
+    assert ResultCache(tmp_path, max_bytes=10**6, ttl_s=60, unseeded=True).key(_req(), 1024, 1024, "t")
+
+
+def test_a_repeat_is_served_from_the_cache_with_nothing_charged_and_the_saving_audited(gateway):
+    first = post(gateway, seed=7)
+    again = post(gateway, seed=7, response_format="url")
+    assert first.status_code == again.status_code == 200
+    assert len(gateway.reve.calls) == 1  # the repeat ran no backend
+    assert first.headers.get("x-gateway-cache") is None and again.headers["x-gateway-cache"] == "hit"
+    assert again.headers["x-gateway-cost-usd"] == "0.000000"
+    assert again.headers["x-gateway-cache-source"] == first.headers["x-gateway-decision-id"]
+    fetched = httpx.get(again.json()["data"][0]["url"])  # the cached image answered as a URL this time
+    assert fetched.content == __import__("base64").b64decode(first.json()["data"][0]["b64_json"])
+    wait_audited(gateway, 2)
+    made = admin(gateway, "GET", f"/admin/audit/{first.headers['x-gateway-decision-id']}").json()
+    record = admin(gateway, "GET", f"/admin/audit/{again.headers['x-gateway-decision-id']}").json()
+    assert record["outcome"] == "cached" and record["cache"] == "hit" and record["cost_usd"] == 0
+    assert record["cost_saved_usd"] == made["cost_usd"] > 0 and record["cached_from"] == made["id"]
+    metrics = httpx.get(gateway.base_url + "/metrics").text
+    assert 'imagegw_result_cache_served_total{kind="hit"} 1.0' in metrics
+    assert f"imagegw_result_cache_saved_usd_total {made['cost_usd']}" in metrics
+    stats = admin(gateway, "GET", "/admin/stats").json()
+    assert stats["result_cache"]["hits"] == 1 and stats["result_cache"]["entries"] == 1
+    assert next(r for r in stats["backends"] if r["backend"] == "cache")["cost_saved_usd"] == made["cost_usd"]
+
+
+def test_identical_requests_in_flight_share_one_generation(gateway):
+    with concurrent.futures.ThreadPoolExecutor(5) as pool:
+        answers = list(pool.map(lambda _: post(gateway, seed=11), range(5)))
+    assert [a.status_code for a in answers] == [200] * 5
+    assert len(gateway.reve.calls) == 1
+    kinds = sorted(a.headers.get("x-gateway-cache", "made") for a in answers)
+    assert kinds == ["made", "shared", "shared", "shared", "shared"]
+    assert len({a.json()["data"][0]["b64_json"] for a in answers}) == 1
+
+
+def test_when_the_first_of_identical_requests_fails_the_others_make_their_own(settings, shipped_policy, serve):
+    from backends.errors import BackendTransientError
+
+    failed = []
+
+    def fail_first(job):
+        if not failed:
+            failed.append(job.id)
+            return BackendTransientError("upstream 503")
+        return None
+
+    reve = ScriptedBackend("reve", models=("reve-create",), delay_s=0.3, fail=fail_first)
+    server = serve(settings, shipped_policy, {"reve": reve})
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(lambda _: post(server, seed=5), range(3)))
+    assert all(a.status_code == 200 for a in answers)  # the dispatcher retried the first; nobody got its error
+    assert len(reve.calls) >= 2
+
+
+def test_tenants_do_not_share_entries(settings, shipped_policy, serve, monkeypatch):
+    monkeypatch.setenv("IMAGEGW_ADMIN_KEY", ADMIN)
+    settings.auth.keys = [ApiKeySettings(key_sha256=hash_key("a-key"), tenant="a"),
+                          ApiKeySettings(key_sha256=hash_key("b-key"), tenant="b")]
+    reve = ScriptedBackend("reve", models=("reve-create",))
+    server = serve(settings, shipped_policy, {"reve": reve})
+    assert post(server, key="a-key", seed=3).status_code == 200
+    other = post(server, key="b-key", seed=3)
+    assert other.status_code == 200 and other.headers.get("x-gateway-cache") is None
+    assert post(server, key="a-key", seed=3).headers["x-gateway-cache"] == "hit"
+    assert len(reve.calls) == 2
+
+
+def _entry(n: int, size: int) -> CachedResult:
+    return CachedResult(tuple(GeneratedImage(data=bytes([i]) * size) for i in range(n)), "64x64", "reve", "m",
+                        0.02, f"id{n}")
+
+
+def test_entries_expire_and_the_least_recently_used_go_past_the_size_cap(tmp_path):
+    now = [1000.0]
+    cache = ResultCache(tmp_path, max_bytes=2500, ttl_s=100, clock=lambda: now[0])
+
+    async def scenario():
+        await cache.put("a", _entry(1, 1000))
+        now[0] += 1
+        await cache.put("b", _entry(1, 1000))
+        now[0] += 1
+        assert (await cache.get("a")).images[0].data == bytes([0]) * 1000  # a is now the most recently used
+        now[0] += 1
+        await cache.put("c", _entry(1, 1000))  # 3000 bytes > 2500: the least recently used (b) goes
+        assert await cache.get("b") is None and await cache.get("a") is not None
+        now[0] += 200
+        assert await cache.get("c") is None  # past its TTL
+        assert not list(tmp_path.glob("c.*"))
+
+    asyncio.run(scenario())
+    # A fresh process finds what is on disk.
+    again = ResultCache(tmp_path, max_bytes=2500, ttl_s=10**6, clock=lambda: now[0])
+    assert asyncio.run(again.get("a")) is not None
+
+
+def test_a_damaged_entry_is_a_miss_not_an_error(tmp_path):
+    cache = ResultCache(tmp_path, max_bytes=10**6, ttl_s=100)
+    asyncio.run(cache.put("k", _entry(2, 10)))
+    (tmp_path / "k.1").unlink()
+    assert asyncio.run(cache.get("k")) is None
+    started = time.monotonic()
+    assert asyncio.run(ResultCache(tmp_path / "none", max_bytes=1, ttl_s=1).get("x")) is None
+    assert time.monotonic() - started < 1
+
+
+def test_the_cache_can_be_turned_off(settings, shipped_policy, serve):
+    settings.cache.enabled = False
+    reve = ScriptedBackend("reve", models=("reve-create",))
+    server = serve(settings, shipped_policy, {"reve": reve})
+    assert post(server, seed=1).status_code == post(server, seed=1).status_code == 200
+    assert len(reve.calls) == 2
