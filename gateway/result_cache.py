@@ -95,6 +95,9 @@ class ResultCache:
     # -- disk ------------------------------------------------------------------------------------------------
 
     async def get(self, key: str) -> CachedResult | None:
+        if self._index is not None and key not in self._index:  # a known miss costs no thread and no disk
+            self.misses += 1
+            return None
         try:
             found = await asyncio.to_thread(self._read, key)
         except (OSError, ValueError, KeyError) as exc:  # a damaged entry is a miss, never an error
@@ -200,6 +203,14 @@ class ResultCache:
         flight = self._flights.pop(key, None)
         if flight is not None and not flight.done.done():
             flight.done.set_result(result)
+
+    def served(self, kind: str, saved_usd: float) -> None:
+        """Count an answer given from an identical request's images (`hit` or `shared`)."""
+        if kind == "hit":
+            self.hits += 1
+        else:
+            self.shared_hits += 1
+        self.saved_usd += saved_usd
 
     def stats(self) -> dict:
         index = self._index or {}

@@ -212,11 +212,7 @@ class GenerationService:
         nothing runs and nothing is charged; the cost they would have had again is counted as saved."""
         data = await self._deliver(found.images, req.response_format, ctx)
         record.cached(found, kind)
-        if kind == "hit":
-            self.results.hits += 1
-        else:
-            self.results.shared_hits += 1
-        self.results.saved_usd += found.cost_usd
+        self.results.served(kind, found.cost_usd)
         return ServedImages(
             body={"created": int(ctx.received_wall), "data": data, "size": found.size,
                   "output_format": req.output_format},
