@@ -92,8 +92,12 @@ class SLABatcher:
 
     def __init__(self, profile: Callable[[], ThroughputProfile], *, max_batch: int = 8, max_wait_s: float = 0.1,
                  clock: Callable[[], float] = time.monotonic, release_margin: float = 1.2,
-                 arrivals: ArrivalRate | None = None):
+                 arrivals: ArrivalRate | None = None, max_batch_s: Callable[[], float | None] | None = None):
         self._profile = profile
+        # The longest a batch may run (None: no cap), asked at each plan: while requests only the pool can serve
+        # are arriving, a batch that runs longer than they can wait would make them late, since a running batch
+        # cannot be pre-empted (policies.reservation).
+        self.max_batch_s = max_batch_s
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         # With an ArrivalRate, a lone job waits for company only when some is likely to come; without, it
@@ -202,11 +206,14 @@ class SLABatcher:
             return float("inf") if late_anyway else job.deadline
 
         tightest = binding(queue[0])
+        cap = self.max_batch_s() if self.max_batch_s is not None else None
         for i in range(1, len(queue)):
             slots_i = slots + queue[i].slots
             if slots_i > self.max_batch:
                 break
             seconds = self._seconds(profile, key, slots_i)
+            if cap is not None and seconds > cap:
+                break  # the room kept for requests that only the pool can serve
             if now + seconds > min(tightest, binding(queue[i])):
                 break  # a bigger batch would finish too late for someone in it
             chosen, chosen_s, slots = queue[: i + 1], seconds, slots_i

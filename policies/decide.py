@@ -176,7 +176,7 @@ def decide(request: RouteRequest, policy: Policy, snapshot: Snapshot) -> Decisio
                                       "would eat into the slack reserve of committed pool jobs"))
 
     if policy.reserve_pool and candidates:
-        candidates = _keep_reserved_room(candidates, pooled, snapshot, rejected)
+        candidates = _keep_reserved_room(candidates, pooled, snapshot, sla_ms, rejected)
     at_risk = not candidates and not probes and bool(late) and tier.on_no_candidate == "best_effort"
     if at_risk:  # the one predicted to finish first, then the rest by the same prediction
         candidates = sorted(late, key=lambda c: (c.predicted_latency_ms, c.predicted_cost_usd, c.backend))
@@ -205,22 +205,22 @@ def decide(request: RouteRequest, policy: Policy, snapshot: Snapshot) -> Decisio
     )
 
 
-def _keep_reserved_room(candidates: list[Candidate], pooled: set[str], snapshot: Snapshot,
+def _keep_reserved_room(candidates: list[Candidate], pooled: set[str], snapshot: Snapshot, sla_ms: float,
                         rejected: list[Rejection]) -> list[Candidate]:
-    """A request that other backends can serve in time stays off a pool whose backlog is past its reservation:
-    the room is for requests only the pool can serve (their arrivals set it; see PoolModel.flexible_backlog_s)."""
-    others = [c for c in candidates if c.backend not in pooled]
-    if not others:
+    """A request that other backends can serve in time is predicted on the pool as if work only the pool can
+    serve had the share of it such work has been taking (policies.reservation); if it would then miss its SLA it
+    goes elsewhere, leaving the room to the work that has nowhere else to go."""
+    if all(c.backend in pooled for c in candidates):
         return candidates
     kept = []
     for c in candidates:
         pool = snapshot.get(c.backend).pool if c.backend in pooled else None
-        limit = pool.flexible_backlog_s if pool is not None else None
-        backlog = pool.work_ahead_s / max(pool.workers, 1) if pool is not None else 0.0
-        if limit is not None and backlog > limit:
+        delay_ms = pool.reserved_delay_s(sla_ms / 1000) * 1000 if pool is not None else 0.0
+        if delay_ms and c.predicted_latency_ms + delay_ms > sla_ms:
             rejected.append(Rejection(c.backend, RejectReason.RESERVED,
-                                      f"backlog {backlog:.1f} s per worker > {limit:.1f} s kept for requests only "
-                                      "the pool can serve; another backend can serve this one in time"))
+                                      f"predicted {c.predicted_latency_ms:.0f} ms + {delay_ms:.0f} ms for the "
+                                      f"{pool.reserved_share:.0%} of the pool kept for requests only it can serve "
+                                      f"> SLA {sla_ms} ms; another backend can serve this one in time"))
         else:
             kept.append(c)
     return kept

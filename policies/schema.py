@@ -202,10 +202,10 @@ class Policy(_Strict):
         0.1, gt=0, description="/admin/stats warns when a backend's settled cost differs from its predicted cost by "
         "more than this share (a price list out of date).")
     reserve_pool: bool = Field(
-        False, description="Keep pool capacity for requests only the pool can serve (their SLA is tighter than "
-        "every other backend's prediction): while such requests are arriving, requests with other candidates "
-        "join the pool only while its backlog leaves them room (trunk reservation). Off by default: it buys SLA "
-        "with API spend (docs/benchmarks.md, routing economics).")
+        True, description="Keep pool capacity for requests only the pool can serve (their SLA is tighter than "
+        "every other backend's prediction), from their recent arrivals: no pool batch runs longer than they can "
+        "wait, and a request with other candidates is predicted on the pool without the share of it they take "
+        "(trunk reservation; policies/reservation.py, docs/benchmarks.md).")
     defaults: Defaults = Defaults()
     dispatch: Dispatch = Dispatch()
     budgets: BudgetPolicy = BudgetPolicy()

@@ -177,8 +177,10 @@ class _Sim:
         self.apis = {a.name: a for a in world.apis}
         pool = world.pool
         # As the gateway's pool: a lone job waits for company only when the arrivals say some is coming.
+        self.inflexible = InflexibleArrivals()  # requests only the pool could serve (trunk reservation)
         self.batcher = SLABatcher(lambda: pool.profile, max_batch=pool.max_batch, max_wait_s=pool.max_wait_s,
-                                  clock=lambda: self.now, arrivals=ArrivalRate()) if pool else None
+                                  clock=lambda: self.now, arrivals=ArrivalRate(),
+                                  max_batch_s=lambda: self.inflexible.max_batch_s(self.now)) if pool else None
         self.gpu_free_at = [0.0] * (pool.gpus if pool else 0)
         self.occupancy = 1.0
         self.busy_s = 0.0
@@ -190,7 +192,6 @@ class _Sim:
         self.released = 0
         self.hedges = 0
         self.held = 0  # times an async job was held for idle pool capacity
-        self.inflexible = InflexibleArrivals()  # requests only the pool could serve (trunk reservation)
 
     def push(self, at: float, kind: str, data) -> None:
         self.seq += 1
@@ -224,8 +225,7 @@ class _Sim:
                               typical_batch=self.occupancy, has_headroom=idle and len(self.batcher) == 0,
                               max_wait_s=pool.max_wait_s if self.batcher.arrivals.expects_any(pool.max_wait_s)
                               else 0.0, running_s=0.0 if queue is None else running, queue=queue,
-                              flexible_backlog_s=self.inflexible.backlog_limit_s(self.now)
-                              if self.policy.reserve_pool else None)
+                              reserved_share=self.inflexible.share(self.now, pool.gpus))
             views.append(BackendView(name="local", kind=BackendKind.LOCAL, health=Health.OK, models=(pool.model,),
                                      sizes=SizeSupport(max_side=2048, multiple_of=8), max_n=10,
                                      default_steps=pool.default_steps,

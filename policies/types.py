@@ -159,9 +159,9 @@ class PoolModel:
     # in overload the queue runs slower than predicted (smaller batches, mixed shapes), and a committed job
     # can no longer be given back. 4 measured best (docs/benchmarks.md, late binding).
     committed_reserve: float = 4.0
-    # Trunk reservation: while work that only the pool can serve is arriving, a request with other candidates
-    # joins the pool only while its backlog (work ahead per worker) stays under this; None: no reservation.
-    flexible_backlog_s: float | None = None
+    # Trunk reservation (policies.reservation): the share of each worker's time that work only the pool can serve
+    # has been taking; a request with other candidates is predicted as if the pool had only the rest.
+    reserved_share: float = 0.0
 
     def ahead_s(self, sla_s: float | None) -> float:
         """Work that runs before a new job due in `sla_s`: the batcher goes by earliest deadline."""
@@ -209,6 +209,14 @@ class PoolModel:
             return ahead + own
         slack = sla_s - own if sla_s is not None else self.max_wait_s
         return own + max(0.0, min(self.max_wait_s, slack))
+
+    def reserved_delay_s(self, sla_s: float | None) -> float:
+        """How much later than `completion_s` a job with other candidates is predicted to finish: the pool-only
+        work arriving meanwhile goes ahead of it (deadline first), stretching its wait by 1 / (1 - share)."""
+        if self.reserved_share <= 0:
+            return 0.0
+        wait = self.ahead_s(sla_s) / max(self.workers, 1)
+        return wait * self.reserved_share / (1 - self.reserved_share)
 
     def gpu_seconds_per_image(self, request: RouteRequest, steps: int) -> float:
         batch = max(request.n, round(self.typical_batch))

@@ -228,3 +228,22 @@ def test_company_is_expected_from_bursts_of_arrivals_not_from_their_mean_gap():
         sparse.arrived("k", i * 1.0)
     assert not sparse.expects_company("k", 0.1) and not sparse.expects_any(0.1)
     assert not ArrivalRate().expects_company("k", 0.1)  # nothing seen yet: nobody to wait for
+
+
+def test_while_room_is_kept_no_batch_runs_longer_than_the_cap_and_a_lone_big_job_still_runs(clock):
+    cap = [None]
+    batcher = SLABatcher(lambda: PROFILE, max_batch=8, max_wait_s=0.1, clock=clock, max_batch_s=lambda: cap[0])
+    for _ in range(8):
+        batcher.put(job(clock, 60))
+    cap[0] = 4.0  # requests only the pool can serve can wait 4 s: a batch of 8 (7.5 s) would make them late
+    batch, _ = batcher.next_batch()
+    assert len(batch.jobs) == 4 and batch.predicted_s <= 4.0
+    cap[0] = None  # none arriving any more: full batches again
+    batcher.put(job(clock, 60, slots=4))
+    batch, _ = batcher.next_batch()
+    assert batch.slots == 8
+    cap[0] = 1.0
+    batcher.put(job(clock, 60, slots=2))
+    clock.now += 0.2  # past its wait for company
+    batch, _ = batcher.next_batch()
+    assert batch.slots == 2  # its own run is longer than the cap: it runs alone rather than never

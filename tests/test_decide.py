@@ -330,13 +330,15 @@ def test_a_best_effort_tier_serves_on_the_backend_predicted_to_finish_first_when
 
 
 def test_a_request_other_backends_can_serve_stays_off_a_pool_whose_room_is_reserved():
-    policy = POLICY.model_copy(update={"reserve_pool": True})
     reserved = dataclasses.replace(local(queue_ms=6_000), pool=dataclasses.replace(
-        local(queue_ms=6_000).pool, flexible_backlog_s=4.0))  # drafts only the pool can serve keep arriving
+        local(queue_ms=6_000).pool, reserved_share=0.8))  # drafts only the pool can serve took 80% of it
     world = Snapshot((reserved, api("reve", 15_000)))
-    flexible = decide(dataclasses.replace(REQ, sla_ms=30_000), policy, world)
+    flexible = decide(dataclasses.replace(REQ, sla_ms=30_000), POLICY, world)  # 6 s ahead stretched to 30 s
     assert names(flexible) == ["reve"] and reasons(flexible)["local"] is RejectReason.RESERVED
-    assert "kept for requests only the pool can serve" in next(r.detail for r in flexible.rejected)
-    only_pool = decide(dataclasses.replace(REQ, sla_ms=12_000), policy, world)  # reve's 15 s misses: pool only
+    assert "kept for requests only it can serve" in next(r.detail for r in flexible.rejected)
+    roomy = decide(dataclasses.replace(REQ, sla_ms=60_000), POLICY, world)  # the stretched wait still fits
+    assert names(roomy)[0] == "local"
+    only_pool = decide(dataclasses.replace(REQ, sla_ms=12_000), POLICY, world)  # reve's 15 s misses: pool only
     assert names(only_pool) == ["local"]
-    assert names(decide(dataclasses.replace(REQ, sla_ms=30_000), POLICY, world))[0] == "local"  # off by default
+    off = POLICY.model_copy(update={"reserve_pool": False})
+    assert names(decide(dataclasses.replace(REQ, sla_ms=30_000), off, world))[0] == "local"

@@ -457,12 +457,13 @@ async def test_closed_loop_clients_answered_together_fill_whole_batches_instead_
 
 async def test_jobs_only_the_pool_could_serve_set_the_room_it_keeps_for_them():
     pool = await start(LocalPool(TINY, [FakeWorker(seconds=lambda b: 0.05)], PoolConfig(max_wait_s=0.0, max_batch=1)))
-    assert pool.load().pool.flexible_backlog_s is None  # nothing pool-only yet: no reservation
+    assert pool.load().pool.reserved_share == 0 and pool.batcher.max_batch_s() is None  # nothing pool-only yet
     await pool.generate(job(0), time.monotonic() + 5)
-    assert pool.load().pool.flexible_backlog_s is None  # a job with other candidates reserves nothing
+    assert pool.load().pool.reserved_share == 0  # a job with other candidates reserves nothing
     await pool.generate(dataclasses.replace(job(1), pool_only=True), time.monotonic() + 5)
-    limit = pool.load().pool.flexible_backlog_s
-    assert limit is not None and 4.0 < limit < 5.0  # it could wait its 5 s SLA less its own run
+    assert pool.load().pool.reserved_share > 0  # its GPU-seconds over the window, per worker
+    limit = pool.batcher.max_batch_s()
+    assert limit is not None and 4.0 < limit < 5.0  # no batch runs longer than it could wait: 5 s less its run
     await pool.aclose()
 
 

@@ -251,12 +251,13 @@ def test_async_jobs_wait_for_the_idle_pool_meet_their_hours_long_slas_and_never_
     assert h["api_spend_usd"] <= e["api_spend_usd"]
 
 
-def test_reserving_the_pool_for_tight_drafts_meets_more_of_them_at_an_api_cost_the_summary_shows():
+def test_reserving_the_pool_for_tight_drafts_meets_more_of_them_for_no_more_per_image():
     economics, policy = _economics()
     world = economics.world(2)
     trace = synthetic("tight_drafts", 1800, 0.6, seed=1)  # 5 s drafts no API meets, bursts of standard work
-    plain = simulate(trace, policy, world, seed=1).summary()
-    reserved = simulate(trace, policy.model_copy(update={"reserve_pool": True}), world, seed=1).summary()
+    plain = simulate(trace, policy.model_copy(update={"reserve_pool": False}), world, seed=1).summary()
+    reserved = simulate(trace, policy, world, seed=1).summary()  # on by default
     assert reserved["sla_by_tier"]["draft"] > plain["sla_by_tier"]["draft"] + 0.05
-    assert reserved["sla_attainment"] > plain["sla_attainment"]
-    assert reserved["api_spend_usd"] > plain["api_spend_usd"]  # the price: standard work sent to the APIs
+    assert reserved["sla_attainment"] >= 0.99 > plain["sla_attainment"]
+    # Short batches, not a backlog limit: little standard work leaves the pool, so each image in time costs less.
+    assert reserved["cost_per_sla_met_image_usd"] < plain["cost_per_sla_met_image_usd"]

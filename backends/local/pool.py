@@ -77,7 +77,8 @@ class LocalPool:
         max_batch = min(config.max_batch, max(config.run_sizes)) if config.run_sizes else config.max_batch
         # A lone job waits for company only when the arrivals say some is likely to come within the wait.
         self.batcher = SLABatcher(lambda: self.profile, max_batch=max_batch, max_wait_s=config.max_wait_s,
-                                  arrivals=ArrivalRate())
+                                  arrivals=ArrivalRate(),
+                                  max_batch_s=lambda: self.inflexible.max_batch_s(time.monotonic()))
         self._wakeup = asyncio.Event()
         self._scheduler: asyncio.Task | None = None
         self._running: set[asyncio.Task] = set()
@@ -145,7 +146,7 @@ class LocalPool:
             profile=self.profile, model=self.model, gpu_hour_usd=self.config.gpu_hour_usd, workers=len(ready),
             work_ahead_s=queue[-1].work_s if queue else running_s, typical_batch=self._occupancy,
             has_headroom=idle and not queue, max_wait_s=wait, running_s=running_s, queue=queue,
-            busy_workers=sum(1 for w in ready if w.busy), flexible_backlog_s=self.inflexible.backlog_limit_s(now),
+            busy_workers=sum(1 for w in ready if w.busy), reserved_share=self.inflexible.share(now, len(ready)),
         )
         warming = [w.name for w in self.workers if not w.ready]
         growing = sum(len(w.pending_warm) for w in ready)
