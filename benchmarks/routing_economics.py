@@ -82,15 +82,16 @@ def lower_bound(trace, policy: Policy, w: World, step_s: float = 5.0) -> float:
     With one window over the whole trace this is the plain capacity bound; bursts make it tighter.
     """
     pool = w.pool
-    local_quality = policy.backends["local"].quality
+    local_quality = policy.backends["local"].best_quality
     one_alone_ms = pool.profile.seconds(pool.model, 1024, 1024, 30, 1) * 1000 + pool.fixed_p95_ms
 
     def cheapest(r, min_quality):
         return min(b.price_per_image_usd for b in policy.backends.values()
                    if b.price_per_image_usd and b.quality >= min_quality)
 
-    def full_batch_seconds(r):  # the least pool time one image of this shape can take
-        return pool.profile.seconds_per_image(pool.model, r.width, r.height, r.steps or 30, pool.max_batch)
+    def full_batch_seconds(r):  # the least pool time one image of this shape can take (at its tier's steps)
+        steps = policy.tiers[r.tier or policy.defaults.tier].pool_steps(r.steps, pool.default_steps)
+        return pool.profile.seconds_per_image(pool.model, r.width, r.height, steps, pool.max_batch)
 
     forced_usd, eligible = 0.0, []
     for r in trace:

@@ -54,6 +54,7 @@ class AuditDraft:
             "gpu_seconds": outcome.result.gpu_seconds,
             "hedge_cost_usd": outcome.hedge_cost_usd,
             "batch_size": outcome.result.extra.get("batch_size"),
+            "steps": outcome.candidate.steps,  # what ran: a tier's steps or max_steps may differ from the ask
             "sandbox": bool(outcome.result.extra.get("sandbox")),
         }
 

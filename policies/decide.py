@@ -67,9 +67,9 @@ def _static_rejection(
         return Rejection(name, _NOT_READY[health], f"backend is {health.value}")
     if request.model is not None and request.model not in view.models:
         return Rejection(name, RejectReason.MODEL_UNAVAILABLE, f"model {request.model!r} not offered")
-    if bp.quality < tier.min_quality:
+    if bp.best_quality < tier.min_quality:
         return Rejection(name, RejectReason.QUALITY_BELOW_TIER,
-                         f"quality {bp.quality} < tier minimum {tier.min_quality}")
+                         f"quality {bp.best_quality} < tier minimum {tier.min_quality}")
     if rule is not None:
         if rule.allow is not None and name not in rule.allow:
             return Rejection(name, RejectReason.RULE_DENY, f"rule {rule.name!r} allows only {rule.allow}")
@@ -129,8 +129,14 @@ def decide(request: RouteRequest, policy: Policy, snapshot: Snapshot) -> Decisio
             rejected.append(_static_rejection(view, bp, request, tier, rule))  # says which check failed
             continue
         assert bp is not None
-        steps = request.steps or view.default_steps
         pool = view.pool
+        steps = tier.pool_steps(request.steps, view.default_steps) if pool is not None else \
+            request.steps or view.default_steps
+        quality = bp.quality_at(steps)
+        if quality < tier.min_quality:
+            rejected.append(Rejection(name, RejectReason.QUALITY_BELOW_TIER,
+                                      f"quality {quality} at {steps} steps < tier minimum {tier.min_quality}"))
+            continue
         latency = view.latency.predict(request, steps, policy.latency_quantile, pool, sla_ms) + view.wait_ms
         cost = predicted_cost_usd(view, bp, request, steps, policy.cost_accounting)
         if pool is not None and tier.local_max_ms is not None and latency > tier.local_max_ms:
@@ -140,20 +146,20 @@ def decide(request: RouteRequest, policy: Policy, snapshot: Snapshot) -> Decisio
         if latency > sla_ms:
             if pool is not None and pool.has_headroom and not pool.profile.observed(pool.model, request.width,
                                                                                    request.height, steps):
-                probes.append(Candidate(name, request.model or view.models[0], latency, cost, bp.quality, steps,
+                probes.append(Candidate(name, request.model or view.models[0], latency, cost, quality, steps,
                                         expected_ms=latency, probe=True))
                 continue
             rejected.append(Rejection(name, RejectReason.SLA_MISS,
                                       f"predicted {policy.latency_quantile} {latency:.0f} ms > SLA {sla_ms} ms"))
             if max_cost is None or cost <= max_cost:  # the best effort, should nothing meet the SLA
-                late.append(Candidate(name, request.model or view.models[0], latency, cost, bp.quality, steps,
+                late.append(Candidate(name, request.model or view.models[0], latency, cost, quality, steps,
                                       expected_ms=latency))
             continue
         if max_cost is not None and cost > max_cost:
             rejected.append(Rejection(name, RejectReason.COST_CEILING,
                                       f"predicted ${cost:.6f} > ceiling ${max_cost:.6f}"))
             continue
-        candidate = Candidate(name, request.model or view.models[0], latency, cost, bp.quality, steps)
+        candidate = Candidate(name, request.model or view.models[0], latency, cost, quality, steps)
         if pool is None:
             candidate.p99_ms = view.latency.p99_ms + view.wait_ms
             candidate.expected_ms = view.latency.p50_ms * (1 + view.inflight) + view.wait_ms

@@ -68,7 +68,7 @@ class PolicyIndex:
         if names is None:
             names = self._eligible[key] = frozenset(
                 name for name, bp in self._policy.backends.items()
-                if bp.enabled and bp.quality >= tier.min_quality
+                if bp.enabled and bp.best_quality >= tier.min_quality
                 and (rule is None or ((rule.allow is None or name in rule.allow)
                                       and (rule.deny is None or name not in rule.deny))))
         return names

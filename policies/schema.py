@@ -55,6 +55,22 @@ class Tier(_Strict):
         "reject", description="When no backend is predicted to meet the SLA: reject (503 no_candidate), or "
         "best_effort: serve on the one predicted to finish first, marked x-gateway-sla: at_risk and audited so "
         "(the simulator counts it as a miss when it is late).")
+    steps: int | None = Field(None, ge=1, le=200, description="Denoising steps a pool image of this tier gets when "
+                              "the request names none (the pool's own default otherwise): pool time is linear in "
+                              "steps, so drafts at 20 cost two thirds of 30.")
+    max_steps: int | None = Field(None, ge=1, le=200, description="Most steps a pool image of this tier takes: a "
+                                  "request asking more gets this many (the audit records the steps used).")
+
+    @model_validator(mode="after")
+    def _steps_within_max(self) -> Tier:
+        if self.steps is not None and self.max_steps is not None and self.steps > self.max_steps:
+            raise ValueError(f"steps ({self.steps}) must be <= max_steps ({self.max_steps})")
+        return self
+
+    def pool_steps(self, requested: int | None, default: int) -> int:
+        """The steps the pool runs for a request of this tier."""
+        steps = requested or self.steps or default
+        return min(steps, self.max_steps) if self.max_steps is not None else steps
 
 
 class LatencyPrior(_Strict):
@@ -92,6 +108,10 @@ class BilledUnit(_Strict):
 class BackendPolicy(_Strict):
     enabled: bool = True
     quality: float = Field(ge=0.0, le=1.0, description="Quality score, compared with tiers' min_quality.")
+    quality_by_steps: dict[int, float] = Field(
+        default_factory=dict, description="The local pool's quality by denoising steps ({20: 0.6, 30: 0.7, 40: "
+        "0.75}: the score of the highest line at or under the steps run, the lowest line's under them all; empty: "
+        "`quality` at any steps).")
     price_per_image_usd: float | None = Field(
         None, ge=0.0, description="API list price per image (a request no `prices` line matches); null for the "
         "local pool (cost model)."
@@ -102,6 +122,28 @@ class BackendPolicy(_Strict):
     latency_prior: LatencyPrior | None = Field(
         None, description="Latency assumed until enough outcomes are observed."
     )
+
+    @field_validator("quality_by_steps")
+    @classmethod
+    def _scores(cls, value: dict[int, float]) -> dict[int, float]:
+        for steps, score in value.items():
+            if steps < 1 or not 0.0 <= score <= 1.0:
+                raise ValueError(f"{steps}: steps must be >= 1 and the score within 0-1 (got {score})")
+        return dict(sorted(value.items()))
+
+    @property
+    def best_quality(self) -> float:
+        """The highest score it reaches at any steps (what a tier's minimum is first checked against)."""
+        return max([self.quality, *self.quality_by_steps.values()])
+
+    def quality_at(self, steps: int) -> float:
+        if not self.quality_by_steps:
+            return self.quality
+        score = next(iter(self.quality_by_steps.values()))
+        for at, value in self.quality_by_steps.items():
+            if at <= steps:
+                score = value
+        return score
 
     def price_per_image(self, megapixels: float, quality: str | None, model: str | None) -> float:
         """The list price of one image of this request (0 when the backend has none: the local pool)."""

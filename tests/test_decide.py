@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from pydantic import ValidationError
 
 from policies import decide
 from policies.profile import ThroughputProfile
@@ -342,3 +343,31 @@ def test_a_request_other_backends_can_serve_stays_off_a_pool_whose_room_is_reser
     assert names(only_pool) == ["local"]
     off = POLICY.model_copy(update={"reserve_pool": False})
     assert names(decide(dataclasses.replace(REQ, sla_ms=30_000), off, world))[0] == "local"
+
+
+def test_a_tier_sets_the_pools_steps_and_caps_them_and_the_pools_quality_follows_them():
+    data = POLICY.model_dump(mode="json")
+    data["backends"]["local"]["quality_by_steps"] = {20: 0.5, 30: 0.6, 40: 0.65}
+    policy = Policy.model_validate({**data, "tiers": {
+        "draft": {"steps": 20, "max_steps": 20}, "standard": {"min_quality": 0.5},
+        "premium": {"min_quality": 0.62, "steps": 40}}})
+    world = Snapshot((local(), api("reve", 15_000)))
+    draft = decide(dataclasses.replace(REQ, tier="draft"), policy, world)
+    assert draft.chosen.backend == "local" and draft.chosen.steps == 20 and draft.chosen.quality == 0.5
+    asked_more = decide(dataclasses.replace(REQ, tier="draft", steps=50), policy, world)
+    assert asked_more.chosen.steps == 20  # max_steps caps what a request asks
+    faster = local().pool.completion_s(dataclasses.replace(REQ, tier="draft"), 20)
+    assert faster < local().pool.completion_s(REQ, 30)  # pool time is linear in steps
+    standard = decide(REQ, policy, world)
+    assert standard.chosen.steps == 30  # the pool's own default where the tier names none
+    premium = decide(dataclasses.replace(REQ, tier="premium"), policy, world)
+    assert premium.chosen.backend == "local" and premium.chosen.quality == 0.65  # 40 steps reach its minimum
+    low = decide(dataclasses.replace(REQ, tier="premium", steps=30), policy, world)
+    assert reasons(low)["local"] is RejectReason.QUALITY_BELOW_TIER
+    assert "at 30 steps" in next(r.detail for r in low.rejected if r.backend == "local")
+
+
+def test_a_tier_whose_default_steps_exceed_its_maximum_is_refused_at_its_path():
+    with pytest.raises(ValidationError) as err:
+        Policy.model_validate({"tiers": {"draft": {"steps": 40, "max_steps": 20}}})
+    assert "tiers.draft" in str(err.value) and "max_steps" in str(err.value)

@@ -181,6 +181,12 @@ def test_the_lower_bound_is_below_what_every_strategy_meeting_all_slas_pays(kind
             assert result["total_cost_usd"] >= bound - 1e-6, strategy.name
 
 
+def _drafts_at_30_steps(policy: Policy) -> Policy:
+    data = policy.model_dump(mode="json")
+    data["tiers"]["draft"].update(steps=None, max_steps=None)
+    return Policy.model_validate(data)
+
+
 def test_late_binding_keeps_the_pool_for_the_tier_no_api_serves_reliably():
     # Drafts (15 s) have no API that reliably makes 15 s; standard (30 s) has. In bursts the pool gives back
     # tentative standard jobs so drafts can have it, instead of binding whoever came first at arrival.
@@ -188,8 +194,9 @@ def test_late_binding_keeps_the_pool_for_the_tier_no_api_serves_reliably():
 
     two_gpus = dataclasses.replace(WORLD, pool=dataclasses.replace(WORLD.pool, gpus=2))
     trace = synthetic("bursty", 1800, 1.5, seed=1)
-    late = simulate(trace, POLICY, two_gpus).summary()
-    early = simulate(trace, Strategy("at arrival", POLICY, late_binding=False), two_gpus).summary()
+    policy = _drafts_at_30_steps(POLICY).model_copy(update={"reserve_pool": False})  # late binding alone
+    late = simulate(trace, policy, two_gpus).summary()
+    early = simulate(trace, Strategy("at arrival", policy, late_binding=False), two_gpus).summary()
     assert late["pool_released"] > 0 == early["pool_released"]
     assert late["sla_by_tier"]["draft"] > early["sla_by_tier"]["draft"]
     assert late["sla_attainment"] > early["sla_attainment"]
@@ -253,6 +260,7 @@ def test_async_jobs_wait_for_the_idle_pool_meet_their_hours_long_slas_and_never_
 
 def test_reserving_the_pool_for_tight_drafts_meets_more_of_them_for_no_more_per_image():
     economics, policy = _economics()
+    policy = _drafts_at_30_steps(policy)  # the reservation alone (fewer steps for drafts is another lever)
     world = economics.world(2)
     trace = synthetic("tight_drafts", 1800, 0.6, seed=1)  # 5 s drafts no API meets, bursts of standard work
     plain = simulate(trace, policy.model_copy(update={"reserve_pool": False}), world, seed=1).summary()
@@ -261,3 +269,13 @@ def test_reserving_the_pool_for_tight_drafts_meets_more_of_them_for_no_more_per_
     assert reserved["sla_attainment"] >= 0.99 > plain["sla_attainment"]
     # Short batches, not a backlog limit: little standard work leaves the pool, so each image in time costs less.
     assert reserved["cost_per_sla_met_image_usd"] < plain["cost_per_sla_met_image_usd"]
+
+
+def test_drafts_capped_at_fewer_steps_take_less_pool_time_and_meet_more_slas():
+    economics, policy = _economics()
+    world = economics.world(2)
+    trace = synthetic("tight_drafts", 1800, 1.0, seed=1)
+    at_30 = simulate(trace, _drafts_at_30_steps(policy), world, seed=1).summary()
+    at_20 = simulate(trace, policy, world, seed=1).summary()  # the shipped draft tier: steps 20, max_steps 20
+    assert at_20["sla_by_tier"]["draft"] > at_30["sla_by_tier"]["draft"] + 0.02
+    assert at_20["cost_per_sla_met_image_usd"] < at_30["cost_per_sla_met_image_usd"]
