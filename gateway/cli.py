@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from policies.traces import KINDS
+
 from .config import ConfigError, load_policy, load_settings
 from .settings import Settings
 
@@ -469,6 +471,49 @@ def cmd_policy_simulate(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from .planning import render_plan_html, render_plan_text, run_plan
+    from .simulation import audit_records, load_trace
+
+    settings, policy = _load(args)
+    records = audit_records(settings, args.since, args.until) if args.audit else None
+    if args.trace:
+        spec = {"file": args.trace}
+    elif args.audit:
+        spec = {"audit": {}}
+    else:
+        spec = {"synthetic": args.synthetic, "duration_s": args.duration, "rate_per_s": args.rate, "seed": args.seed}
+    prices = {}
+    for item in args.gpu_price or ():
+        name, _, usd = item.partition("=")
+        try:
+            prices[name] = float(usd)
+        except ValueError as exc:
+            raise CliError(f"--gpu-price {item!r}: NAME=USD_PER_HOUR, e.g. h100=2.0") from exc
+    try:
+        trace = load_trace(spec, settings, records)
+        if not trace:
+            raise CliError("the trace is empty")
+        profile = None
+        if args.profile:
+            from policies.profile import ThroughputProfile
+
+            try:
+                profile = ThroughputProfile.from_json(json.loads(Path(args.profile).read_text()))
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise CliError(f"--profile {args.profile}: {exc}") from exc
+        plans = run_plan(settings, policy, trace, max_gpus=args.max_gpus, gpu_prices=prices or None,
+                         min_sla=args.min_sla, seed=args.seed, records=records, profile=profile,
+                         progress=lambda line: print(f"  {line}", file=sys.stderr, flush=True))
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+    print(render_plan_text(plans, len(trace)))
+    if args.report:
+        Path(args.report).write_text(render_plan_html(plans, len(trace), "imagegw plan: self-host or buy"))
+        print(f"report: {args.report}")
+    return 0
+
+
 def _parse_shape(text: str) -> tuple[int, int, int]:
     size, _, steps = text.partition(":")
     w, h = size.lower().split("x")
@@ -544,6 +589,25 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--seed", type=int, default=0, help="random seed of the trace and simulated latencies")
     sim.add_argument("--report", help="write an HTML report with plots")
     sim.set_defaults(func=cmd_policy_simulate)
+    planner = sub.add_parser("plan", help="self-host or buy: replay a trace across pool sizes and GPU prices")
+    planner.add_argument("--config", help="config folder (default: ./config)")
+    planner.add_argument("--trace", help="JSON-lines trace file or audit export")
+    planner.add_argument("--audit", action="store_true", help="replay the audit log (with --since/--until)")
+    planner.add_argument("--since", type=float, help="with --audit: from this time (Unix seconds, UTC)")
+    planner.add_argument("--until", type=float, help="with --audit: up to this time (Unix seconds, UTC)")
+    planner.add_argument("--synthetic", default="diurnal", choices=list(KINDS),
+                         help="a generated trace when neither --trace nor --audit is given (default: diurnal)")
+    planner.add_argument("--duration", type=float, default=1800, help="synthetic trace length in seconds (1800)")
+    planner.add_argument("--rate", type=float, default=1.0, help="synthetic mean requests per second (1.0)")
+    planner.add_argument("--max-gpus", type=int, default=4, help="pool sizes 0..N (default 4)")
+    planner.add_argument("--gpu-price", action="append", metavar="NAME=USD",
+                         help="hourly GPU rate, repeatable (default: local.gpu_prices in gateway.yaml)")
+    planner.add_argument("--min-sla", type=float, default=0.99, help="SLA attainment the optimum must meet (0.99)")
+    planner.add_argument("--seed", type=int, default=0, help="random seed of the trace and simulated latencies")
+    planner.add_argument("--profile", help="throughput profile JSON to plan with (default: the pool's own), e.g. "
+                         "benchmarks/profiles/sdxl_h100.json")
+    planner.add_argument("--report", help="write an HTML report with the cost-by-size plot")
+    planner.set_defaults(func=cmd_plan)
     validate = policy.add_parser("validate", help="check a policy file")
     validate.add_argument("file", help="the policy (YAML)")
     validate.add_argument("--strict", action="store_true", help="warnings (unreachable rules, a tier nothing "

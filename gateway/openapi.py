@@ -73,6 +73,7 @@ _STATUSES: dict[tuple[str, str], set[int]] = {
     ("put", "/admin/policy"): _ADMIN | {413, 422},
     ("post", "/admin/policy/validate"): _ADMIN | {400, 413},
     ("post", "/admin/policy/simulate"): _ADMIN | {400, 413, 422},
+    ("post", "/admin/plan"): _ADMIN | {400, 413},
     ("get", "/admin/policy/diff"): _ADMIN | {400, 404},
     ("post", "/admin/policy/rollback/{version}"): _ADMIN | {400, 404},
     ("get", "/admin/audit"): _ADMIN | {400},

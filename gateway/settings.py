@@ -161,6 +161,10 @@ class LocalPoolSettings(_Section):
     tune_layout: bool = Field(True, description="Fused QKV projections and channels-last weights on CUDA.")
     fp8: bool = Field(False, description="FP8 UNet Linear layers (Hopper).")
     gpu_hour_usd: float = Field(2.0, ge=0)
+    gpu_prices: dict[str, float] = Field(
+        default_factory=lambda: {"h100": 2.0, "h200": 2.6},
+        description="Hourly GPU rates `imagegw plan` (and POST /admin/plan) compares, by name (reserved or on "
+        "demand, H100 or H200): what the pool would cost at each size.")
     max_n: int = Field(10, ge=1)
     max_batch: int = Field(8, ge=1, description="Most images in one batch.")
     max_wait_ms: float = Field(100, ge=0, description="Longest a job waits for company before its batch launches.")

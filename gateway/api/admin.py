@@ -134,6 +134,47 @@ async def simulate_policy(request: Request, policy: PolicyRegistry, settings: Se
     return {"requests": len(trace), "current": current.summary(), "candidate": cand.summary()}
 
 
+@post("/plan", status_code=200)
+async def plan_pool(request: Request, policy: PolicyRegistry, settings: Settings) -> dict:
+    """Self-host or buy (what `imagegw plan` prints). Body: {"trace": {...} as for /policy/simulate, "max_gpus"
+    (0-16, default 4), "gpu_prices": {"h100": 2.0, ...} (default: local.gpu_prices), "min_sla" (0.99), "seed"}."""
+    from ..planning import run_plan
+    from ..simulation import load_trace
+
+    try:
+        body = msgspec.json.decode(await request.body())
+        if not isinstance(body, dict):
+            raise ValueError("the body must be a JSON object")
+        trace = await asyncio.to_thread(load_trace, body.get("trace") or {"synthetic": "diurnal", "duration_s": 600},
+                                        settings)
+    except (msgspec.DecodeError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise InvalidRequest(f"bad plan request: {exc}", param="trace") from exc
+    if not trace:
+        raise InvalidRequest("trace: it is empty", param="trace")
+    if len(trace) > 50_000:
+        raise InvalidRequest("trace: at most 50000 requests (the planner replays it ~30 times)", param="trace")
+    params = {}
+    for name, kind in (("max_gpus", int), ("min_sla", float), ("seed", int)):
+        if body.get(name) is not None:
+            value = body[name]
+            if isinstance(value, bool) or not isinstance(value, int | float) or (kind is int and value != int(value)):
+                raise InvalidRequest(f"{name}: a number", param=name)
+            params[name] = kind(value)
+    prices = body.get("gpu_prices")
+    if prices is not None and (not isinstance(prices, dict) or not prices or not all(
+            isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool) and v >= 0
+            for k, v in prices.items())):
+        raise InvalidRequest("gpu_prices: an object of name -> USD per GPU-hour (>= 0)", param="gpu_prices")
+    if not 0 < params.get("min_sla", 0.99) <= 1:
+        raise InvalidRequest("min_sla: a share, more than 0 and at most 1", param="min_sla")
+    try:
+        plans = await asyncio.to_thread(run_plan, settings, policy.current, trace, gpu_prices=prices, **params)
+    except ValueError as exc:
+        param = "max_gpus" if "max_gpus" in str(exc) else "gpu_prices" if "gpu_prices" in str(exc) else "trace"
+        raise InvalidRequest(str(exc), param=param) from exc
+    return {"requests": len(trace), "plans": [p.to_json() for p in plans]}
+
+
 @get("/policy/schema")
 async def policy_schema() -> dict:
     """The policy's JSON Schema (what `imagegw policy schema` prints): editors and the console check with it."""
@@ -235,6 +276,6 @@ async def stats(audit: AuditLog, service: GenerationService, policy: PolicyRegis
 
 
 admin_router = Router(path="/admin", guards=[admin_only], include_in_schema=True, route_handlers=[
-    policy_route, validate_policy, simulate_policy, policy_schema, policy_history, policy_diff, rollback_policy,
+    policy_route, validate_policy, simulate_policy, plan_pool, policy_schema, policy_history, policy_diff, rollback_policy,
     query_audit, export_audit, get_audit, stats, spend,
 ])
