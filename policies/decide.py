@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .costs import predicted_cost_usd
+from .reservation import BEST_EFFORT_MAX_SHARE
 from .schema import BackendPolicy, Objective, Policy, Rule, Tier
 from .types import (
     BackendView,
@@ -172,10 +173,13 @@ def decide(request: RouteRequest, policy: Policy, snapshot: Snapshot) -> Decisio
         candidates.append(candidate)
 
     # A pool place that would eat into committed jobs' slack reserve goes to other backends first; where
-    # there is none, the request may still have it if no committed job is predicted to miss its deadline.
+    # there is none, the request may still have it if no committed job is predicted to miss its deadline. With
+    # the pool's reservation on, a request only the pool can serve has it anyway: the flexible jobs were admitted
+    # predicted behind such requests (the reserved share), and a sure miss elsewhere buys a likely one here.
     alternatives = bool(candidates)
     for pool, candidate in reserve_bound:
-        if not alternatives and not pool.delays_committed(request, candidate.steps, sla_ms / 1000, reserve=1.0):
+        if not alternatives and (policy.reserve_pool or
+                                 not pool.delays_committed(request, candidate.steps, sla_ms / 1000, reserve=1.0)):
             candidates.append(candidate)
         else:
             rejected.append(Rejection(candidate.backend, RejectReason.SLA_MISS,
@@ -186,6 +190,8 @@ def decide(request: RouteRequest, policy: Policy, snapshot: Snapshot) -> Decisio
     at_risk = not candidates and not probes and bool(late) and tier.on_no_candidate == "best_effort"
     if at_risk:  # the one predicted to finish first, then the rest by the same prediction
         candidates = sorted(late, key=lambda c: (c.predicted_latency_ms, c.predicted_cost_usd, c.backend))
+        if policy.reserve_pool:
+            candidates.sort(key=lambda c: _pressed_pool(snapshot, c))
     else:
         candidates.sort(key=_rank_key(objective))
     if probes:
@@ -209,6 +215,13 @@ def decide(request: RouteRequest, policy: Policy, snapshot: Snapshot) -> Decisio
         hedge=rule.hedge if rule and rule.hedge is not None else policy.dispatch.hedge,
         at_risk=at_risk,
     )
+
+
+def _pressed_pool(snapshot: Snapshot, candidate: Candidate) -> bool:
+    """A pool whose reserved share is at least BEST_EFFORT_MAX_SHARE: a request already late elsewhere goes to
+    another backend first, since its run there would take the room of requests that can still be on time."""
+    view = snapshot.get(candidate.backend)
+    return view is not None and view.pool is not None and view.pool.reserved_share >= BEST_EFFORT_MAX_SHARE
 
 
 def _keep_reserved_room(candidates: list[Candidate], pooled: set[str], snapshot: Snapshot, sla_ms: float,

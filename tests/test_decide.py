@@ -242,7 +242,11 @@ def test_a_job_that_would_push_committed_pool_work_past_its_deadline_goes_elsewh
     assert decide(tight, POLICY, Snapshot((queued_local([room]), api("reve", 9_000)))).chosen.backend == "local"
     alone = decide(tight, POLICY, Snapshot((queued_local([QueuePoint(20.0, 3.0, 2.0, False)]),)))
     assert alone.chosen.backend == "local"  # nowhere else to go, and the committed job still makes it
-    assert not decide(tight, POLICY, Snapshot((queued_local([committed]),))).candidates  # it would not
+    off = POLICY.model_copy(update={"reserve_pool": False})
+    assert not decide(tight, off, Snapshot((queued_local([committed]),))).candidates  # it would not
+    # With the pool's reservation on, committed flexible work was admitted predicted behind requests only the
+    # pool can serve: one of those still has the pool (a sure miss elsewhere buys a likely one here).
+    assert decide(tight, POLICY, Snapshot((queued_local([committed]),))).chosen.backend == "local"
     tentative = QueuePoint(20.0, 3.0, 0.5, True)  # a tentative job would be given back instead
     assert decide(tight, POLICY, Snapshot((queued_local([tentative]), api("reve", 9_000)))).chosen.backend == "local"
 
@@ -343,6 +347,24 @@ def test_a_request_other_backends_can_serve_stays_off_a_pool_whose_room_is_reser
     assert names(only_pool) == ["local"]
     off = POLICY.model_copy(update={"reserve_pool": False})
     assert names(decide(dataclasses.replace(REQ, sla_ms=30_000), off, world))[0] == "local"
+
+
+def test_a_best_effort_request_keeps_off_a_pool_pressed_by_work_only_it_can_serve():
+    policy = POLICY.model_copy(update={"tiers": {**POLICY.tiers, "draft": POLICY.tiers["draft"].model_copy(
+        update={"on_no_candidate": "best_effort"})}})
+    late = dataclasses.replace(REQ, tier="draft", sla_ms=5_000)
+
+    def pool_with(share):
+        view = local(queue_ms=8_000)  # ~8 s ahead: late on the pool, yet sooner than reve's 15 s
+        return dataclasses.replace(view, pool=dataclasses.replace(view.pool, reserved_share=share))
+
+    quiet = decide(late, policy, Snapshot((pool_with(0.1), api("reve", 15_000))))
+    assert quiet.at_risk and names(quiet) == ["local", "reve"]  # predicted to finish first, nobody displaced
+    pressed = decide(late, policy, Snapshot((pool_with(0.5), api("reve", 15_000))))
+    # Half the pool goes to requests that can still be on time there: a late job would make them late too.
+    assert pressed.at_risk and names(pressed) == ["reve", "local"]
+    off = policy.model_copy(update={"reserve_pool": False})
+    assert names(decide(late, off, Snapshot((pool_with(0.5), api("reve", 15_000)))))[0] == "local"
 
 
 def test_a_tier_sets_the_pools_steps_and_caps_them_and_the_pools_quality_follows_them():

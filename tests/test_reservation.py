@@ -1,0 +1,35 @@
+"""Trunk reservation for the pool (policies.reservation): how long a batch may run and what share of the pool is
+kept, read from the recent arrivals of requests only the pool can serve."""
+
+from __future__ import annotations
+
+import pytest
+
+from policies.reservation import MAX_SHARE, InflexibleArrivals
+
+
+def test_no_pool_only_arrivals_keep_no_room_and_cap_no_batch():
+    arrivals = InflexibleArrivals()
+    assert arrivals.share(100.0, workers=2) == 0.0 and arrivals.max_batch_s(100.0) is None
+
+
+def test_a_batch_runs_at_most_what_a_pool_only_request_can_wait_its_own_batch_bounded_the_same():
+    arrivals = InflexibleArrivals()
+    arrivals.record(0.0, sla_s=5.0, service_s=0.7)  # a 5 s draft: it waits out one capped batch, then rides one
+    assert arrivals.max_batch_s(1.0) == pytest.approx(2.5)
+    arrivals.record(1.0, sla_s=5.0, service_s=3.5)  # four big images: its own run leaves 1.5 s
+    assert arrivals.max_batch_s(2.0) == pytest.approx(1.5)
+    assert arrivals.max_batch_s(70.0) is None  # forgotten after the window
+
+
+def test_a_burst_is_seen_within_seconds_and_forgotten_over_the_window():
+    arrivals = InflexibleArrivals(window_s=60.0, burst_window_s=10.0)
+    for i in range(60):  # one 0.6 s draft every 3 s for three minutes: 10% of one worker
+        arrivals.record(i * 3.0, sla_s=5.0, service_s=0.6)
+    assert arrivals.share(180.0, workers=1) == pytest.approx(0.6 * 20 / 60, rel=0.2)
+    for i in range(20):  # then two a second for ten seconds: 120% of one worker
+        arrivals.record(180.0 + i * 0.5, sla_s=5.0, service_s=0.6)
+    burst = arrivals.share(190.0, workers=1)
+    assert burst == MAX_SHARE  # the last ten seconds, not the minute's average (0.3)
+    assert arrivals.share(190.0, workers=2) == pytest.approx(0.6 * 20 / 20, rel=0.15)  # per worker
+    assert arrivals.share(205.0, workers=1) < burst  # past the burst window the minute's average again
