@@ -7,7 +7,9 @@ bills plus the reserved GPUs for the whole trace (paid busy or idle), and is rep
 SLA beside the refusals (a refused or late request bought nothing), as well as per image served. The SLA-blind
 baselines route without the request's own sla_ms (which would otherwise override their rule's "no SLA"). The lower
 bound is an offline relaxation: the GPUs' cost, plus the cheapest eligible API for every image that
-cannot fit on the pool even if the pool ran every image at its best batch efficiency.
+cannot fit on the pool even if the pool ran every image at its best batch efficiency. Beside it, two linear
+programmes over the same trace (benchmarks/lp_bounds.py): the most requests any router could meet in time, and
+the least any router could pay to meet 99% of them.
 
 Run: .venv/bin/python benchmarks/routing_economics.py [--duration 3600] [--rate 0.6] [--gpus 2]
      .venv/bin/python benchmarks/routing_economics.py --sweep 1.0,1.5,2.0,2.5,3.0   # the target, per load
@@ -30,12 +32,19 @@ from policies.schema import Policy  # noqa: E402
 from policies.simulate import ApiModel, PoolSpec, Strategy, World, simulate, with_rule  # noqa: E402
 from policies.traces import KINDS, synthetic  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import lp_bounds  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 # Measured on an H100 (docs/benchmarks.md): SDXL 1024x1024, 30 steps, our compiled bf16 engine.
 SDXL_H100 = ThroughputProfile({("sdxl", 1024, 1024, 30): {1: 1.027, 8: 7.159}}, max_batch=8)
 APIS = (ApiModel("seedream", 8000, 20000, 0.02), ApiModel("gemini", 12000, 30000, 0.01),
         ApiModel("reve", 6000, 15000, 0.02), ApiModel("bria", 10000, 25000, 0.03))
 NO_SLA = 10**9
+
+
+def load_policy() -> Policy:
+    return Policy.model_validate(yaml.safe_load((ROOT / "config" / "policy.yaml").read_text()))
 
 
 def world(gpus: int) -> World:
@@ -142,9 +151,9 @@ def verdict(rows: list[dict], bound: float) -> dict:
 
 def sweep(policy: Policy, w: World, rates: list[float], args) -> None:
     """How the target holds as the load on the same pool grows (one row per rate and trace)."""
-    print("| rate/s | trace | GPU util | ours SLA | ours $/image | vs bound | best baseline at >= 99% "
-          "(else nearest) | ours cheaper by | target met |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| rate/s | trace | GPU util | ours SLA | LP SLA upper bound | ours $/image | vs bound | vs LP at 99% "
+          "| best baseline at >= 99% (else nearest) | ours cheaper by | target met |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for rate in rates:
         for kind in args.traces.split(","):
             trace = synthetic(kind, args.duration, rate, args.seed)
@@ -153,10 +162,13 @@ def sweep(policy: Policy, w: World, rates: list[float], args) -> None:
                     if s.late_binding]  # "bound at arrival" is ours, not a baseline
             v = verdict(rows, bound)
             ours, best = v["ours"], v["best"]
+            top, at99 = lp_bounds.bounds(trace, policy, w), lp_bounds.bounds(trace, policy, w, met=0.99 * len(trace))
+            vs_lp = f"{ours['total_cost_usd'] / at99.min_cost_usd - 1:+.1%}" if at99.min_cost_usd else "unreachable"
             met = ours["sla_attainment"] >= 0.99 and v["vs_bound"] <= 0.10 and (
                 not v["qualifies"] or v["saving"] >= 0.30)
             print(f"| {rate} | {kind} | {ours['gpu_utilisation']:.0%} | {ours['sla_attainment']:.2%} "
-                  f"| {ours['cost_per_image_usd']:.5f} | {v['vs_bound']:+.1%} | {best['strategy']}"
+                  f"| {top.max_attainment:.2%} | {ours['cost_per_image_usd']:.5f} | {v['vs_bound']:+.1%} | {vs_lp} "
+                  f"| {best['strategy']}"
                   f"{'' if v['qualifies'] else ' (nearest)'} {best['sla_attainment']:.2%} | {v['saving']:+.1%} "
                   f"| {'yes' if met else 'no'} |", flush=True)
     print(f"\ncommand: .venv/bin/python benchmarks/routing_economics.py --sweep {args.sweep} --duration "
@@ -172,7 +184,7 @@ def main() -> None:
     p.add_argument("--traces", default=",".join(KINDS), help="synthetic kinds (default: every one)")
     p.add_argument("--sweep", help="comma-separated base rates: one summary row per rate and trace instead")
     args = p.parse_args()
-    policy = Policy.model_validate(yaml.safe_load((ROOT / "config" / "policy.yaml").read_text()))
+    policy = load_policy()
     w = world(args.gpus)
     if args.sweep:
         sweep(policy, w, [float(r) for r in args.sweep.split(",")], args)
@@ -205,6 +217,10 @@ def main() -> None:
                   f"| {tiers.get('standard', 0):.1%} | {tiers.get('premium', 0):.1%} | {s['latency_s']['p95']} "
                   f"| {s['gpu_utilisation']:.0%} | {local_share:.0%} | {s['total_cost_usd'] / bound - 1:+.1%} |")
         print(f"| lower bound (offline relaxation) | {bound / images:.5f} | | | {bound:.2f} | | | | | | | | | |")
+        top, at99 = lp_bounds.bounds(trace, policy, w), lp_bounds.bounds(trace, policy, w, met=0.99 * len(trace))
+        lp99 = f"{at99.min_cost_usd:.2f}" if at99.min_cost_usd is not None else "unreachable"
+        print(f"| LP: most requests any router meets in time | | | | | | {top.max_attainment:.2%} | | | | | | | |")
+        print(f"| LP: least cost of meeting 99% in time | | | | {lp99} | | | | | | | | | |")
         v = verdict(rows, bound)
         ours, best = v["ours"], v["best"]
         if v["qualifies"]:
