@@ -212,7 +212,9 @@ def decide(request: RouteRequest, policy: Policy, snapshot: Snapshot) -> Decisio
         candidates=tuple(candidates),
         rejected=tuple(rejected),
         reason=_explain_at_risk(candidates, sla_ms, rule) if at_risk else _explain(objective, candidates, rule),
-        hedge=rule.hedge if rule and rule.hedge is not None else policy.dispatch.hedge,
+        hedge=rule.hedge if rule and rule.hedge is not None else (
+            policy.dispatch.hedge or (policy.dispatch.hedge_pressed_pool and policy.reserve_pool and bool(candidates)
+                                      and _pressed_pool(snapshot, candidates[0]))),
         at_risk=at_risk,
     )
 

@@ -367,6 +367,21 @@ def test_a_best_effort_request_keeps_off_a_pool_pressed_by_work_only_it_can_serv
     assert names(decide(late, off, Snapshot((pool_with(0.5), api("reve", 15_000)))))[0] == "local"
 
 
+def test_a_request_placed_on_a_pressed_pool_is_hedged_so_an_api_win_hands_its_room_back():
+    def world(share):
+        view = local(queue_ms=2_000)
+        return Snapshot((dataclasses.replace(view, pool=dataclasses.replace(view.pool, reserved_share=share)),
+                         api("reve", 15_000)))
+
+    flexible = dataclasses.replace(REQ, sla_ms=60_000)  # the pool first, reve in time behind it
+    pressed = decide(flexible, POLICY, world(0.5))
+    assert names(pressed) == ["local", "reve"] and pressed.hedge
+    assert pressed.hedge_partner(pressed.candidates[0], pressed.candidates[1:]).backend == "reve"
+    assert not decide(flexible, POLICY, world(0.1)).hedge  # a pool with room: hedging would only cost
+    off = POLICY.model_copy(update={"dispatch": POLICY.dispatch.model_copy(update={"hedge_pressed_pool": False})})
+    assert not decide(flexible, off, world(0.5)).hedge
+
+
 def test_a_tier_sets_the_pools_steps_and_caps_them_and_the_pools_quality_follows_them():
     data = POLICY.model_dump(mode="json")
     data["backends"]["local"]["quality_by_steps"] = {20: 0.5, 30: 0.6, 40: 0.65}

@@ -260,7 +260,9 @@ def test_async_jobs_wait_for_the_idle_pool_meet_their_hours_long_slas_and_never_
 
 def test_reserving_the_pool_for_tight_drafts_meets_more_of_them_for_little_more_per_image():
     economics, policy = _economics()
-    policy = _drafts_at_30_steps(policy)  # the reservation alone (fewer steps for drafts is another lever)
+    policy = _drafts_at_30_steps(policy)  # the reservation alone (fewer steps for drafts is another lever,
+    policy = policy.model_copy(update={"dispatch": policy.dispatch.model_copy(  # and so is hedging on it)
+        update={"hedge_pressed_pool": False})})
     world = economics.world(2)
     trace = synthetic("tight_drafts", 1800, 0.6, seed=1)  # 5 s drafts no API meets, bursts of standard work
     plain = simulate(trace, policy.model_copy(update={"reserve_pool": False}), world, seed=1).summary()
@@ -280,3 +282,16 @@ def test_drafts_capped_at_fewer_steps_take_less_pool_time_and_meet_more_slas():
     at_20 = simulate(trace, policy, world, seed=1).summary()  # the shipped draft tier: steps 20, max_steps 20
     assert at_20["sla_by_tier"]["draft"] > at_30["sla_by_tier"]["draft"] + 0.02
     assert at_20["cost_per_sla_met_image_usd"] < at_30["cost_per_sla_met_image_usd"]
+
+
+def test_hedging_on_a_pressed_pool_buys_slas_in_bursts_of_pool_only_work_and_costs_nothing_elsewhere():
+    economics, policy = _economics()
+    world = economics.world(2)
+    off = policy.model_copy(update={"dispatch": policy.dispatch.model_copy(update={"hedge_pressed_pool": False})})
+    tight = synthetic("tight_drafts", 900, 2.0, seed=1)
+    plain, hedged = (simulate(tight, p, world, seed=1).summary() for p in (off, policy))
+    assert hedged["hedges_started"] > 0 and hedged["sla_attainment"] > plain["sla_attainment"] + 0.01
+    steady = synthetic("steady", 900, 1.0, seed=1)  # no pool-only work pressing: never hedged, nothing paid
+    calm = simulate(steady, policy, world, seed=1).summary()
+    assert calm["hedges_started"] == 0
+    assert calm["total_cost_usd"] == simulate(steady, off, world, seed=1).summary()["total_cost_usd"]
