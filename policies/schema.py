@@ -174,10 +174,10 @@ class Dispatch(_Strict):
         False, description="May another backend try a prompt one provider's content policy refused?")
     hedge: bool = Field(False, description="Start the next candidate if the first is late (rules may override).")
     hedge_pressed_pool: bool = Field(
-        True, description="Hedge a request placed on a pool that work only the pool can serve is pressing (its reserved "
-        "share at least policies.reservation.BEST_EFFORT_MAX_SHARE) even where `hedge` is off: if the pool runs "
-        "late, an API races it and a win withdraws the queued job, handing its room back to that work. It pays "
-        "there and only there (docs/benchmarks.md, hedging).")
+        True, description="Hedge a request placed on a pool that work only the pool can serve is pressing (its "
+        "reserved share at least policies.reservation.BEST_EFFORT_MAX_SHARE) even where `hedge` is off: if the "
+        "pool runs late, an API races it and a win withdraws the queued job, handing its room back to that work. "
+        "It pays there and only there (docs/benchmarks.md, hedging).")
     last_candidate_attempts: int = Field(
         4, ge=1, le=10, description="Tries of the last candidate left (nowhere else to go) on retryable errors, "
         "within the deadline.")

@@ -276,6 +276,6 @@ async def stats(audit: AuditLog, service: GenerationService, policy: PolicyRegis
 
 
 admin_router = Router(path="/admin", guards=[admin_only], include_in_schema=True, route_handlers=[
-    policy_route, validate_policy, simulate_policy, plan_pool, policy_schema, policy_history, policy_diff, rollback_policy,
-    query_audit, export_audit, get_audit, stats, spend,
+    policy_route, validate_policy, simulate_policy, plan_pool, policy_schema, policy_history, policy_diff,
+    rollback_policy, query_audit, export_audit, get_audit, stats, spend,
 ])
