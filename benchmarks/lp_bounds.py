@@ -65,13 +65,6 @@ def window_lengths(horizon_steps: int, dense: int = 15) -> list[int]:
     return lengths
 
 
-def _api_hit(api, sla_s: float) -> float:
-    sigma = math.log(max(api.p95_ms, api.p50_ms) / api.p50_ms) / 1.645
-    if sigma == 0:
-        return float(api.p50_ms / 1000 <= sla_s)
-    return 0.5 * (1 + math.erf((math.log(sla_s * 1000) - math.log(api.p50_ms)) / (sigma * math.sqrt(2))))
-
-
 class _Model:
     """The variables, the pool's window constraints and each request's one choice, shared by both LPs."""
 
@@ -98,7 +91,7 @@ class _Model:
                         and policy.backends[a.name].best_quality >= tier.min_quality]
             for size in range(1, len(eligible) + 1):
                 for subset in itertools.combinations(eligible, size):
-                    miss = math.prod(1 - _api_hit(a, sla_s) for a in subset)
+                    miss = math.prod(1 - a.p_within(sla_s) for a in subset)
                     usd = sum(policy.backends[a.name].price_per_image(route.megapixels, None, None) for a in subset)
                     self.cost.append(usd * r.n), self.hit.append(1 - miss), owner.append(i)
         self.owner = np.array(owner)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from .costs import predicted_cost_usd
-from .reservation import BEST_EFFORT_MAX_SHARE
 from .schema import BackendPolicy, Objective, Policy, Rule, Tier
 from .types import (
     BackendView,
@@ -190,7 +189,7 @@ def decide(request: RouteRequest, policy: Policy, snapshot: Snapshot) -> Decisio
     at_risk = not candidates and not probes and bool(late) and tier.on_no_candidate == "best_effort"
     if at_risk:  # the one predicted to finish first, then the rest by the same prediction
         candidates = sorted(late, key=lambda c: (c.predicted_latency_ms, c.predicted_cost_usd, c.backend))
-        if policy.reserve_pool:
+        if policy.reserve_pool:  # a late job on a pressed pool would take the room of requests still on time
             candidates.sort(key=lambda c: _pressed_pool(snapshot, c))
     else:
         candidates.sort(key=_rank_key(objective))
@@ -220,10 +219,8 @@ def decide(request: RouteRequest, policy: Policy, snapshot: Snapshot) -> Decisio
 
 
 def _pressed_pool(snapshot: Snapshot, candidate: Candidate) -> bool:
-    """A pool whose reserved share is at least BEST_EFFORT_MAX_SHARE: a request already late elsewhere goes to
-    another backend first, since its run there would take the room of requests that can still be on time."""
     view = snapshot.get(candidate.backend)
-    return view is not None and view.pool is not None and view.pool.reserved_share >= BEST_EFFORT_MAX_SHARE
+    return view is not None and view.pool is not None and view.pool.pressed
 
 
 def _keep_reserved_room(candidates: list[Candidate], pooled: set[str], snapshot: Snapshot, sla_ms: float,

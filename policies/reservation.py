@@ -7,7 +7,7 @@ networks keep trunks for the calls that have no other route). Two levers, both r
 - `share`: the share of each worker's time such requests have been taking. Deadline-first, they go ahead of
   work due later, so a request with other candidates is predicted on the pool as if it ran on the rest:
   its wait stretched by 1 / (1 - share). Flexible work that would then miss goes elsewhere, and so does a
-  best-effort request (late wherever it goes) once the share passes BEST_EFFORT_MAX_SHARE.
+  best-effort request (late wherever it goes) once the share passes PRESSED_SHARE.
 
 Plain state fed by the caller's clock: the pool and the simulator keep one each.
 """
@@ -16,16 +16,16 @@ from __future__ import annotations
 
 from collections import deque
 
-__all__ = ["BEST_EFFORT_MAX_SHARE", "MAX_SHARE", "InflexibleArrivals"]
+__all__ = ["MAX_SHARE", "PRESSED_SHARE", "InflexibleArrivals"]
 
 MAX_SHARE = 0.9  # never reserve a whole pool: flexible work keeps a tenth of it, and the share stays finite
-# A best-effort request (no backend predicted in time) goes to the pool only while such work takes less than
-# this share of it; past it, to the API predicted to finish first. A late job on a pool busy with work that has
-# nowhere else to go makes that work late too, and the misses cascade through a burst. Measured on three seeds
-# (docs/benchmarks.md): 0.3 lifts tight_drafts at 2/s from 84-85% to 94.5-95% SLA; 0.2 and 0.0 also send the
-# big drafts a lightly loaded pool would finish nearly in time (mixed_shapes at 1/s: 99.4% -> 98.6-98.9%), and
-# 0.4 reacts too late for mixed_shapes at 2-3/s.
-BEST_EFFORT_MAX_SHARE = 0.3
+# Past this share the pool is pressed (PoolModel.pressed): a best-effort request (no backend predicted in time)
+# tries the API predicted to finish first before it, and a request placed on it is hedged. A late job on a pool
+# busy with work that has nowhere else to go makes that work late too, and the misses cascade through a burst.
+# Measured on three seeds (docs/benchmarks.md): 0.3 lifts tight_drafts at 2/s from 84-85% to 94.5-95% SLA;
+# 0.2 and 0.0 also send the big drafts a lightly loaded pool would finish nearly in time (mixed_shapes at 1/s:
+# 99.4% -> 98.6-98.9%), and 0.4 reacts too late for mixed_shapes at 2-3/s.
+PRESSED_SHARE = 0.3
 
 
 class InflexibleArrivals:

@@ -175,7 +175,7 @@ class Dispatch(_Strict):
     hedge: bool = Field(False, description="Start the next candidate if the first is late (rules may override).")
     hedge_pressed_pool: bool = Field(
         True, description="Hedge a request placed on a pool that work only the pool can serve is pressing (its "
-        "reserved share at least policies.reservation.BEST_EFFORT_MAX_SHARE) even where `hedge` is off: if the "
+        "reserved share at least policies.reservation.PRESSED_SHARE) even where `hedge` is off: if the "
         "pool runs late, an API races it and a win withdraws the queued job, handing its room back to that work. "
         "It pays there and only there (docs/benchmarks.md, hedging).")
     last_candidate_attempts: int = Field(

@@ -49,9 +49,18 @@ class ApiModel:
     failure_rate: float = 0.0
     max_n: int = 10
 
+    @property
+    def sigma(self) -> float:  # of the lognormal through p50 and p95
+        return math.log(max(self.p95_ms, self.p50_ms) / self.p50_ms) / 1.645
+
     def sample_s(self, rng: random.Random) -> float:
-        sigma = math.log(max(self.p95_ms, self.p50_ms) / self.p50_ms) / 1.645
-        return rng.lognormvariate(math.log(self.p50_ms), sigma) / 1000
+        return rng.lognormvariate(math.log(self.p50_ms), self.sigma) / 1000
+
+    def p_within(self, seconds: float) -> float:
+        """The chance one call answers within `seconds` (failures aside)."""
+        if self.sigma == 0:
+            return float(self.p50_ms / 1000 <= seconds)
+        return 0.5 * (1 + math.erf(math.log(seconds * 1000 / self.p50_ms) / (self.sigma * math.sqrt(2))))
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from .profile import ThroughputProfile
+from .reservation import PRESSED_SHARE
 
 __all__ = [
     "BackendKind",
@@ -162,6 +163,11 @@ class PoolModel:
     # Trunk reservation (policies.reservation): the share of each worker's time that work only the pool can serve
     # has been taking; a request with other candidates is predicted as if the pool had only the rest.
     reserved_share: float = 0.0
+
+    @property
+    def pressed(self) -> bool:
+        """Work only the pool can serve takes PRESSED_SHARE of it or more: a late job here would take its room."""
+        return self.reserved_share >= PRESSED_SHARE
 
     def ahead_s(self, sla_s: float | None) -> float:
         """Work that runs before a new job due in `sla_s`: the batcher goes by earliest deadline."""

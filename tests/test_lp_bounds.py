@@ -29,7 +29,7 @@ def test_a_burst_of_drafts_beyond_the_pool_is_met_only_as_far_as_its_gpu_seconds
     per_image = min(profile.seconds("sdxl", 1024, 1024, 20, k) / k for k in range(1, 9)
                     if profile.seconds("sdxl", 1024, 1024, 20, k) <= 5.0)  # the best batch that fits 5 s
     on_pool = 5.0 / per_image  # one GPU, due in 5 s
-    any_api = 1 - math.prod(1 - lp_bounds._api_hit(a, 5.0) for a in world.apis)
+    any_api = 1 - math.prod(1 - a.p_within(5.0) for a in world.apis)
     assert b.max_sla_met == pytest.approx(on_pool + (20 - on_pool) * any_api, rel=1e-6)
     assert b.max_attainment < 0.8  # no router meets this burst, however it splits it
     assert lp_bounds.bounds(burst, POLICY, world, met=19.5).min_cost_usd is None  # beyond reach
