@@ -7,7 +7,8 @@ networks keep trunks for the calls that have no other route). Two levers, both r
 - `share`: the share of each worker's time such requests have been taking. Deadline-first, they go ahead of
   work due later, so a request with other candidates is predicted on the pool as if it ran on the rest:
   its wait stretched by 1 / (1 - share). Flexible work that would then miss goes elsewhere, and so does a
-  best-effort request (late wherever it goes) once the share passes PRESSED_SHARE.
+  best-effort request (late wherever it goes) once the share passes PRESSED_SHARE; once the minute-long share
+  alone passes SATURATED_SHARE, flexible work keeps off the pool altogether.
 
 Plain state fed by the caller's clock: the pool and the simulator keep one each.
 """
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 from collections import deque
 
-__all__ = ["MAX_SHARE", "PRESSED_SHARE", "InflexibleArrivals"]
+__all__ = ["MAX_SHARE", "PRESSED_SHARE", "SATURATED_SHARE", "InflexibleArrivals"]
 
 MAX_SHARE = 0.9  # never reserve a whole pool: flexible work keeps a tenth of it, and the share stays finite
 # Past this share the pool is pressed (PoolModel.pressed): a best-effort request (no backend predicted in time)
@@ -26,6 +27,12 @@ MAX_SHARE = 0.9  # never reserve a whole pool: flexible work keeps a tenth of it
 # 0.2 and 0.0 also send the big drafts a lightly loaded pool would finish nearly in time (mixed_shapes at 1/s:
 # 99.4% -> 98.6-98.9%), and 0.4 reacts too late for mixed_shapes at 2-3/s.
 PRESSED_SHARE = 0.3
+# Past this share over the whole window (a sustained load, not a ten-second cluster) a request with other
+# candidates keeps off the pool (PoolModel.saturated): the stretch of its wait by 1 / (1 - share) is a mean, and a
+# flexible batch admitted with little ahead of it still holds a worker the next pool-only requests then wait for.
+# Measured on three seeds (docs/benchmarks.md, issue 18 session 7): mixed_shapes at 2-3/s 96.8-97.7% -> 98.4-98.8%
+# SLA for +2-10% cost; 0.3 buys a little more SLA at 1.5-2x the extra cost, and costs +7-11% at 1/s.
+SATURATED_SHARE = 0.4
 
 
 class InflexibleArrivals:
@@ -52,6 +59,11 @@ class InflexibleArrivals:
         """The longest a batch may run while such requests arrive; None while none do."""
         seen = self._recent(now)
         return min(wait for _, wait, _ in seen) if seen else None
+
+    def sustained_share(self, now: float, workers: int) -> float:
+        """The share of each worker's time such requests took over the whole window (0 while none arrive)."""
+        seen = self._recent(now)
+        return min(MAX_SHARE, sum(s for _, _, s in seen) / (self.window_s * max(1, workers))) if seen else 0.0
 
     def share(self, now: float, workers: int) -> float:
         """The share of each worker's time such requests took over the window (0 while none arrive)."""

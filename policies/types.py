@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from .profile import ThroughputProfile
-from .reservation import PRESSED_SHARE
+from .reservation import PRESSED_SHARE, SATURATED_SHARE
 
 __all__ = [
     "BackendKind",
@@ -158,11 +158,20 @@ class PoolModel:
     queue: tuple[QueuePoint, ...] | None = None  # the queue in deadline order; None: all of work_ahead_s is ahead
     # A new job may go ahead of a committed one only if that one keeps this many such jobs' worth of slack:
     # in overload the queue runs slower than predicted (smaller batches, mixed shapes), and a committed job
-    # can no longer be given back. 4 measured best (docs/benchmarks.md, late binding).
-    committed_reserve: float = 4.0
+    # can no longer be given back. 4 measured best in a one-GPU overload (docs/benchmarks.md, late binding); on
+    # the issue-18 traces with 2 GPUs, 1 (the job it lets ahead still leaves it on time) costs 1-6% less at
+    # equal or better SLA on 3 seeds (docs/benchmarks.md, issue 18 session 7): a larger reserve sends tight
+    # work to an API while the pool's committed work would have finished in time anyway.
+    committed_reserve: float = 1.0
     # Trunk reservation (policies.reservation): the share of each worker's time that work only the pool can serve
     # has been taking; a request with other candidates is predicted as if the pool had only the rest.
     reserved_share: float = 0.0
+    sustained_share: float = 0.0  # the same over the last minute alone (not the last seconds)
+
+    @property
+    def saturated(self) -> bool:
+        """Work only the pool can serve took SATURATED_SHARE of it over the last minute: flexible work keeps off."""
+        return self.sustained_share >= SATURATED_SHARE
 
     @property
     def pressed(self) -> bool:

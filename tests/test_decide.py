@@ -238,7 +238,7 @@ def test_a_job_that_would_push_committed_pool_work_past_its_deadline_goes_elsewh
     d = decide(tight, POLICY, Snapshot((queued_local([committed]), api("reve", 9_000))))
     assert d.chosen.backend == "reve"
     assert "committed" in next(r.detail for r in d.rejected if r.backend == "local")
-    room = QueuePoint(20.0, 3.0, 5.0, False)  # 5 s of slack: one more 1 s job ahead keeps a 4 s reserve
+    room = QueuePoint(20.0, 3.0, 5.0, False)  # 5 s of slack: one more 1 s job ahead leaves it on time
     assert decide(tight, POLICY, Snapshot((queued_local([room]), api("reve", 9_000)))).chosen.backend == "local"
     alone = decide(tight, POLICY, Snapshot((queued_local([QueuePoint(20.0, 3.0, 2.0, False)]),)))
     assert alone.chosen.backend == "local"  # nowhere else to go, and the committed job still makes it
@@ -347,6 +347,23 @@ def test_a_request_other_backends_can_serve_stays_off_a_pool_whose_room_is_reser
     assert names(only_pool) == ["local"]
     off = POLICY.model_copy(update={"reserve_pool": False})
     assert names(decide(dataclasses.replace(REQ, sla_ms=30_000), off, world))[0] == "local"
+
+
+def test_while_pool_only_work_takes_most_of_the_pool_over_a_minute_flexible_work_keeps_off_it():
+    def world(sustained):
+        view = local(queue_ms=0)  # nothing ahead: the stretched wait alone would admit it
+        return Snapshot((dataclasses.replace(view, pool=dataclasses.replace(
+            view.pool, reserved_share=sustained, sustained_share=sustained)), api("reve", 15_000)))
+
+    flexible = dataclasses.replace(REQ, sla_ms=30_000)
+    assert names(decide(flexible, POLICY, world(0.2)))[0] == "local"
+    saturated = decide(flexible, POLICY, world(0.5))
+    assert names(saturated) == ["reve"] and reasons(saturated)["local"] is RejectReason.RESERVED
+    assert "over the last minute" in next(r.detail for r in saturated.rejected if r.backend == "local")
+    only_pool = decide(dataclasses.replace(REQ, sla_ms=5_000), POLICY, world(0.5))
+    assert names(only_pool) == ["local"]  # the work the room is kept for still has it
+    off = POLICY.model_copy(update={"reserve_pool": False})
+    assert names(decide(flexible, off, world(0.5)))[0] == "local"
 
 
 def test_a_best_effort_request_keeps_off_a_pool_pressed_by_work_only_it_can_serve():

@@ -33,3 +33,7 @@ def test_a_burst_is_seen_within_seconds_and_forgotten_over_the_window():
     assert burst == MAX_SHARE  # the last ten seconds, not the minute's average (0.3)
     assert arrivals.share(190.0, workers=2) == pytest.approx(0.6 * 20 / 20, rel=0.15)  # per worker
     assert arrivals.share(205.0, workers=1) < burst  # past the burst window the minute's average again
+    # The sustained share is the minute's alone: the ten-second burst moves it only by its own GPU-seconds.
+    # 11 of the 3 s drafts are within the minute before 205 s, and the whole burst
+    assert arrivals.sustained_share(205.0, workers=1) == pytest.approx(0.6 * (11 + 20) / 60)
+    assert arrivals.sustained_share(400.0, workers=1) == 0.0

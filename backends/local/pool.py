@@ -147,6 +147,7 @@ class LocalPool:
             work_ahead_s=queue[-1].work_s if queue else running_s, typical_batch=self._occupancy,
             has_headroom=idle and not queue, max_wait_s=wait, running_s=running_s, queue=queue,
             busy_workers=sum(1 for w in ready if w.busy), reserved_share=self.inflexible.share(now, len(ready)),
+            sustained_share=self.inflexible.sustained_share(now, len(ready)),
         )
         warming = [w.name for w in self.workers if not w.ready]
         growing = sum(len(w.pending_warm) for w in ready)
