@@ -234,12 +234,13 @@ def _keep_reserved_room(candidates: list[Candidate], pooled: set[str], snapshot:
     kept = []
     for c in candidates:
         pool = snapshot.get(c.backend).pool if c.backend in pooled else None
-        delay_ms = pool.reserved_delay_s(sla_ms / 1000) * 1000 if pool is not None else 0.0
         if pool is not None and pool.saturated:
             rejected.append(Rejection(c.backend, RejectReason.RESERVED,
                                       f"work only the pool can serve took {pool.sustained_share:.0%} of it over the "
                                       "last minute; another backend can serve this one in time"))
-        elif delay_ms and c.predicted_latency_ms + delay_ms > sla_ms:
+            continue
+        delay_ms = pool.reserved_delay_s(sla_ms / 1000) * 1000 if pool is not None else 0.0
+        if delay_ms and c.predicted_latency_ms + delay_ms > sla_ms:
             rejected.append(Rejection(c.backend, RejectReason.RESERVED,
                                       f"predicted {c.predicted_latency_ms:.0f} ms + {delay_ms:.0f} ms for the "
                                       f"{pool.reserved_share:.0%} of the pool kept for requests only it can serve "

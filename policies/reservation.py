@@ -66,12 +66,10 @@ class InflexibleArrivals:
         return min(MAX_SHARE, sum(s for _, _, s in seen) / (self.window_s * max(1, workers))) if seen else 0.0
 
     def share(self, now: float, workers: int) -> float:
-        """The share of each worker's time such requests took over the window (0 while none arrive)."""
-        seen = self._recent(now)
-        if not seen:
+        """The larger of `sustained_share` and the same over the last `burst_window_s` (0 while none arrive)."""
+        sustained = self.sustained_share(now, workers)
+        if not sustained:
             return 0.0
-        workers = max(1, workers)
-        over_window = sum(s for _, _, s in seen) / (self.window_s * workers)
         since = now - self.burst_window_s
-        over_burst = sum(s for t, _, s in seen if t >= since) / (self.burst_window_s * workers)
-        return min(MAX_SHARE, max(over_window, over_burst))
+        over_burst = sum(s for t, _, s in self._seen if t >= since) / (self.burst_window_s * max(1, workers))
+        return min(MAX_SHARE, max(sustained, over_burst))
