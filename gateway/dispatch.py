@@ -114,8 +114,9 @@ class Dispatcher:
                 if hedge_with is not None:
                     if hedge_with is not candidate:
                         queue.remove(hedge_with)
+                    due = min(deadline, began + decision.sla_ms / 1000)
                     return await self._hedged(candidate, hedge_with, job, deadline, attempts, began, dispatch,
-                                              hedge_after_ms, last_resort=not queue)
+                                              hedge_after_ms, due, last_resort=not queue)
                 cap = self._attempt_deadline(candidate, queue, deadline) if dispatch.attempt_budget else deadline
                 result = await self._with_retries(candidate, job, cap, attempts, began, dispatch,
                                                   last_resort=not queue)
@@ -220,8 +221,9 @@ class Dispatcher:
 
     async def _hedged(self, first: Candidate, second: Candidate, job: GenerationJob, deadline: float,
                       attempts: list[Attempt], began: float, dispatch: Dispatch, hedge_after_ms: float,
-                      last_resort: bool) -> DispatchOutcome:
-        """Start `second` if `first` has not answered `hedge_after_ms` into the request; the first success wins."""
+                      due: float, last_resort: bool) -> DispatchOutcome:
+        """Start `second` if `first` has not answered `hedge_after_ms` into the request (and, where `first` is a
+        queue that can tell, it predicts a finish late for `due`); the first success wins."""
 
         def start(candidate: Candidate, hedge: bool) -> asyncio.Task:
             return asyncio.create_task(self._with_retries(candidate, job, deadline, attempts, began, dispatch, hedge,
@@ -235,6 +237,8 @@ class Dispatcher:
             # counted from this candidate's own start: a later candidate (after a failure) gets its full p99
             hedge_in = max(0.0, hedge_after_ms / 1000 - (self._clock() - primary_started))
             done, _ = await asyncio.wait({primary}, timeout=hedge_in)
+            if primary not in done and not self._hedge_pays(first, job, due):
+                done, _ = await asyncio.wait({primary})  # predicted on time: the second only if it fails
             if primary in done:
                 if primary.exception() is None:
                     return DispatchOutcome(first, primary.result(), attempts)
@@ -261,6 +265,12 @@ class Dispatcher:
             for task in tasks:
                 with contextlib.suppress(BaseException):
                     await task
+
+    def _hedge_pays(self, first: Candidate, job: GenerationJob, due: float) -> bool:
+        """A queueing backend (the pool) says whether its job is now predicted late enough to race; any other
+        has passed its predicted latency, which is all there is to know."""
+        asks = getattr(self._backends.get(first.backend), "hedge_pays", None)
+        return asks is None or asks(job.id, due)
 
     @staticmethod
     def _loser_cost(tasks: dict) -> float:

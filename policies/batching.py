@@ -181,6 +181,13 @@ class SLABatcher:
                 job.start_by = None
         return released
 
+    def predicted_done(self, job: QueuedJob, now: float, running_s: float, workers: int) -> float | None:
+        """When a queued job is predicted to finish (as `points` predicts it); None if it is not queued."""
+        for queued, done, _ in self._walk(now, running_s, workers, release=False):
+            if queued is job:
+                return done
+        return None
+
     def next_settle(self) -> float | None:
         """When a tentative job's `start_by` comes (settle must run then, busy workers or not)."""
         due = [j.start_by for q in self._queues.values() for j in q if j.start_by is not None]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections import deque
 
-__all__ = ["MAX_SHARE", "PRESSED_SHARE", "SATURATED_SHARE", "InflexibleArrivals"]
+__all__ = ["HEDGE_MARGIN", "MAX_SHARE", "PRESSED_SHARE", "SATURATED_SHARE", "InflexibleArrivals", "hedge_pays"]
 
 MAX_SHARE = 0.9  # never reserve a whole pool: flexible work keeps a tenth of it, and the share stays finite
 # Past this share the pool is pressed (PoolModel.pressed): a best-effort request (no backend predicted in time)
@@ -33,6 +33,22 @@ PRESSED_SHARE = 0.3
 # Measured on three seeds (docs/benchmarks.md, issue 18 session 7): mixed_shapes at 2-3/s 96.8-97.7% -> 98.4-98.8%
 # SLA for +2-10% cost; 0.3 buys a little more SLA at 1.5-2x the extra cost, and costs +7-11% at 1/s.
 SATURATED_SHARE = 0.4
+
+
+# A pool job passing its predicted latency is raced by an API only if the pool, asked then, predicts it late: its
+# predicted finish (the wait of a queued one stretched by 1 / (1 - share), as pool-only work still arriving goes
+# ahead of it) times this margin past its SLA. Measured on three seeds (docs/benchmarks.md, issue 18 session 8):
+# tight_drafts at 1/s 14% cheaper and mixed_shapes at 2/s 9% at equal SLA (within 0.2 pt); a hedge started on
+# elapsed time alone mostly paid an API for an image the pool then delivered in time.
+HEDGE_MARGIN = 1.3
+
+
+def hedge_pays(done_in_s: float, due_in_s: float, share: float, *, running: bool = False) -> bool:
+    """Should a pool job predicted done in `done_in_s` be raced now, with `due_in_s` left to its SLA? A queued
+    one's wait stretches by 1 / (1 - share) (the pool-only share, policies.reservation); a running batch cannot
+    be overtaken."""
+    stretch = 1.0 if running else 1 / (1 - min(max(share, 0.0), MAX_SHARE))
+    return done_in_s * stretch * HEDGE_MARGIN > due_in_s
 
 
 class InflexibleArrivals:

@@ -23,7 +23,7 @@ from .batching import ArrivalRate, QueuedJob, SLABatcher
 from .decide import decide
 from .holding import hold_for_s
 from .profile import ThroughputProfile
-from .reservation import InflexibleArrivals
+from .reservation import InflexibleArrivals, hedge_pays
 from .schema import Policy
 from .traces import TraceRequest
 from .types import (
@@ -191,6 +191,7 @@ class _Sim:
                                   clock=lambda: self.now, arrivals=ArrivalRate(),
                                   max_batch_s=lambda: self.inflexible.max_batch_s(self.now)) if pool else None
         self.gpu_free_at = [0.0] * (pool.gpus if pool else 0)
+        self.running_until: dict[int, float] = {}  # id(job) -> when its running batch ends
         self.occupancy = 1.0
         self.busy_s = 0.0
         self.busy_by_minute: dict[int, float] = {}  # GPU-seconds started in each minute (utilisation over time)
@@ -290,10 +291,23 @@ class _Sim:
         race = outcome.race
         if race is None or race.partner is None or outcome.done_at is not None:
             return
+        if race.local_job is not None and not self.pool_late(race.local_job, outcome):
+            return  # the pool predicts it on time: no second call unless it fails (see fallback)
         partner, race.partner = race.partner, None
         race.running.append(partner)
         self.hedges += 1
         self.attempt(outcome, [partner])
+
+    def pool_late(self, job: QueuedJob, outcome: Outcome) -> bool:
+        """As the gateway's pool answers the dispatcher at hedge time (LocalPool.hedge_pays)."""
+        due_in = outcome.request.t + outcome.sla_ms / 1000 - self.now
+        ends = self.running_until.get(id(job))
+        if ends is not None:
+            return hedge_pays(ends - self.now, due_in, 0.0, running=True)
+        done = self.batcher.predicted_done(job, self.now, self.running_s(), self.world.pool.gpus)
+        if done is None:
+            return True
+        return hedge_pays(done - self.now, due_in, self.inflexible.share(self.now, self.world.pool.gpus))
 
     def fallback(self, outcome: Outcome, rest: list, failed) -> None:
         """After `failed` gave up: its racing partner, else the next candidate."""
@@ -390,6 +404,8 @@ class _Sim:
             minute = int(self.now // 60)
             self.busy_by_minute[minute] = self.busy_by_minute.get(minute, 0.0) + seconds
             self.occupancy = 0.8 * self.occupancy + 0.2 * batch.slots
+            for job in batch.jobs:
+                self.running_until[id(job)] = self.now + seconds
             self.push(self.now + seconds, "batch_done", (batch, seconds))
 
     def run(self, progress: Callable[[float], None] | None) -> SimResult:
@@ -417,6 +433,7 @@ class _Sim:
             elif kind == "batch_done":
                 batch, seconds = data
                 for job in batch.jobs:
+                    self.running_until.pop(id(job), None)
                     outcome, _, candidate = job.payload
                     share = self.world.pool.gpu_hour_usd / 3600 * seconds * job.slots / batch.slots
                     self.finish(outcome, "local", share, candidate)

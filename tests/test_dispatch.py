@@ -14,7 +14,7 @@ from gateway.ejection import EjectionConfig
 from gateway.errors import AllBackendsFailed, ContentPolicyViolation, DeadlineExceeded
 from gateway.guard import BackendGuard
 from policies.schema import Dispatch
-from policies.types import Candidate, Decision
+from policies.types import BackendKind, Candidate, Decision
 from tests.fakes import ScriptedBackend
 
 JOB = GenerationJob(id="j1", prompt="p", width=64, height=64)
@@ -184,3 +184,38 @@ async def test_concurrency_cap_sends_the_overflow_elsewhere():
         dispatcher.run(decision("a", "b"), JOB, time.monotonic() + 5, []))
     assert {first.candidate.backend, second.candidate.backend} == {"a", "b"}
     assert guard.inflight == 0
+
+
+class _Queue(ScriptedBackend):
+    """A queueing backend that says whether its job is predicted late (as the local pool does)."""
+
+    def __init__(self, name: str, *, late: bool, **kw):
+        super().__init__(name, **kw)
+        self.late, self.asked = late, []
+
+    def hedge_pays(self, job_id: str, due: float) -> bool:
+        self.asked.append((job_id, due))
+        return self.late
+
+
+async def test_a_queue_that_predicts_its_job_on_time_is_not_raced_past_its_predicted_latency():
+    pool, api = _Queue("local", late=False, delay_s=0.3), ScriptedBackend("reve")
+    started = time.monotonic()
+    out = await Dispatcher({"local": pool, "reve": api}).run(
+        decision("local", "reve", hedge=True, latency_ms=50), JOB, started + 5, [])
+    assert out.candidate.backend == "local" and not api.calls and out.hedge_cost_usd == 0
+    (job_id, due), = pool.asked
+    assert job_id == JOB.id and due == pytest.approx(started + 1.0, abs=0.05)  # the SLA (1 s), not the deadline
+
+
+async def test_a_queue_that_predicts_its_job_late_is_raced_and_one_on_time_that_fails_still_falls_back():
+    pool, api = _Queue("local", late=True, delay_s=2), ScriptedBackend("reve", delay_s=0.05)
+    out = await Dispatcher({"local": pool, "reve": api}).run(
+        decision("local", "reve", hedge=True, latency_ms=50), JOB, time.monotonic() + 5, [])
+    assert out.candidate.backend == "reve" and len(pool.asked) == 1
+    failing = _Queue("local", late=False, delay_s=0.2, kind=BackendKind.LOCAL,
+                     fail=lambda j: BackendAuthError("worker lost"))
+    attempts = []
+    out = await Dispatcher({"local": failing, "reve": api}).run(
+        decision("local", "reve", hedge=True, latency_ms=50), JOB, time.monotonic() + 5, attempts)
+    assert out.candidate.backend == "reve" and [a.backend for a in attempts] == ["local", "reve"]

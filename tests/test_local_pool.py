@@ -353,6 +353,25 @@ async def test_a_job_still_on_time_when_its_fallback_window_closes_stays_on_the_
     await pool.aclose()
 
 
+async def test_the_pool_tells_the_dispatcher_whether_a_job_it_holds_is_late_enough_to_race():
+    # Batches of one take 0.2 s on one worker: the running job ends in 0.2 s, the queued one in 0.4 s.
+    profile = ThroughputProfile({("tiny", 64, 64, 2): {1: 0.2}})
+    pool = await start(LocalPool(TINY, [FakeWorker(seconds=lambda b: 0.2)], PoolConfig(max_wait_s=0.0, max_batch=1),
+                                 profile))
+    now = time.monotonic()
+    running = asyncio.create_task(pool.generate(job(0), now + 5))
+    await asyncio.sleep(0.01)
+    queued = asyncio.create_task(pool.generate(job(1), now + 5))
+    await asyncio.sleep(0.01)
+    assert not pool.hedge_pays("job0000", now + 1.0) and pool.hedge_pays("job0000", now + 0.2)
+    assert not pool.hedge_pays("job0001", now + 1.0)  # 0.4 s x the margin, well before its SLA
+    assert pool.hedge_pays("job0001", now + 0.45)  # on time, but with nothing to spare
+    assert pool.hedge_pays("unknown", now + 5)  # not held here: the dispatcher's elapsed time is all there is
+    await asyncio.gather(running, queued)
+    assert pool.hedge_pays("job0001", now + 5)  # delivered: forgotten
+    await pool.aclose()
+
+
 async def test_a_cancelled_job_leaves_the_queue_at_once():
     # A hedge that won elsewhere, or a client that went away: the job must not stay counted as work ahead.
     pool = await start(LocalPool(TINY, [FakeWorker(seconds=lambda b: 0.3)], PoolConfig(max_wait_s=0.0, max_batch=1)))

@@ -37,3 +37,16 @@ def test_a_burst_is_seen_within_seconds_and_forgotten_over_the_window():
     # 11 of the 3 s drafts are within the minute before 205 s, and the whole burst
     assert arrivals.sustained_share(205.0, workers=1) == pytest.approx(0.6 * (11 + 20) / 60)
     assert arrivals.sustained_share(400.0, workers=1) == 0.0
+
+
+def test_a_pool_job_is_raced_only_when_predicted_late_with_pool_only_work_still_going_ahead_of_it():
+    from policies.reservation import HEDGE_MARGIN, hedge_pays
+
+    assert not hedge_pays(4.0, due_in_s=10.0, share=0.0)  # well in time: an API call would be money thrown away
+    assert hedge_pays(9.0, due_in_s=10.0, share=0.0)  # within the margin of its SLA: worth a race
+    # Half the pool taken by pool-only work, which goes ahead of a queued job: its 4 s wait is 8 s...
+    assert hedge_pays(4.0, due_in_s=10.0, share=0.5)
+    # ...but nothing overtakes a running batch.
+    assert not hedge_pays(4.0, due_in_s=10.0, share=0.5, running=True)
+    assert hedge_pays(10.0 / HEDGE_MARGIN + 0.01, due_in_s=10.0, share=0.0, running=True)
+    assert hedge_pays(1.0, due_in_s=5.0, share=1.0)  # a full share is capped (MAX_SHARE), never infinite

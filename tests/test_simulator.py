@@ -295,3 +295,18 @@ def test_hedging_on_a_pressed_pool_buys_slas_in_bursts_of_pool_only_work_and_cos
     calm = simulate(steady, policy, world, seed=1).summary()
     assert calm["hedges_started"] == 0
     assert calm["total_cost_usd"] == simulate(steady, off, world, seed=1).summary()["total_cost_usd"]
+
+
+def test_a_pool_job_is_raced_only_when_the_pool_predicts_it_late_most_hedges_paid_for_images_it_delivered(
+        monkeypatch):
+    from policies import reservation
+
+    economics, policy = _economics()
+    world = economics.world(2)
+    trace = synthetic("tight_drafts", 900, 1.0, seed=1)
+    gated = simulate(trace, policy, world, seed=1).summary()
+    monkeypatch.setattr(reservation, "HEDGE_MARGIN", 1e9)  # every pool job late: raced on elapsed time alone
+    blind = simulate(trace, policy, world, seed=1).summary()
+    assert gated["hedges_started"] < 0.7 * blind["hedges_started"]
+    assert gated["total_cost_usd"] < 0.95 * blind["total_cost_usd"]
+    assert gated["sla_attainment"] >= 0.99

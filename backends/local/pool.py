@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from policies.profile import ThroughputProfile
-from policies.reservation import InflexibleArrivals
+from policies.reservation import InflexibleArrivals, hedge_pays
 from policies.types import BackendKind, Health, PoolModel, SizeSupport
 
 from ..errors import BackendReleased, BackendTimeout, BackendTransientError, BackendUnavailable
@@ -60,6 +60,7 @@ class _Pending:
     job: GenerationJob
     steps: int
     future: asyncio.Future
+    running_until: float | None = None  # monotonic: the predicted end of the batch running it
 
 
 class LocalPool:
@@ -83,6 +84,7 @@ class LocalPool:
         self._scheduler: asyncio.Task | None = None
         self._running: set[asyncio.Task] = set()
         self._running_until: dict[int, float] = {}  # worker index -> predicted end of its batch
+        self._jobs: dict[str, QueuedJob] = {}  # job id -> its place here, while its caller waits
         self._free_since: dict[int, float] = {}  # worker index -> when its last batch ended
         self._closing = False
         self._occupancy = 1.0
@@ -244,6 +246,7 @@ class LocalPool:
         item = QueuedJob(key=(self.model, job.width, job.height, steps, guidance), slots=job.n, deadline=deadline,
                          enqueued=time.monotonic(), payload=pending, start_by=job.start_by)
         self.batcher.put(item)
+        self._jobs[job.id] = item
         self._wakeup.set()
         try:
             async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
@@ -255,8 +258,25 @@ class LocalPool:
             self.batcher.remove(item)  # the caller went away (client gone, a hedge won): it never runs
             raise
         finally:
+            if self._jobs.get(job.id) is item:
+                del self._jobs[job.id]
             if not future.done():
                 future.cancel()
+
+    def hedge_pays(self, job_id: str, due: float) -> bool:
+        """Asked by the dispatcher when a job here passes its predicted latency: is it now predicted late enough
+        past `due` (monotonic) for a second backend to race it (policies.reservation.hedge_pays)? A job this pool
+        does not hold (never queued here, or done) says yes."""
+        item = self._jobs.get(job_id)
+        if item is None:
+            return True
+        now = time.monotonic()
+        if item.payload.running_until is not None:
+            return hedge_pays(item.payload.running_until - now, due - now, 0.0, running=True)
+        workers = max(1, sum(1 for w in self.workers if w.ready))
+        running_s = self._running_s(now) + self.external_batches() * self._mean_cycle_s
+        done = self.batcher.predicted_done(item, now, running_s, workers)
+        return done is None or hedge_pays(done - now, due - now, self.inflexible.share(now, workers))
 
     # --- scheduling -----------------------------------------------------------------
 
@@ -342,7 +362,9 @@ class LocalPool:
     def _launch(self, worker, batch: Batch) -> None:
         worker.busy, worker.assigned_slots = True, batch.slots
         index = self.workers.index(worker)
-        self._running_until[index] = time.monotonic() + batch.predicted_s
+        self._running_until[index] = ends = time.monotonic() + batch.predicted_s
+        for item in batch.jobs:
+            item.payload.running_until = ends
         task = asyncio.create_task(self._run(worker, index, batch))
         self._running.add(task)
         task.add_done_callback(self._running.discard)
@@ -365,6 +387,7 @@ class LocalPool:
         except WorkerCrashed:
             log.error("%s crashed running a batch of %d; re-queueing its jobs", worker.name, batch.slots)
             for item in batch.jobs:
+                item.payload.running_until = None
                 self.batcher.put(item)
             asyncio.create_task(self._restart(worker))
             return
