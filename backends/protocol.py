@@ -61,9 +61,6 @@ class GenerationJob:
     # A backend that queues gives the job back unstarted (BackendReleased) if, by this monotonic time, it
     # predicts a late finish: the dispatcher's next candidate can still make the deadline. None: keep it.
     start_by: float | None = None
-    # Only the pool could serve it (no other candidate met the SLA): the pool keeps room for such requests
-    # (policy reserve_pool) while they keep arriving.
-    pool_only: bool = False
 
 
 @dataclass(frozen=True, slots=True)

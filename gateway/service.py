@@ -20,6 +20,7 @@ from backends.protocol import Backend, GeneratedImage, GenerationJob
 from policies.costs import settled_cost_usd
 from policies.decide import decide
 from policies.holding import hold_for_s
+from policies.reservation import room_for
 from policies.schema import Policy
 from policies.types import Decision, RejectReason, RouteRequest
 
@@ -103,6 +104,14 @@ class GenerationService:
         self.snapshots = SnapshotSource(backends, guards)
         self._dispatcher = Dispatcher(backends, guards, redact=redact)
 
+    def _keep_pool_room(self, decision: Decision, snapshot, route: RouteRequest) -> None:
+        """Tell the pool of a request it keeps room for (policies.reservation.room_for), wherever it is sent:
+        as it is decided, as the simulator counts it."""
+        room = room_for(decision, snapshot, route)
+        keep = room and getattr(self._backends.get(room[0].backend), "keep_room_for", None)
+        if keep:
+            keep(decision.sla_ms / 1000, room[1])
+
     def _route_request(self, req: GenerationRequest, policy: Policy, ctx: RequestContext) -> RouteRequest:
         if len(req.prompt) > self._limits.prompt_max_chars:
             raise InvalidRequest(
@@ -155,11 +164,12 @@ class GenerationService:
             decision, reservation = await self._within_budget(route, policy, snapshot, decision, ctx)
             record.decision = decision
             deadline = ctx.received_mono + decision.serve_within_ms / 1000  # the SLA, or a best effort's need
+            if policy.reserve_pool:
+                self._keep_pool_room(decision, snapshot, route)
             job = GenerationJob(
                 id=ctx.id, prompt=req.prompt, width=route.width, height=route.height, n=req.n,
                 seed=req.seed, negative_prompt=req.negative_prompt, quality=req.quality,
                 output_format=req.output_format, response_format=req.response_format,
-                pool_only=policy.reserve_pool and _pool_only(decision, snapshot),
             )
             outcome = await self._dispatcher.run(decision, job, deadline, record.attempts, policy.dispatch)
             view = snapshot.get(outcome.candidate.backend)
@@ -355,11 +365,6 @@ class GenerationService:
                 name = await self._images.put(image.content(), image.media_type)
                 out.append({"url": f"{self._public_url or ctx.base_url_of().rstrip('/')}/v1/images/files/{name}"})
         return out
-
-
-def _pool_only(decision: Decision, snapshot) -> bool:
-    """Only a queueing pool could serve it: what the pool keeps room for (policy reserve_pool)."""
-    return all((v := snapshot.get(c.backend)) is not None and v.pool is not None for c in decision.candidates)
 
 
 def _seconds_to_reset(now: float, budget, day_need: float, month_need: float) -> int:

@@ -10,14 +10,20 @@ networks keep trunks for the calls that have no other route). Two levers, both r
   best-effort request (late wherever it goes) once the share passes PRESSED_SHARE; once the minute-long share
   alone passes SATURATED_SHARE, flexible work keeps off the pool altogether.
 
-Plain state fed by the caller's clock: the pool and the simulator keep one each.
+Plain state fed by the caller's clock: the pool and the simulator keep one each, and record what `room_for` says
+as each request is decided; `hedge_pays` says when a pool job passing its predicted latency is worth racing.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from typing import TYPE_CHECKING
 
-__all__ = ["HEDGE_MARGIN", "MAX_SHARE", "PRESSED_SHARE", "SATURATED_SHARE", "InflexibleArrivals", "hedge_pays"]
+if TYPE_CHECKING:
+    from .types import Candidate, Decision, RouteRequest, Snapshot
+
+__all__ = ["HEDGE_MARGIN", "MAX_SHARE", "PRESSED_SHARE", "SATURATED_SHARE", "InflexibleArrivals", "hedge_pays",
+           "room_for"]
 
 MAX_SHARE = 0.9  # never reserve a whole pool: flexible work keeps a tenth of it, and the share stays finite
 # Past this share the pool is pressed (PoolModel.pressed): a best-effort request (no backend predicted in time)
@@ -33,6 +39,25 @@ PRESSED_SHARE = 0.3
 # Measured on three seeds (docs/benchmarks.md, issue 18 session 7): mixed_shapes at 2-3/s 96.8-97.7% -> 98.4-98.8%
 # SLA for +2-10% cost; 0.3 buys a little more SLA at 1.5-2x the extra cost, and costs +7-11% at 1/s.
 SATURATED_SHARE = 0.4
+
+
+def room_for(decision: Decision, snapshot: Snapshot, request: RouteRequest) -> tuple[Candidate, float] | None:
+    """The pool place (and its GPU-seconds alone) of a request the pool keeps room for, recorded as it is decided
+    (InflexibleArrivals.record), wherever it is then sent: one only a queueing pool can serve in time, or a best
+    effort one (no backend predicted in time) that the pool alone would serve within half its SLA. Counting the
+    latter keeps a second steady state away: drafts late everywhere, served late on a pool that no longer looked
+    pressed because they were not counted, which then took flexible work that made the next drafts late too
+    (mixed_shapes at 3/s fell to 74% SLA on a 0.3 change of a margin; docs/benchmarks.md, issue 18 session 8)."""
+    pooled = [(c, v.pool, v.latency) for c in decision.candidates
+              if (v := snapshot.get(c.backend)) is not None and v.pool is not None]
+    if not pooled:
+        return None
+    candidate, pool, latency = pooled[0]
+    alone_s = pool.profile.seconds(pool.model, request.width, request.height, candidate.steps, request.n)
+    if len(pooled) == len(decision.candidates) or (
+            decision.at_risk and alone_s + latency.p95_ms / 1000 <= decision.sla_ms / 2000):
+        return candidate, alone_s
+    return None
 
 
 # A pool job passing its predicted latency is raced by an API only if the pool, asked then, predicts it late: its

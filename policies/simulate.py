@@ -23,7 +23,7 @@ from .batching import ArrivalRate, QueuedJob, SLABatcher
 from .decide import decide
 from .holding import hold_for_s
 from .profile import ThroughputProfile
-from .reservation import InflexibleArrivals, hedge_pays
+from .reservation import InflexibleArrivals, hedge_pays, room_for
 from .schema import Policy
 from .traces import TraceRequest
 from .types import (
@@ -271,14 +271,12 @@ class _Sim:
         self.outcomes.append(outcome)
         if self.strategy.tweak is not None:
             route = self.strategy.tweak(route, self.rng)
-        decision = decide(route, self.policy, self.snapshot())
+        snapshot = self.snapshot()
+        decision = decide(route, self.policy, snapshot)
         outcome.serve_within_ms = decision.serve_within_ms
         candidates = list(decision.candidates)
-        if self.policy.reserve_pool and candidates and all(c.backend == "local" for c in candidates) and \
-                self.world.pool is not None:
-            pool = self.world.pool
-            self.inflexible.record(self.now, decision.sla_ms / 1000, pool.profile.seconds(
-                pool.model, req.width, req.height, candidates[0].steps, req.n))
+        if self.policy.reserve_pool and (room := room_for(decision, snapshot, route)) is not None:
+            self.inflexible.record(self.now, decision.sla_ms / 1000, room[1])  # as the gateway's service does
         second = decision.hedge_partner(candidates[0], candidates[1:]) if candidates else None
         if second is not None:
             first = candidates[0]

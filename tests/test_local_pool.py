@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import io
 import os
 import signal
@@ -479,7 +478,7 @@ async def test_jobs_only_the_pool_could_serve_set_the_room_it_keeps_for_them():
     assert pool.load().pool.reserved_share == 0 and pool.batcher.max_batch_s() is None  # nothing pool-only yet
     await pool.generate(job(0), time.monotonic() + 5)
     assert pool.load().pool.reserved_share == 0  # a job with other candidates reserves nothing
-    await pool.generate(dataclasses.replace(job(1), pool_only=True), time.monotonic() + 5)
+    pool.keep_room_for(5.0, 0.05)  # the service routed one the pool keeps room for (policies.reservation.room_for)
     assert pool.load().pool.reserved_share > 0  # its GPU-seconds over the window, per worker
     limit = pool.batcher.max_batch_s()
     # No batch runs longer than it could wait: its 5 s less its own batch, which the same cap bounds (half).

@@ -237,10 +237,6 @@ class LocalPool:
             raise BackendUnavailable(f"local pool is not ready: {self.load().detail}")
         steps = job.steps or self._offer.default_steps
         guidance = job.guidance_scale if job.guidance_scale is not None else self.spec.guidance_scale
-        if job.pool_only:
-            now = time.monotonic()
-            self.inflexible.record(now, deadline - now, self.profile.seconds(self.model, job.width, job.height,
-                                                                             steps, job.n))
         future = asyncio.get_running_loop().create_future()
         pending = _Pending(job, steps, future)
         item = QueuedJob(key=(self.model, job.width, job.height, steps, guidance), slots=job.n, deadline=deadline,
@@ -262,6 +258,12 @@ class LocalPool:
                 del self._jobs[job.id]
             if not future.done():
                 future.cancel()
+
+    def keep_room_for(self, sla_s: float, gpu_s: float) -> None:
+        """A request this pool keeps room for was just routed (policies.reservation.room_for: only the pool could
+        serve it in time, or it is late everywhere and the pool alone would serve it in half its SLA), wherever
+        it went: the batch cap and the reserved share follow such requests while they keep arriving."""
+        self.inflexible.record(time.monotonic(), sla_s, gpu_s)
 
     def hedge_pays(self, job_id: str, due: float) -> bool:
         """Asked by the dispatcher when a job here passes its predicted latency: is it now predicted late enough

@@ -1,0 +1,32 @@
+"""The service tells the pool which requests it keeps room for (policies.reservation.room_for) as it routes them,
+as the simulator counts them, wherever they are then sent."""
+
+from __future__ import annotations
+
+from litestar.testing import TestClient
+
+from gateway.app import create_app
+from policies.types import BackendKind
+from tests.fakes import ScriptedBackend
+
+
+class _Pool(ScriptedBackend):
+    def __init__(self):
+        super().__init__("local", kind=BackendKind.LOCAL, models=("tiny",))
+        self.kept: list[tuple[float, float]] = []
+
+    def keep_room_for(self, sla_s: float, gpu_s: float) -> None:
+        self.kept.append((sla_s, gpu_s))
+
+
+def test_a_request_only_the_pool_serves_in_time_is_counted_and_one_an_api_serves_in_time_is_not(settings,
+                                                                                               shipped_policy):
+    pool = _Pool()
+    backends = {"local": pool, "reve": ScriptedBackend("reve", models=("reve-v1",))}
+    with TestClient(create_app(settings, shipped_policy, backends)) as client:
+        flexible = client.post("/v1/images/generations", json={"prompt": "x", "size": "256x256", "sla_ms": 30_000})
+        assert flexible.status_code == 200 and pool.kept == []  # reve's p95 (15 s) fits its 30 s too
+        tight = client.post("/v1/images/generations", json={"prompt": "x", "size": "256x256", "sla_ms": 5_000})
+        assert tight.status_code == 200
+    (sla_s, gpu_s), = pool.kept
+    assert sla_s == 5.0 and 0 < gpu_s < 1  # its batch alone, by the pool's profile
