@@ -236,7 +236,8 @@ class _Sim:
                               max_wait_s=pool.max_wait_s if self.batcher.arrivals.expects_any(pool.max_wait_s)
                               else 0.0, running_s=0.0 if queue is None else running, queue=queue,
                               reserved_share=self.inflexible.share(self.now, pool.gpus),
-                              sustained_share=self.inflexible.sustained_share(self.now, pool.gpus))
+                              sustained_share=self.inflexible.sustained_share(self.now, pool.gpus),
+                              batch_cap_s=self.inflexible.max_batch_s(self.now))
             views.append(BackendView(name="local", kind=BackendKind.LOCAL, health=Health.OK, models=(pool.model,),
                                      sizes=SizeSupport(max_side=2048, multiple_of=8), max_n=10,
                                      default_steps=pool.default_steps,

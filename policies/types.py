@@ -167,11 +167,19 @@ class PoolModel:
     # has been taking; a request with other candidates is predicted as if the pool had only the rest.
     reserved_share: float = 0.0
     sustained_share: float = 0.0  # the same over the last minute alone (not the last seconds)
+    batch_cap_s: float | None = None  # the longest a batch may run while such work arrives (None: none does)
 
     @property
     def saturated(self) -> bool:
         """Work only the pool can serve took SATURATED_SHARE of it over the last minute: flexible work keeps off."""
         return self.sustained_share >= SATURATED_SHARE
+
+    def fits_between(self, request: RouteRequest, steps: int) -> bool:
+        """A job with other candidates that may still take a saturated pool: a worker is idle, nothing is queued,
+        and its own run is no longer than the batch cap, so it delays the pool-only work no more than one of
+        that work's own batches would."""
+        return self.has_headroom and self.batch_cap_s is not None and self.profile.seconds(
+            self.model, request.width, request.height, steps, request.n) <= self.batch_cap_s
 
     @property
     def pressed(self) -> bool:

@@ -366,6 +366,20 @@ def test_while_pool_only_work_takes_most_of_the_pool_over_a_minute_flexible_work
     assert names(decide(flexible, off, world(0.5)))[0] == "local"
 
 
+def test_a_saturated_pool_still_takes_a_flexible_job_that_fits_on_an_idle_worker_between_pool_only_arrivals():
+    def world(idle=True, cap=2.5):
+        view = local(queue_ms=0, has_headroom=idle)
+        return Snapshot((dataclasses.replace(view, pool=dataclasses.replace(
+            view.pool, reserved_share=0.5, sustained_share=0.5, batch_cap_s=cap)), api("reve", 15_000)))
+
+    small = dataclasses.replace(REQ, sla_ms=30_000)  # 1.0 s alone: no longer than the 2.5 s batches allowed
+    assert names(decide(small, POLICY, world()))[0] == "local"
+    big = dataclasses.replace(small, n=4)  # ~2.6 s alone: it would hold the worker past the cap
+    assert names(decide(big, POLICY, world())) == ["reve"]
+    assert names(decide(small, POLICY, world(idle=False))) == ["reve"]  # no idle worker: it would queue
+    assert names(decide(small, POLICY, world(cap=None))) == ["reve"]  # no cap known: kept off, as before
+
+
 def test_a_best_effort_request_keeps_off_a_pool_pressed_by_work_only_it_can_serve():
     policy = POLICY.model_copy(update={"tiers": {**POLICY.tiers, "draft": POLICY.tiers["draft"].model_copy(
         update={"on_no_candidate": "best_effort"})}})

@@ -483,6 +483,7 @@ async def test_jobs_only_the_pool_could_serve_set_the_room_it_keeps_for_them():
     limit = pool.batcher.max_batch_s()
     # No batch runs longer than it could wait: its 5 s less its own batch, which the same cap bounds (half).
     assert limit == pytest.approx(2.5, abs=0.1)
+    assert pool.load().pool.batch_cap_s == pytest.approx(limit)  # what decide() lets fit between such work
     await pool.aclose()
 
 

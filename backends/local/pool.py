@@ -150,6 +150,7 @@ class LocalPool:
             has_headroom=idle and not queue, max_wait_s=wait, running_s=running_s, queue=queue,
             busy_workers=sum(1 for w in ready if w.busy), reserved_share=self.inflexible.share(now, len(ready)),
             sustained_share=self.inflexible.sustained_share(now, len(ready)),
+            batch_cap_s=self.inflexible.max_batch_s(now),
         )
         warming = [w.name for w in self.workers if not w.ready]
         growing = sum(len(w.pending_warm) for w in ready)
