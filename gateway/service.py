@@ -105,12 +105,16 @@ class GenerationService:
         self._dispatcher = Dispatcher(backends, guards, redact=redact)
 
     def _keep_pool_room(self, decision: Decision, snapshot, route: RouteRequest) -> None:
-        """Tell the pool of a request it keeps room for (policies.reservation.room_for), wherever it is sent:
-        as it is decided, as the simulator counts it."""
+        """Tell the pool of a request it keeps room for (policies.reservation.room_for), and of every request it
+        could serve (Decision.pool_demand), wherever it is sent: as it is decided, as the simulator counts them."""
+        sla_s = decision.sla_ms / 1000
         room = room_for(decision, snapshot, route)
-        keep = room and getattr(self._backends.get(room[0].backend), "keep_room_for", None)
-        if keep:
-            keep(decision.sla_ms / 1000, room[1])
+        if room is not None and (keep := getattr(self._backends.get(room[0].backend), "keep_room_for", None)):
+            keep(sla_s, room[1])
+        if decision.pool_demand is not None:  # what the pool is worth to it: PoolModel.denser_delay_s
+            name, gpu_s, value = decision.pool_demand
+            if (note := getattr(self._backends.get(name), "note_demand", None)) is not None:
+                note(sla_s, gpu_s, value)
 
     def _route_request(self, req: GenerationRequest, policy: Policy, ctx: RequestContext) -> RouteRequest:
         if len(req.prompt) > self._limits.prompt_max_chars:

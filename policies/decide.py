@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from .costs import predicted_cost_usd
 from .schema import BackendPolicy, Objective, Policy, Rule, Tier
 from .types import (
@@ -121,6 +123,8 @@ def decide(request: RouteRequest, policy: Policy, snapshot: Snapshot) -> Decisio
     eligible = index.eligible(tier, rule)
     backends = policy.backends
     in_policy = 0
+    api_floor_usd = math.inf  # the cheapest API that may serve it, in time or not: what the pool saves it
+    pool_seen: tuple[str, PoolModel, int] | None = None
     for view in snapshot.backends:
         name = view.name
         bp = backends.get(name)
@@ -139,6 +143,10 @@ def decide(request: RouteRequest, policy: Policy, snapshot: Snapshot) -> Decisio
             continue
         latency = view.latency.predict(request, steps, policy.latency_quantile, pool, sla_ms) + view.wait_ms
         cost = predicted_cost_usd(view, bp, request, steps, policy.cost_accounting)
+        if pool is None:
+            api_floor_usd = min(api_floor_usd, cost)
+        elif pool_seen is None:
+            pool_seen = (name, pool, steps)
         if pool is not None and tier.local_max_ms is not None and latency > tier.local_max_ms:
             rejected.append(Rejection(name, RejectReason.SLA_MISS,
                                       f"predicted {latency:.0f} ms > tier's local_max_ms {tier.local_max_ms}"))
@@ -184,8 +192,10 @@ def decide(request: RouteRequest, policy: Policy, snapshot: Snapshot) -> Decisio
             rejected.append(Rejection(candidate.backend, RejectReason.SLA_MISS,
                                       "would eat into the slack reserve of committed pool jobs"))
 
+    pool_demand = _pool_demand(pool_seen, request, api_floor_usd)
     if policy.reserve_pool and candidates:
-        candidates = _keep_reserved_room(candidates, pooled, snapshot, request, sla_ms, rejected)
+        candidates = _keep_reserved_room(candidates, pooled, snapshot, request, sla_ms, rejected,
+                                         pool_demand[2] if pool_demand else math.inf)
     at_risk = not candidates and not probes and bool(late) and tier.on_no_candidate == "best_effort"
     if at_risk:  # the one predicted to finish first, then the rest by the same prediction
         candidates = sorted(late, key=lambda c: (c.predicted_latency_ms, c.predicted_cost_usd, c.backend))
@@ -215,7 +225,18 @@ def decide(request: RouteRequest, policy: Policy, snapshot: Snapshot) -> Decisio
             policy.dispatch.hedge or (policy.dispatch.hedge_pressed_pool and policy.reserve_pool and bool(candidates)
                                       and _pressed_pool(snapshot, candidates[0]))),
         at_risk=at_risk,
+        pool_demand=pool_demand,
     )
+
+
+def _pool_demand(pool_seen: tuple[str, PoolModel, int] | None, request: RouteRequest,
+                 api_floor_usd: float) -> tuple[str, float, float] | None:
+    """(the pool, GPU-seconds alone, USD it saves per GPU-second) where a pool may serve it (Decision.pool_demand)."""
+    if pool_seen is None:
+        return None
+    name, pool, steps = pool_seen
+    alone_s = pool.profile.seconds(pool.model, request.width, request.height, steps, request.n)
+    return name, alone_s, api_floor_usd / alone_s if alone_s > 0 else math.inf
 
 
 def _pressed_pool(snapshot: Snapshot, candidate: Candidate) -> bool:
@@ -224,12 +245,14 @@ def _pressed_pool(snapshot: Snapshot, candidate: Candidate) -> bool:
 
 
 def _keep_reserved_room(candidates: list[Candidate], pooled: set[str], snapshot: Snapshot, request: RouteRequest,
-                        sla_ms: float, rejected: list[Rejection]) -> list[Candidate]:
+                        sla_ms: float, rejected: list[Rejection], value: float) -> list[Candidate]:
     """A request that other backends can serve in time is predicted on the pool as if work only the pool can
     serve had the share of it such work has been taking (policies.reservation); if it would then miss its SLA it
     goes elsewhere, leaving the room to the work that has nowhere else to go; so does every such request while
     that work has taken a saturating share of the pool over the last minute (PoolModel.saturated), unless it fits
-    on an idle worker between such work's arrivals (PoolModel.fits_between)."""
+    on an idle worker between such work's arrivals (PoolModel.fits_between). The same holds against recent
+    requests that valued the pool more per GPU-second (`value`: PoolModel.denser_delay_s), whichever delays it
+    more: where the pool is short, the work that saves least per GPU-second is the work to send elsewhere."""
     if all(c.backend in pooled for c in candidates):
         return candidates
     kept = []
@@ -240,11 +263,14 @@ def _keep_reserved_room(candidates: list[Candidate], pooled: set[str], snapshot:
                                       f"work only the pool can serve took {pool.sustained_share:.0%} of it over the "
                                       "last minute; another backend can serve this one in time"))
             continue
-        delay_ms = pool.reserved_delay_s(sla_ms / 1000) * 1000 if pool is not None else 0.0
+        reserved_ms = pool.reserved_delay_s(sla_ms / 1000) * 1000 if pool is not None else 0.0
+        denser_ms = pool.denser_delay_s(sla_ms / 1000, value) * 1000 if pool is not None else 0.0
+        delay_ms = max(reserved_ms, denser_ms)
         if delay_ms and c.predicted_latency_ms + delay_ms > sla_ms:
+            kept_for = (f"the {pool.reserved_share:.0%} of the pool kept for requests only it can serve"
+                        if reserved_ms >= denser_ms else "requests worth more per GPU-second that overtake it")
             rejected.append(Rejection(c.backend, RejectReason.RESERVED,
-                                      f"predicted {c.predicted_latency_ms:.0f} ms + {delay_ms:.0f} ms for the "
-                                      f"{pool.reserved_share:.0%} of the pool kept for requests only it can serve "
+                                      f"predicted {c.predicted_latency_ms:.0f} ms + {delay_ms:.0f} ms for {kept_for} "
                                       f"> SLA {sla_ms} ms; another backend can serve this one in time"))
         else:
             kept.append(c)

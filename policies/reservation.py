@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .types import Candidate, Decision, RouteRequest, Snapshot
 
-__all__ = ["HEDGE_MARGIN", "MAX_SHARE", "PRESSED_SHARE", "SATURATED_SHARE", "InflexibleArrivals", "hedge_pays",
-           "room_for"]
+__all__ = ["DENSER", "HEDGE_MARGIN", "MAX_SHARE", "PRESSED_SHARE", "SATURATED_SHARE", "InflexibleArrivals",
+           "PoolDemand", "hedge_pays", "room_for"]
 
 MAX_SHARE = 0.9  # never reserve a whole pool: flexible work keeps a tenth of it, and the share stays finite
 # Past this share the pool is pressed (PoolModel.pressed): a best-effort request (no backend predicted in time)
@@ -114,3 +114,48 @@ class InflexibleArrivals:
         since = now - self.burst_window_s
         over_burst = sum(s for t, _, s in self._seen if t >= since) / (self.burst_window_s * max(1, workers))
         return min(MAX_SHARE, max(sustained, over_burst))
+
+
+# A request is predicted on the pool as if the recent requests that valued the pool at least this many times more
+# per GPU-second than it does, and can overtake it (a tighter SLA, deadline first), went ahead of it (PoolDemand).
+DENSER = 1.1
+
+
+class PoolDemand:
+    """Every recent request the pool could have served, by what the pool was worth to it per GPU-second (the
+    cheapest API's price for it over its pool time alone) and its SLA: a shadow price of pool time. When the pool
+    is short, a request worth less per GPU-second (more pool time for the same API price: 30 steps against a
+    20-step draft) is the one to send elsewhere, so such a request is predicted with the pool time of the
+    worthier ones that may overtake it (PoolModel.denser_delay_s). Sums per (value, SLA) are kept as records
+    arrive and leave, over the last `window_s` and the last `burst_window_s`, so the table a snapshot carries is
+    as small as the number of kinds of request, however many arrive."""
+
+    def __init__(self, window_s: float = 60.0, burst_window_s: float = 10.0):
+        self.window_s, self.burst_window_s = window_s, burst_window_s
+        self._minute: deque[tuple[float, tuple[float, float], float]] = deque()  # (arrived, key, GPU-seconds)
+        self._burst: deque[tuple[float, tuple[float, float], float]] = deque()
+        self._sums: dict[tuple[float, float], list[float]] = {}  # key -> [minute seconds, burst seconds]
+
+    def record(self, now: float, sla_s: float, service_s: float, value: float) -> None:
+        key = (float(f"{value:.3g}"), round(sla_s, 1))
+        entry = (now, key, service_s)
+        self._minute.append(entry)
+        self._burst.append(entry)
+        sums = self._sums.setdefault(key, [0.0, 0.0])
+        sums[0] += service_s
+        sums[1] += service_s
+
+    def _expire(self, now: float) -> None:
+        for queue, slot, window in ((self._minute, 0, self.window_s), (self._burst, 1, self.burst_window_s)):
+            while queue and queue[0][0] < now - window:
+                _, key, seconds = queue.popleft()
+                self._sums[key][slot] -= seconds
+        for key in [k for k, (minute, _) in self._sums.items() if minute <= 1e-9]:
+            del self._sums[key]
+
+    def table(self, now: float, workers: int) -> tuple[tuple[float, float, float, float], ...]:
+        """(value, SLA s, share of each worker's time over the window, the same over the burst window)."""
+        self._expire(now)
+        per_worker = max(1, workers)
+        return tuple((value, sla, minute / (self.window_s * per_worker), max(0.0, burst) /
+                      (self.burst_window_s * per_worker)) for (value, sla), (minute, burst) in self._sums.items())

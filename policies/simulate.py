@@ -23,7 +23,7 @@ from .batching import ArrivalRate, QueuedJob, SLABatcher
 from .decide import decide
 from .holding import hold_for_s
 from .profile import ThroughputProfile
-from .reservation import InflexibleArrivals, hedge_pays, room_for
+from .reservation import InflexibleArrivals, PoolDemand, hedge_pays, room_for
 from .schema import Policy
 from .traces import TraceRequest
 from .types import (
@@ -187,6 +187,7 @@ class _Sim:
         pool = world.pool
         # As the gateway's pool: a lone job waits for company only when the arrivals say some is coming.
         self.inflexible = InflexibleArrivals()  # requests only the pool could serve (trunk reservation)
+        self.demand = PoolDemand()  # every request the pool could serve, by what it saves per GPU-second
         self.batcher = SLABatcher(lambda: pool.profile, max_batch=pool.max_batch, max_wait_s=pool.max_wait_s,
                                   clock=lambda: self.now, arrivals=ArrivalRate(),
                                   max_batch_s=lambda: self.inflexible.max_batch_s(self.now)) if pool else None
@@ -237,7 +238,8 @@ class _Sim:
                               else 0.0, running_s=0.0 if queue is None else running, queue=queue,
                               reserved_share=self.inflexible.share(self.now, pool.gpus),
                               sustained_share=self.inflexible.sustained_share(self.now, pool.gpus),
-                              batch_cap_s=self.inflexible.max_batch_s(self.now))
+                              batch_cap_s=self.inflexible.max_batch_s(self.now),
+                              demand=self.demand.table(self.now, pool.gpus))
             views.append(BackendView(name="local", kind=BackendKind.LOCAL, health=Health.OK, models=(pool.model,),
                                      sizes=SizeSupport(max_side=2048, multiple_of=8), max_n=10,
                                      default_steps=pool.default_steps,
@@ -276,8 +278,11 @@ class _Sim:
         decision = decide(route, self.policy, snapshot)
         outcome.serve_within_ms = decision.serve_within_ms
         candidates = list(decision.candidates)
-        if self.policy.reserve_pool and (room := room_for(decision, snapshot, route)) is not None:
-            self.inflexible.record(self.now, decision.sla_ms / 1000, room[1])  # as the gateway's service does
+        if self.policy.reserve_pool:  # as the gateway's service does
+            if (room := room_for(decision, snapshot, route)) is not None:
+                self.inflexible.record(self.now, decision.sla_ms / 1000, room[1])
+            if decision.pool_demand is not None:
+                self.demand.record(self.now, decision.sla_ms / 1000, *decision.pool_demand[1:])
         second = decision.hedge_partner(candidates[0], candidates[1:]) if candidates else None
         if second is not None:
             first = candidates[0]

@@ -31,6 +31,7 @@ def api(name, p95_ms=10_000.0, **kw) -> BackendView:
                        latency=LatencyModel(p50_ms=p95_ms / 2, p95_ms=p95_ms))
 
 
+P95 = LatencyModel(1, 1).pool_p95_factor  # the pool's p95 over its mean queue prediction
 # SDXL-like: 1024x1024, 30 steps: 1.0 s alone, 4.8 s for a batch of 8 (0.6 GPU-s per image).
 PROFILE = ThroughputProfile({("sdxl", 1024, 1024, 30): {1: 1.0, 8: 4.8}})
 
@@ -177,11 +178,11 @@ def test_backend_missing_from_policy_is_never_chosen():
 
 def test_local_latency_is_its_share_of_the_work_ahead_plus_its_own_batch():
     d = decide(REQ, POLICY, Snapshot((local(queue_ms=3_000, workers=2),)))
-    # (3 s ahead per worker + 1.0 s own batch) x 1.25 for p95 + 100 ms fixed p95
-    assert d.candidates[0].predicted_latency_ms == pytest.approx((3_000 + 1_000) * 1.25 + 100)
+    # (3 s ahead per worker + 1.0 s own batch) x the p95 factor + 100 ms fixed p95
+    assert d.candidates[0].predicted_latency_ms == pytest.approx((3_000 + 1_000) * P95 + 100)
     busy = decide(REQ, POLICY, Snapshot((local(queue_ms=3_000, workers=2, typical_batch=8),)))
     # a busy pool runs full batches: the new job's own batch is a batch of 8 (4.8 s)
-    assert busy.candidates[0].predicted_latency_ms == pytest.approx((3_000 + 4_800) * 1.25 + 100)
+    assert busy.candidates[0].predicted_latency_ms == pytest.approx((3_000 + 4_800) * P95 + 100)
 
 
 def test_a_tight_sla_is_predicted_in_the_smaller_batch_the_batcher_would_form_for_it():
@@ -191,7 +192,10 @@ def test_a_tight_sla_is_predicted_in_the_smaller_batch_the_batcher_would_form_fo
     d = decide(tight, POLICY, Snapshot((local(queue_ms=3_000, typical_batch=8),)))
     predicted = d.candidates[0].predicted_latency_ms
     assert predicted <= 6_000 and d.chosen.backend == "local"
-    assert predicted == pytest.approx((3_000 + PROFILE.seconds("sdxl", 1024, 1024, 30, 2) * 1000) * 1.25 + 100)
+    fits = max(n for n in range(1, 9) if (3_000 + PROFILE.seconds("sdxl", 1024, 1024, 30, n) * 1000) * P95 + 100
+               <= 6_000)
+    assert 1 < fits < 8
+    assert predicted == pytest.approx((3_000 + PROFILE.seconds("sdxl", 1024, 1024, 30, fits) * 1000) * P95 + 100)
 
 
 def test_a_tier_can_cap_how_long_it_queues_on_the_pool_so_tighter_tiers_keep_it():
@@ -228,7 +232,7 @@ def test_a_tight_job_waits_only_for_work_due_before_it():
     tight = dataclasses.replace(REQ, sla_ms=10_000)
     d = decide(tight, POLICY, snap)
     assert d.chosen.backend == "local"
-    assert d.chosen.predicted_latency_ms == pytest.approx(1_000 * 1.25 + 100)
+    assert d.chosen.predicted_latency_ms == pytest.approx(1_000 * P95 + 100)
     assert decide(REQ, POLICY, snap).chosen.backend == "reve"  # due in 30 s, it queues behind the 40 s
 
 
@@ -463,3 +467,26 @@ def test_the_pool_keeps_room_for_work_only_it_can_serve_and_for_small_best_effor
     assert room_for(decision, pressed, late)[0].backend == "local"
     big = dataclasses.replace(late, n=4)  # 2.4 s alone: more than half its SLA, room would not save it
     assert decide(big, policy, pressed).at_risk and room_for(decide(big, policy, pressed), pressed, big) is None
+
+
+def test_where_worthier_requests_overtake_it_a_request_is_predicted_behind_them_while_they_can():
+    # Drafts at 15 s worth $0.024 per 0.7 GPU-s have taken 40% of the pool; a standard image worth $0.024 per
+    # 1.0 GPU-s, due in 30 s, finds 12 s ahead: drafts arriving in its first 15 s go ahead of it, deadline first.
+    draft_worth, standard_worth = 0.024 / 0.7, 0.024 / 1.0
+    view = local(queue_ms=12_000)
+    pool = dataclasses.replace(view.pool, demand=((draft_worth, 15.0, 0.4, 0.4),))
+    assert pool.denser_delay_s(30.0, standard_worth) == pytest.approx(0.4 * 15)  # capped: 12 / 0.6 > 15
+    assert pool.denser_delay_s(30.0, draft_worth) == 0  # as worthy: no one overtakes it for that
+    assert pool.denser_delay_s(10.0, standard_worth) == 0  # due before them: they cannot overtake it
+    short = dataclasses.replace(pool, work_ahead_s=3.0)
+    assert short.denser_delay_s(30.0, standard_worth) == pytest.approx(3.0 / 0.6 - 3.0)  # done before their window
+    deep = dataclasses.replace(pool, work_ahead_s=22.0)  # 22 s ahead: ~25 s predicted, 31 s with them ahead
+    world = Snapshot((dataclasses.replace(view, pool=deep), api("reve", 15_000)))
+    standard = dataclasses.replace(REQ, sla_ms=30_000)
+    assert names(decide(standard, POLICY, Snapshot((dataclasses.replace(view, pool=dataclasses.replace(
+        deep, demand=())), api("reve", 15_000)))))[0] == "local"  # without them it would have the pool
+    d = decide(standard, POLICY, world)
+    assert names(d) == ["reve"] and reasons(d)["local"] is RejectReason.RESERVED
+    assert "worth more per GPU-second" in next(r.detail for r in d.rejected if r.backend == "local")
+    name, gpu_s, worth = d.pool_demand  # recorded for the next ones: its pool time alone and what it saves there
+    assert name == "local" and gpu_s == pytest.approx(1.0) and worth == pytest.approx(0.024 / 1.0)

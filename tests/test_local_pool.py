@@ -484,6 +484,9 @@ async def test_jobs_only_the_pool_could_serve_set_the_room_it_keeps_for_them():
     # No batch runs longer than it could wait: its 5 s less its own batch, which the same cap bounds (half).
     assert limit == pytest.approx(2.5, abs=0.1)
     assert pool.load().pool.batch_cap_s == pytest.approx(limit)  # what decide() lets fit between such work
+    pool.note_demand(30.0, 1.0, 0.024)  # every request it could serve, by what it saves per GPU-second
+    (value, sla, minute, burst), = pool.load().pool.demand
+    assert (value, sla) == (0.024, 30.0) and minute == pytest.approx(1.0 / 60) and burst == pytest.approx(1.0 / 10)
     await pool.aclose()
 
 

@@ -14,9 +14,13 @@ class _Pool(ScriptedBackend):
     def __init__(self):
         super().__init__("local", kind=BackendKind.LOCAL, models=("tiny",))
         self.kept: list[tuple[float, float]] = []
+        self.demand: list[tuple[float, float, float]] = []
 
     def keep_room_for(self, sla_s: float, gpu_s: float) -> None:
         self.kept.append((sla_s, gpu_s))
+
+    def note_demand(self, sla_s: float, gpu_s: float, value: float) -> None:
+        self.demand.append((sla_s, gpu_s, value))
 
 
 def test_a_request_only_the_pool_serves_in_time_is_counted_and_one_an_api_serves_in_time_is_not(settings,
@@ -30,3 +34,5 @@ def test_a_request_only_the_pool_serves_in_time_is_counted_and_one_an_api_serves
         assert tight.status_code == 200
     (sla_s, gpu_s), = pool.kept
     assert sla_s == 5.0 and 0 < gpu_s < 1  # its batch alone, by the pool's profile
+    # Both are demand the pool could serve, priced by what it saves them per GPU-second (reve's $0.024 here).
+    assert [(sla, round(value * gpu, 6)) for sla, gpu, value in pool.demand] == [(30.0, 0.024), (5.0, 0.024)]

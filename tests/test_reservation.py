@@ -50,3 +50,18 @@ def test_a_pool_job_is_raced_only_when_predicted_late_with_pool_only_work_still_
     assert not hedge_pays(4.0, due_in_s=10.0, share=0.5, running=True)
     assert hedge_pays(10.0 / HEDGE_MARGIN + 0.01, due_in_s=10.0, share=0.0, running=True)
     assert hedge_pays(1.0, due_in_s=5.0, share=1.0)  # a full share is capped (MAX_SHARE), never infinite
+
+
+def test_pool_demand_is_summed_by_what_the_pool_is_worth_and_the_sla_over_a_minute_and_ten_seconds():
+    from policies.reservation import PoolDemand
+
+    demand = PoolDemand()
+    for i in range(100):  # a 20-step draft (0.7 s) and a 30-step standard image (1.0 s), both worth $0.024 elsewhere
+        demand.record(i * 0.5, sla_s=15.0, service_s=0.7, value=0.024 / 0.7)
+        demand.record(i * 0.5, sla_s=30.0, service_s=1.0, value=0.024 / 1.0)
+    table = {(round(value, 4), sla): (minute, burst) for value, sla, minute, burst in demand.table(50.0, workers=2)}
+    assert len(table) == 2  # one entry per kind of request, however many arrive
+    minute, burst = table[(round(0.024 / 0.7, 4), 15.0)]
+    assert minute == pytest.approx(100 * 0.7 / 120) and burst == pytest.approx(20 * 0.7 / 20)  # 40 s on
+    later = demand.table(200.0, workers=2)
+    assert later == ()  # a minute on, forgotten

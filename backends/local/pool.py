@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from policies.profile import ThroughputProfile
-from policies.reservation import InflexibleArrivals, hedge_pays
+from policies.reservation import InflexibleArrivals, PoolDemand, hedge_pays
 from policies.types import BackendKind, Health, PoolModel, SizeSupport
 
 from ..errors import BackendReleased, BackendTimeout, BackendTransientError, BackendUnavailable
@@ -95,6 +95,7 @@ class LocalPool:
         # no worker has taken yet); counted as work ahead, so a long stream overflows to APIs.
         self.external_batches = lambda: 0
         self.inflexible = InflexibleArrivals()  # jobs only the pool could serve: the room kept for them
+        self.demand = PoolDemand()  # every request it could serve, by what it saves them per GPU-second
 
     @property
     def offer(self) -> Offer:
@@ -150,7 +151,7 @@ class LocalPool:
             has_headroom=idle and not queue, max_wait_s=wait, running_s=running_s, queue=queue,
             busy_workers=sum(1 for w in ready if w.busy), reserved_share=self.inflexible.share(now, len(ready)),
             sustained_share=self.inflexible.sustained_share(now, len(ready)),
-            batch_cap_s=self.inflexible.max_batch_s(now),
+            batch_cap_s=self.inflexible.max_batch_s(now), demand=self.demand.table(now, len(ready)),
         )
         warming = [w.name for w in self.workers if not w.ready]
         growing = sum(len(w.pending_warm) for w in ready)
@@ -265,6 +266,11 @@ class LocalPool:
         serve it in time, or it is late everywhere and the pool alone would serve it in half its SLA), wherever
         it went: the batch cap and the reserved share follow such requests while they keep arriving."""
         self.inflexible.record(time.monotonic(), sla_s, gpu_s)
+
+    def note_demand(self, sla_s: float, gpu_s: float, value: float) -> None:
+        """A request this pool could serve was just routed (Decision.pool_demand), wherever it went: what the pool
+        was worth to it per GPU-second, which the next requests are predicted against (PoolModel.denser_delay_s)."""
+        self.demand.record(time.monotonic(), sla_s, gpu_s, value)
 
     def hedge_pays(self, job_id: str, due: float) -> bool:
         """Asked by the dispatcher when a job here passes its predicted latency: is it now predicted late enough
