@@ -134,28 +134,34 @@ class PoolDemand:
         self.window_s, self.burst_window_s = window_s, burst_window_s
         self._minute: deque[tuple[float, tuple[float, float], float]] = deque()  # (arrived, key, GPU-seconds)
         self._burst: deque[tuple[float, tuple[float, float], float]] = deque()
-        self._sums: dict[tuple[float, float], list[float]] = {}  # key -> [minute seconds, burst seconds]
+        # key -> [minute seconds, burst seconds, records in the minute]: a key goes when its last record does
+        self._sums: dict[tuple[float, float], list[float]] = {}
 
     def record(self, now: float, sla_s: float, service_s: float, value: float) -> None:
         key = (float(f"{value:.3g}"), round(sla_s, 1))
         entry = (now, key, service_s)
         self._minute.append(entry)
         self._burst.append(entry)
-        sums = self._sums.setdefault(key, [0.0, 0.0])
+        sums = self._sums.setdefault(key, [0.0, 0.0, 0])
         sums[0] += service_s
         sums[1] += service_s
+        sums[2] += 1
 
     def _expire(self, now: float) -> None:
-        for queue, slot, window in ((self._minute, 0, self.window_s), (self._burst, 1, self.burst_window_s)):
-            while queue and queue[0][0] < now - window:
-                _, key, seconds = queue.popleft()
-                self._sums[key][slot] -= seconds
-        for key in [k for k, (minute, _) in self._sums.items() if minute <= 1e-9]:
-            del self._sums[key]
+        while self._burst and self._burst[0][0] < now - self.burst_window_s:  # before the minute: a key outlives it
+            _, key, seconds = self._burst.popleft()
+            self._sums[key][1] -= seconds
+        while self._minute and self._minute[0][0] < now - self.window_s:
+            _, key, seconds = self._minute.popleft()
+            sums = self._sums[key]
+            sums[0] -= seconds
+            sums[2] -= 1
+            if not sums[2]:
+                del self._sums[key]
 
     def table(self, now: float, workers: int) -> tuple[tuple[float, float, float, float], ...]:
         """(value, SLA s, share of each worker's time over the window, the same over the burst window)."""
         self._expire(now)
         per_worker = max(1, workers)
-        return tuple((value, sla, minute / (self.window_s * per_worker), max(0.0, burst) /
-                      (self.burst_window_s * per_worker)) for (value, sla), (minute, burst) in self._sums.items())
+        return tuple((value, sla, max(0.0, minute) / (self.window_s * per_worker), max(0.0, burst) /
+                      (self.burst_window_s * per_worker)) for (value, sla), (minute, burst, _) in self._sums.items())
