@@ -371,6 +371,29 @@ async def test_the_pool_tells_the_dispatcher_whether_a_job_it_holds_is_late_enou
     await pool.aclose()
 
 
+async def test_a_hedged_pool_job_the_pool_predicts_on_time_is_not_raced_by_the_dispatcher():
+    profile = ThroughputProfile({("tiny", 64, 64, 2): {1: 0.2}})
+    pool = await start(LocalPool(TINY, [FakeWorker(seconds=lambda b: 0.2)], PoolConfig(max_wait_s=0.0, max_batch=1),
+                                 profile))
+    api = ScriptedBackend("reve")
+    candidates = (Candidate("local", "tiny", 50, 0.0, 0.6, 2), Candidate("reve", "m1", 400, 0.024, 0.8, 30))
+
+    def hedged(sla_ms):
+        return Decision(policy_version="v", tier="standard", sla_ms=sla_ms, max_cost_usd=None, objective="min_cost",
+                        rule=None, candidates=candidates, rejected=(), reason="test", hedge=True)
+
+    # Predicted 50 ms, it takes 0.2 s: past its prediction the pool still sees it well within a 2 s SLA.
+    out = await Dispatcher({"local": pool, "reve": api}).run(hedged(2_000), job(1), time.monotonic() + 2, [])
+    assert out.candidate.backend == "local" and not api.calls
+    # Behind a 0.2 s batch with 0.3 s to its SLA, it is predicted late enough: reve races it.
+    ahead = asyncio.create_task(pool.generate(job(2), time.monotonic() + 5))
+    await asyncio.sleep(0.01)
+    await Dispatcher({"local": pool, "reve": api}).run(hedged(300), job(3), time.monotonic() + 2, [])
+    assert len(api.calls) == 1
+    await ahead
+    await pool.aclose()
+
+
 async def test_a_cancelled_job_leaves_the_queue_at_once():
     # A hedge that won elsewhere, or a client that went away: the job must not stay counted as work ahead.
     pool = await start(LocalPool(TINY, [FakeWorker(seconds=lambda b: 0.3)], PoolConfig(max_wait_s=0.0, max_batch=1)))
