@@ -173,8 +173,9 @@ def sweep(policy: Policy, w: World, rates: list[float], args) -> None:
                   f"| {best['strategy']}"
                   f"{'' if v['qualifies'] else ' (nearest)'} {best['sla_attainment']:.2%} | {v['saving']:+.1%} "
                   f"| {'yes' if met else 'no'} |", flush=True)
+    traces = "" if args.traces == ",".join(KINDS) else f" --traces {args.traces}"
     print(f"\ncommand: .venv/bin/python benchmarks/routing_economics.py --sweep {args.sweep} --duration "
-          f"{args.duration:.0f} --gpus {args.gpus} --seed {args.seed}")
+          f"{args.duration:.0f} --gpus {args.gpus} --seed {args.seed}{traces}")
 
 
 def main() -> None:

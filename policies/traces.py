@@ -62,6 +62,12 @@ _KINDS = {  # kind -> (arrival shape, tier mix, sizes, steps choices, n choices 
     "tight_drafts": ("bursty", TIGHT_MIX, SHAPES, (None,), ((1, 0.85), (2, 0.15))),
     "mixed_shapes": ("diurnal", TIGHT_MIX, MIXED_SHAPES, (20, 30), ((1, 0.6), (2, 0.2), (3, 0.1), (4, 0.1))),
     "flash_mixed": ("flash_crowd", TIGHT_MIX, MIXED_SHAPES, (20, 30), ((1, 0.6), (2, 0.2), (3, 0.1), (4, 0.1))),
+    # The other pairings of those arrival shapes and mixes: checks the policy's constants were not tuned on.
+    "steady_tight": ("steady", TIGHT_MIX, SHAPES, (None,), ((1, 0.85), (2, 0.15))),
+    "diurnal_tight": ("diurnal", TIGHT_MIX, SHAPES, (None,), ((1, 0.85), (2, 0.15))),
+    "flash_tight": ("flash_crowd", TIGHT_MIX, SHAPES, (None,), ((1, 0.85), (2, 0.15))),
+    "steady_mixed": ("steady", TIGHT_MIX, MIXED_SHAPES, (20, 30), ((1, 0.6), (2, 0.2), (3, 0.1), (4, 0.1))),
+    "bursty_mixed": ("bursty", TIGHT_MIX, MIXED_SHAPES, (20, 30), ((1, 0.6), (2, 0.2), (3, 0.1), (4, 0.1))),
 }
 KINDS = tuple(_KINDS)
 

@@ -8,7 +8,7 @@ import yaml
 from policies.profile import ThroughputProfile
 from policies.schema import Policy
 from policies.simulate import ApiModel, PoolSpec, Strategy, World, simulate, with_rule
-from policies.traces import TraceRequest, dump_jsonl, parse_jsonl, synthetic
+from policies.traces import KINDS, TraceRequest, dump_jsonl, parse_jsonl, synthetic
 from tests.conftest import ROOT
 
 POLICY = Policy.model_validate(yaml.safe_load((ROOT / "config" / "policy.yaml").read_text()))
@@ -17,11 +17,21 @@ WORLD = World((ApiModel("reve", 6000, 15000, 0.05), ApiModel("seedream", 8000, 2
               PoolSpec(ThroughputProfile({("sdxl", 1024, 1024, 30): {1: 1.15, 8: 7.8}}), "sdxl", gpus=1))
 
 
-@pytest.mark.parametrize("kind", ["steady", "diurnal", "bursty", "flash_crowd"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_synthetic_traces_are_deterministic_and_round_trip_as_json_lines(kind):
     a, b = synthetic(kind, 600, 0.5, seed=3), synthetic(kind, 600, 0.5, seed=3)
     assert a == b and a != synthetic(kind, 600, 0.5, seed=4)
     assert parse_jsonl(dump_jsonl(a).splitlines()) == a
+
+
+def test_every_arrival_shape_comes_with_every_mix_of_tiers_and_sizes():
+    from policies.traces import MIXED_SHAPES
+
+    tight = synthetic("steady_tight", 600, 1.0, seed=1)
+    assert {r.sla_ms for r in tight} == {5_000, 20_000, 30_000, 60_000} and max(r.n for r in tight) == 2
+    mixed = synthetic("bursty_mixed", 600, 1.0, seed=1)
+    assert {(r.width, r.height) for r in mixed} == {(w, h) for w, h, _ in MIXED_SHAPES}
+    assert max(r.n for r in mixed) == 4 and {r.steps for r in mixed} == {20, 30}
 
 
 def test_same_seed_same_result():
