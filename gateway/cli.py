@@ -581,7 +581,7 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--fit-from-audit", action="store_true", help="fit API latency and failures from the audit")
     sim.add_argument("--since", type=float, help="with --audit: from this time (Unix seconds, UTC)")
     sim.add_argument("--until", type=float, help="with --audit: up to this time (Unix seconds, UTC)")
-    sim.add_argument("--synthetic", default="diurnal", choices=["steady", "diurnal", "bursty", "flash_crowd"],
+    sim.add_argument("--synthetic", default="diurnal", choices=list(KINDS),
                      help="a generated trace when neither --trace nor --audit is given (default: diurnal)")
     sim.add_argument("--duration", type=float, default=3600, help="synthetic trace length in seconds (3600)")
     sim.add_argument("--rate", type=float, default=0.5, help="synthetic mean requests per second (0.5)")
