@@ -104,17 +104,17 @@ class GenerationService:
         self.snapshots = SnapshotSource(backends, guards)
         self._dispatcher = Dispatcher(backends, guards, redact=redact)
 
-    def _keep_pool_room(self, decision: Decision, snapshot, route: RouteRequest) -> None:
+    def _keep_pool_room(self, decision: Decision, snapshot) -> None:
         """Tell the pool of a request it keeps room for (policies.reservation.room_for), and of every request it
         could serve (Decision.pool_demand), wherever it is sent: as it is decided, as the simulator counts them."""
-        sla_s = decision.sla_ms / 1000
-        room = room_for(decision, snapshot, route)
-        if room is not None and (keep := getattr(self._backends.get(room[0].backend), "keep_room_for", None)):
-            keep(sla_s, room[1])
-        if decision.pool_demand is not None:  # what the pool is worth to it: PoolModel.denser_delay_s
-            name, gpu_s, value = decision.pool_demand
-            if (note := getattr(self._backends.get(name), "note_demand", None)) is not None:
-                note(sla_s, gpu_s, value)
+        if decision.pool_demand is None:
+            return  # no pool could serve it
+        name, gpu_s, value = decision.pool_demand
+        pool, sla_s = self._backends.get(name), decision.sla_ms / 1000
+        if room_for(decision, snapshot) is not None and (keep := getattr(pool, "keep_room_for", None)) is not None:
+            keep(sla_s, gpu_s)
+        if (note := getattr(pool, "note_demand", None)) is not None:  # PoolModel.denser_delay_s
+            note(sla_s, gpu_s, value)
 
     def _route_request(self, req: GenerationRequest, policy: Policy, ctx: RequestContext) -> RouteRequest:
         if len(req.prompt) > self._limits.prompt_max_chars:
@@ -169,7 +169,7 @@ class GenerationService:
             record.decision = decision
             deadline = ctx.received_mono + decision.serve_within_ms / 1000  # the SLA, or a best effort's need
             if policy.reserve_pool:
-                self._keep_pool_room(decision, snapshot, route)
+                self._keep_pool_room(decision, snapshot)
             job = GenerationJob(
                 id=ctx.id, prompt=req.prompt, width=route.width, height=route.height, n=req.n,
                 seed=req.seed, negative_prompt=req.negative_prompt, quality=req.quality,

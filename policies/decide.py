@@ -194,8 +194,7 @@ def decide(request: RouteRequest, policy: Policy, snapshot: Snapshot) -> Decisio
 
     pool_demand = _pool_demand(pool_seen, request, api_floor_usd)
     if policy.reserve_pool and candidates:
-        candidates = _keep_reserved_room(candidates, pooled, snapshot, request, sla_ms, rejected,
-                                         pool_demand[2] if pool_demand else math.inf)
+        candidates = _keep_reserved_room(candidates, pooled, snapshot, sla_ms, rejected, pool_demand)
     at_risk = not candidates and not probes and bool(late) and tier.on_no_candidate == "best_effort"
     if at_risk:  # the one predicted to finish first, then the rest by the same prediction
         candidates = sorted(late, key=lambda c: (c.predicted_latency_ms, c.predicted_cost_usd, c.backend))
@@ -244,21 +243,22 @@ def _pressed_pool(snapshot: Snapshot, candidate: Candidate) -> bool:
     return view is not None and view.pool is not None and view.pool.pressed
 
 
-def _keep_reserved_room(candidates: list[Candidate], pooled: set[str], snapshot: Snapshot, request: RouteRequest,
-                        sla_ms: float, rejected: list[Rejection], value: float) -> list[Candidate]:
+def _keep_reserved_room(candidates: list[Candidate], pooled: set[str], snapshot: Snapshot, sla_ms: float,
+                        rejected: list[Rejection], demand: tuple[str, float, float] | None) -> list[Candidate]:
     """A request that other backends can serve in time is predicted on the pool as if work only the pool can
     serve had the share of it such work has been taking (policies.reservation); if it would then miss its SLA it
     goes elsewhere, leaving the room to the work that has nowhere else to go; so does every such request while
     that work has taken a saturating share of the pool over the last minute (PoolModel.saturated), unless it fits
     on an idle worker between such work's arrivals (PoolModel.fits_between). The same holds against recent
-    requests that valued the pool more per GPU-second (`value`: PoolModel.denser_delay_s), whichever delays it
+    requests that valued the pool more per GPU-second (`demand`: PoolModel.denser_delay_s), whichever delays it
     more: where the pool is short, the work that saves least per GPU-second is the work to send elsewhere."""
     if all(c.backend in pooled for c in candidates):
         return candidates
+    own_s, value = (demand[1], demand[2]) if demand else (math.inf, math.inf)  # a pooled candidate sets it
     kept = []
     for c in candidates:
         pool = snapshot.get(c.backend).pool if c.backend in pooled else None
-        if pool is not None and pool.saturated and not pool.fits_between(request, c.steps):
+        if pool is not None and pool.saturated and not pool.fits_between(own_s):
             rejected.append(Rejection(c.backend, RejectReason.RESERVED,
                                       f"work only the pool can serve took {pool.sustained_share:.0%} of it over the "
                                       "last minute; another backend can serve this one in time"))

@@ -20,7 +20,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .types import Candidate, Decision, RouteRequest, Snapshot
+    from .types import Candidate, Decision, Snapshot
 
 __all__ = ["DENSER", "HEDGE_MARGIN", "MAX_SHARE", "PRESSED_SHARE", "SATURATED_SHARE", "InflexibleArrivals",
            "PoolDemand", "hedge_pays", "room_for"]
@@ -41,19 +41,19 @@ PRESSED_SHARE = 0.3
 SATURATED_SHARE = 0.4
 
 
-def room_for(decision: Decision, snapshot: Snapshot, request: RouteRequest) -> tuple[Candidate, float] | None:
+def room_for(decision: Decision, snapshot: Snapshot) -> tuple[Candidate, float] | None:
     """The pool place (and its GPU-seconds alone) of a request the pool keeps room for, recorded as it is decided
     (InflexibleArrivals.record), wherever it is then sent: one only a queueing pool can serve in time, or a best
     effort one (no backend predicted in time) that the pool alone would serve within half its SLA. Counting the
     latter keeps a second steady state away: drafts late everywhere, served late on a pool that no longer looked
     pressed because they were not counted, which then took flexible work that made the next drafts late too
     (mixed_shapes at 3/s fell to 74% SLA on a 0.3 change of a margin; docs/benchmarks.md, issue 18 session 8)."""
-    pooled = [(c, v.pool, v.latency) for c in decision.candidates
+    pooled = [(c, v.latency) for c in decision.candidates
               if (v := snapshot.get(c.backend)) is not None and v.pool is not None]
-    if not pooled:
+    if not pooled or decision.pool_demand is None:
         return None
-    candidate, pool, latency = pooled[0]
-    alone_s = pool.profile.seconds(pool.model, request.width, request.height, candidate.steps, request.n)
+    candidate, latency = pooled[0]
+    alone_s = decision.pool_demand[1]  # a pool among the candidates passed the checks that set it
     if len(pooled) == len(decision.candidates) or (
             decision.at_risk and alone_s + latency.p95_ms / 1000 <= decision.sla_ms / 2000):
         return candidate, alone_s

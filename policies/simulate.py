@@ -278,11 +278,11 @@ class _Sim:
         decision = decide(route, self.policy, snapshot)
         outcome.serve_within_ms = decision.serve_within_ms
         candidates = list(decision.candidates)
-        if self.policy.reserve_pool:  # as the gateway's service does
-            if (room := room_for(decision, snapshot, route)) is not None:
-                self.inflexible.record(self.now, decision.sla_ms / 1000, room[1])
-            if decision.pool_demand is not None:
-                self.demand.record(self.now, decision.sla_ms / 1000, *decision.pool_demand[1:])
+        if self.policy.reserve_pool and decision.pool_demand is not None:  # as the gateway's service does
+            _, gpu_s, value = decision.pool_demand
+            if room_for(decision, snapshot) is not None:
+                self.inflexible.record(self.now, decision.sla_ms / 1000, gpu_s)
+            self.demand.record(self.now, decision.sla_ms / 1000, gpu_s, value)
         second = decision.hedge_partner(candidates[0], candidates[1:]) if candidates else None
         if second is not None:
             first = candidates[0]

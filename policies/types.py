@@ -180,12 +180,11 @@ class PoolModel:
         """Work only the pool can serve took SATURATED_SHARE of it over the last minute: flexible work keeps off."""
         return self.sustained_share >= SATURATED_SHARE
 
-    def fits_between(self, request: RouteRequest, steps: int) -> bool:
-        """A job with other candidates that may still take a saturated pool: a worker is idle, nothing is queued,
-        and its own run is no longer than the batch cap, so it delays the pool-only work no more than one of
-        that work's own batches would."""
-        return self.has_headroom and self.batch_cap_s is not None and self.profile.seconds(
-            self.model, request.width, request.height, steps, request.n) <= self.batch_cap_s
+    def fits_between(self, own_s: float) -> bool:
+        """A job with other candidates (its own run alone `own_s`) that may still take a saturated pool: a worker
+        is idle, nothing is queued, and its run is no longer than the batch cap, so it delays the pool-only work
+        no more than one of that work's own batches would."""
+        return self.has_headroom and self.batch_cap_s is not None and own_s <= self.batch_cap_s
 
     @property
     def pressed(self) -> bool:

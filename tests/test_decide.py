@@ -452,10 +452,10 @@ def test_the_pool_keeps_room_for_work_only_it_can_serve_and_for_small_best_effor
         update={"on_no_candidate": "best_effort"})}})
     world = Snapshot((local(), api("reve", 15_000)))
     only_pool = dataclasses.replace(REQ, sla_ms=5_000)
-    place, gpu_s = room_for(decide(only_pool, policy, world), world, only_pool)
+    place, gpu_s = room_for(decide(only_pool, policy, world), world)
     assert place.backend == "local" and gpu_s == pytest.approx(1.0)  # its batch alone
     flexible = dataclasses.replace(REQ, sla_ms=30_000)
-    assert room_for(decide(flexible, policy, world), world, flexible) is None  # reve serves it in time
+    assert room_for(decide(flexible, policy, world), world) is None  # reve serves it in time
     # Late everywhere (8 s ahead on the pool, reve's 15 s), yet the pool alone would serve it in 1.1 s of 5:
     # counted, even where it is sent to reve first, or the pool stops looking pressed as drafts go late.
     late = dataclasses.replace(REQ, tier="draft", sla_ms=5_000)
@@ -464,9 +464,9 @@ def test_the_pool_keeps_room_for_work_only_it_can_serve_and_for_small_best_effor
                         api("reve", 15_000)))
     decision = decide(late, policy, pressed)
     assert decision.at_risk and names(decision) == ["reve", "local"]
-    assert room_for(decision, pressed, late)[0].backend == "local"
+    assert room_for(decision, pressed)[0].backend == "local"
     big = dataclasses.replace(late, n=4)  # 2.4 s alone: more than half its SLA, room would not save it
-    assert decide(big, policy, pressed).at_risk and room_for(decide(big, policy, pressed), pressed, big) is None
+    assert decide(big, policy, pressed).at_risk and room_for(decide(big, policy, pressed), pressed) is None
 
 
 def test_where_worthier_requests_overtake_it_a_request_is_predicted_behind_them_while_they_can():

@@ -140,7 +140,7 @@ class LocalPool:
             detail = "; ".join(f"{w.name}: {w.detail}" for w in self.workers)
             return LoadReport(Health.UNCONFIGURED if failed else Health.WARMING, detail)
         now = time.monotonic()
-        running_s = self._running_s(now) + self.external_batches() * self._mean_cycle_s
+        running_s = self._work_running_s(now)
         idle = any(w.ready and not w.busy for w in self.workers)
         queue = self.batcher.points(now, running_s, len(ready))
         # A lone job is predicted to wait for company only when the arrivals say some is coming.
@@ -158,6 +158,10 @@ class LocalPool:
         detail = f"{len(ready)} worker(s) ready" + (f"; warming: {', '.join(warming)}" if warming else "") + \
             (f"; {growing} shape(s) left to warm in the background" if growing else "")
         return LoadReport(Health.OK, detail, pool)
+
+    def _work_running_s(self, now: float) -> float:
+        """What the batches running here and on remote workers still need, summed over workers."""
+        return self._running_s(now) + self.external_batches() * self._mean_cycle_s
 
     def _running_s(self, now: float) -> float:
         return sum(max(0.0, end - now) for end in self._running_until.values())
@@ -283,8 +287,7 @@ class LocalPool:
         if item.payload.running_until is not None:
             return hedge_pays(item.payload.running_until - now, due - now, 0.0, running=True)
         workers = max(1, sum(1 for w in self.workers if w.ready))
-        running_s = self._running_s(now) + self.external_batches() * self._mean_cycle_s
-        done = self.batcher.predicted_done(item, now, running_s, workers)
+        done = self.batcher.predicted_done(item, now, self._work_running_s(now), workers)
         return done is None or hedge_pays(done - now, due - now, self.inflexible.share(now, workers))
 
     # --- scheduling -----------------------------------------------------------------
