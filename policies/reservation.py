@@ -79,40 +79,58 @@ def hedge_pays(done_in_s: float, due_in_s: float, share: float, *, running: bool
 class InflexibleArrivals:
     """Requests whose only candidate was the pool, over the last `window_s`; their share is the larger of that
     window's and the last `burst_window_s`'s, so that a burst is seen within seconds (over a minute alone, the
-    flexible work admitted in its first seconds filled the pool it needed) and forgotten over a minute."""
+    flexible work admitted in its first seconds filled the pool it needed) and forgotten over a minute. Sums and
+    the least wait are kept as records arrive and leave (a sliding-window minimum), so a snapshot reads them in
+    constant time however many arrive: the pool asks on every request."""
 
     def __init__(self, window_s: float = 60.0, burst_window_s: float = 10.0):
         self.window_s = window_s
         self.burst_window_s = burst_window_s
-        self._seen: deque[tuple[float, float, float]] = deque()  # (arrived, seconds it can wait, its GPU-seconds)
+        self._minute: deque[tuple[float, float]] = deque()  # (arrived, its GPU-seconds)
+        self._burst: deque[tuple[float, float]] = deque()
+        self._waits: deque[tuple[float, float]] = deque()  # (arrived, wait): waits rise front to back
+        self._minute_s = self._burst_s = 0.0
 
     def record(self, now: float, sla_s: float, service_s: float) -> None:
         # What it can wait for a running batch: its SLA less its own batch, which the same cap bounds (a batch
         # in a burst holds more than it alone): half the SLA, or what its own run leaves when that is more.
-        self._seen.append((now, max(0.0, sla_s - max(service_s, sla_s / 2)), service_s))
+        wait = max(0.0, sla_s - max(service_s, sla_s / 2))
+        while self._waits and self._waits[-1][1] >= wait:  # never the minimum again while this one is recent
+            self._waits.pop()
+        self._waits.append((now, wait))
+        self._minute.append((now, service_s))
+        self._burst.append((now, service_s))
+        self._minute_s += service_s
+        self._burst_s += service_s
 
-    def _recent(self, now: float) -> deque[tuple[float, float, float]]:
-        while self._seen and self._seen[0][0] < now - self.window_s:
-            self._seen.popleft()
-        return self._seen
+    def _expire(self, now: float) -> None:
+        self._burst_s = self._drop_before(self._burst, now - self.burst_window_s, self._burst_s)
+        self._minute_s = self._drop_before(self._minute, now - self.window_s, self._minute_s)
+        while self._waits and self._waits[0][0] < now - self.window_s:
+            self._waits.popleft()
+
+    @staticmethod
+    def _drop_before(seen: deque[tuple[float, float]], since: float, total: float) -> float:
+        while seen and seen[0][0] < since:
+            total -= seen.popleft()[1]
+        return total if seen else 0.0  # an empty window sums to exactly nothing, whatever rounding left
 
     def max_batch_s(self, now: float) -> float | None:
         """The longest a batch may run while such requests arrive; None while none do."""
-        seen = self._recent(now)
-        return min(wait for _, wait, _ in seen) if seen else None
+        self._expire(now)
+        return self._waits[0][1] if self._waits else None
 
     def sustained_share(self, now: float, workers: int) -> float:
         """The share of each worker's time such requests took over the whole window (0 while none arrive)."""
-        seen = self._recent(now)
-        return min(MAX_SHARE, sum(s for _, _, s in seen) / (self.window_s * max(1, workers))) if seen else 0.0
+        self._expire(now)
+        return min(MAX_SHARE, self._minute_s / (self.window_s * max(1, workers))) if self._minute else 0.0
 
     def share(self, now: float, workers: int) -> float:
         """The larger of `sustained_share` and the same over the last `burst_window_s` (0 while none arrive)."""
         sustained = self.sustained_share(now, workers)
         if not sustained:
             return 0.0
-        since = now - self.burst_window_s
-        over_burst = sum(s for t, _, s in self._seen if t >= since) / (self.burst_window_s * max(1, workers))
+        over_burst = max(0.0, self._burst_s) / (self.burst_window_s * max(1, workers))
         return min(MAX_SHARE, max(sustained, over_burst))
 
 

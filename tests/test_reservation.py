@@ -22,6 +22,28 @@ def test_a_batch_runs_at_most_what_a_pool_only_request_can_wait_its_own_batch_bo
     assert arrivals.max_batch_s(70.0) is None  # forgotten after the window
 
 
+def test_the_batch_cap_comes_back_up_when_the_request_that_set_it_leaves_the_window():
+    arrivals = InflexibleArrivals(window_s=60.0)
+    arrivals.record(0.0, sla_s=5.0, service_s=3.5)  # can wait 1.5 s
+    arrivals.record(30.0, sla_s=5.0, service_s=0.7)  # 2.5 s
+    arrivals.record(40.0, sla_s=8.0, service_s=0.7)  # 4 s: never the least while the 2.5 s one is recent
+    assert arrivals.max_batch_s(50.0) == pytest.approx(1.5)
+    assert arrivals.max_batch_s(61.0) == pytest.approx(2.5)
+    assert arrivals.max_batch_s(95.0) == pytest.approx(4.0)
+    assert arrivals.max_batch_s(101.0) is None
+
+
+def test_shares_are_running_sums_that_return_to_exactly_nothing_once_every_record_has_left():
+    arrivals = InflexibleArrivals(window_s=60.0, burst_window_s=10.0)
+    for i in range(10_000):  # sums that a float would not return to zero by subtraction alone
+        arrivals.record(i * 0.01, sla_s=5.0, service_s=0.1 + (i % 7) * 0.013)
+    assert arrivals.sustained_share(99.0, workers=20) == pytest.approx(  # under MAX_SHARE on 20 workers
+        sum(0.1 + (i % 7) * 0.013 for i in range(3900, 10_000)) / (60 * 20))
+    assert arrivals.share(1000.0, workers=2) == 0.0 and arrivals.sustained_share(1000.0, workers=2) == 0.0
+    arrivals.record(1000.0, sla_s=5.0, service_s=0.6)
+    assert arrivals.sustained_share(1000.0, workers=1) == pytest.approx(0.01)  # no residue from before
+
+
 def test_a_burst_is_seen_within_seconds_and_forgotten_over_the_window():
     arrivals = InflexibleArrivals(window_s=60.0, burst_window_s=10.0)
     for i in range(60):  # one 0.6 s draft every 3 s for three minutes: 10% of one worker
