@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backends.errors import BackendTimeout, BackendTransientError, BackendUnavailable
+from backends.errors import BackendReleased, BackendTimeout, BackendTransientError, BackendUnavailable
 from backends.local import DiffusionEngine, EngineSpec, LocalPool, PoolConfig, ProcessWorker, ThreadWorker, WarmShape
 from backends.protocol import GenerationJob
 from gateway.dispatch import Dispatcher
@@ -349,6 +349,25 @@ async def test_a_job_still_on_time_when_its_fallback_window_closes_stays_on_the_
     now = time.monotonic()
     result = await pool.generate(job(1, start_by=now), now + 2)
     assert len(result.images) == 1
+    await pool.aclose()
+
+
+async def test_a_tentative_job_is_released_against_the_remote_workers_backlog_too_as_the_policy_predicted_it():
+    # The shared stream holds ten batches no worker has taken yet (other gateways' work): load() counts them
+    # ahead of a new job, so the release of a tentative job must count them as well.
+    profile = ThroughputProfile({("tiny", 64, 64, 2): {1: 0.1}})
+    pool = await start(LocalPool(TINY, [FakeWorker(seconds=lambda b: 0.1)], PoolConfig(max_wait_s=0.0, max_batch=1),
+                                 profile))
+    now = time.monotonic()
+    await pool.generate(job(1), now + 2)  # one batch run: the pool knows its cycle (0.1 s)
+    pool.external_batches = lambda: 10
+    assert pool.load().pool.running_s == pytest.approx(1.0, rel=0.3)
+    now = time.monotonic()
+    with pytest.raises(BackendReleased):
+        await pool.generate(job(2, start_by=now + 0.3), now + 0.8)  # 1 s of backlog ahead: late, handed on
+    pool.external_batches = lambda: 0
+    now = time.monotonic()
+    assert len((await pool.generate(job(3, start_by=now + 0.3), now + 0.8)).images) == 1
     await pool.aclose()
 
 

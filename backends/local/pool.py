@@ -161,10 +161,8 @@ class LocalPool:
 
     def _work_running_s(self, now: float) -> float:
         """What the batches running here and on remote workers still need, summed over workers."""
-        return self._running_s(now) + self.external_batches() * self._mean_cycle_s
-
-    def _running_s(self, now: float) -> float:
-        return sum(max(0.0, end - now) for end in self._running_until.values())
+        here = sum(max(0.0, end - now) for end in self._running_until.values())
+        return here + self.external_batches() * self._mean_cycle_s
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -354,7 +352,7 @@ class LocalPool:
     def _release_late(self) -> None:
         now = time.monotonic()
         workers = sum(1 for w in self.workers if w.ready) or 1
-        for item in self.batcher.settle(now, self._running_s(now), workers):
+        for item in self.batcher.settle(now, self._work_running_s(now), workers):  # as load() predicted it
             _fail(item.payload, BackendReleased("local pool would finish late; released in time for the next backend"))
 
     def _idle_worker(self):
