@@ -20,10 +20,11 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from .batching import QueuedJob, SLABatcher
     from .types import Candidate, Decision, Snapshot
 
 __all__ = ["DENSER", "HEDGE_MARGIN", "MAX_SHARE", "PRESSED_SHARE", "SATURATED_SHARE", "InflexibleArrivals",
-           "PoolDemand", "hedge_pays", "room_for"]
+           "PoolDemand", "hedge_pays", "pool_job_hedge_pays", "room_for"]
 
 MAX_SHARE = 0.9  # never reserve a whole pool: flexible work keeps a tenth of it, and the share stays finite
 # Past this share the pool is pressed (PoolModel.pressed): a best-effort request (no backend predicted in time)
@@ -74,6 +75,17 @@ def hedge_pays(done_in_s: float, due_in_s: float, share: float, *, running: bool
     be overtaken."""
     stretch = 1.0 if running else 1 / (1 - min(max(share, 0.0), MAX_SHARE))
     return done_in_s * stretch * HEDGE_MARGIN > due_in_s
+
+
+def pool_job_hedge_pays(batcher: SLABatcher, job: QueuedJob, now: float, due: float, *, running_until: float | None,
+                        running_s: float, workers: int, share: float) -> bool:
+    """`hedge_pays` for a job a pool holds, running (until `running_until`) or queued in `batcher` behind
+    `running_s` of running work: one answer for the gateway's pool and the simulator's. A job the batcher no
+    longer holds says yes."""
+    if running_until is not None:
+        return hedge_pays(running_until - now, due - now, 0.0, running=True)
+    done = batcher.predicted_done(job, now, running_s, workers)
+    return done is None or hedge_pays(done - now, due - now, share)
 
 
 class InflexibleArrivals:

@@ -23,7 +23,7 @@ from .batching import ArrivalRate, QueuedJob, SLABatcher
 from .decide import decide
 from .holding import hold_for_s
 from .profile import ThroughputProfile
-from .reservation import InflexibleArrivals, PoolDemand, hedge_pays, room_for
+from .reservation import InflexibleArrivals, PoolDemand, pool_job_hedge_pays, room_for
 from .schema import Policy
 from .traces import TraceRequest
 from .types import (
@@ -304,14 +304,10 @@ class _Sim:
 
     def pool_late(self, job: QueuedJob, outcome: Outcome) -> bool:
         """As the gateway's pool answers the dispatcher at hedge time (LocalPool.hedge_pays)."""
-        due_in = outcome.request.t + outcome.sla_ms / 1000 - self.now
-        ends = self.running_until.get(id(job))
-        if ends is not None:
-            return hedge_pays(ends - self.now, due_in, 0.0, running=True)
-        done = self.batcher.predicted_done(job, self.now, self.running_s(), self.world.pool.gpus)
-        if done is None:
-            return True
-        return hedge_pays(done - self.now, due_in, self.inflexible.share(self.now, self.world.pool.gpus))
+        gpus = self.world.pool.gpus
+        return pool_job_hedge_pays(self.batcher, job, self.now, outcome.request.t + outcome.sla_ms / 1000,
+                                   running_until=self.running_until.get(id(job)), running_s=self.running_s(),
+                                   workers=gpus, share=self.inflexible.share(self.now, gpus))
 
     def fallback(self, outcome: Outcome, rest: list, failed) -> None:
         """After `failed` gave up: its racing partner, else the next candidate."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from policies.profile import ThroughputProfile
-from policies.reservation import InflexibleArrivals, PoolDemand, hedge_pays
+from policies.reservation import InflexibleArrivals, PoolDemand, pool_job_hedge_pays
 from policies.types import BackendKind, Health, PoolModel, SizeSupport
 
 from ..errors import BackendReleased, BackendTimeout, BackendTransientError, BackendUnavailable
@@ -282,11 +282,10 @@ class LocalPool:
         if item is None:
             return True
         now = time.monotonic()
-        if item.payload.running_until is not None:
-            return hedge_pays(item.payload.running_until - now, due - now, 0.0, running=True)
         workers = max(1, sum(1 for w in self.workers if w.ready))
-        done = self.batcher.predicted_done(item, now, self._work_running_s(now), workers)
-        return done is None or hedge_pays(done - now, due - now, self.inflexible.share(now, workers))
+        return pool_job_hedge_pays(self.batcher, item, now, due, running_until=item.payload.running_until,
+                                   running_s=self._work_running_s(now), workers=workers,
+                                   share=self.inflexible.share(now, workers))
 
     # --- scheduling -----------------------------------------------------------------
 
