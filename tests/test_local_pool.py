@@ -565,3 +565,21 @@ async def test_a_worker_takes_its_next_batch_while_the_last_ones_images_are_enco
         await pool.aclose()
     assert started_while_encoding == [False, True]  # the second batch ran while the first was being encoded
     assert all(r.images[0].data.startswith(b"\x89PNG") for r in results)
+
+
+def test_a_gateway_with_worker_processes_counts_its_gpus_without_loading_torch_itself():
+    # Torch held resident in the gateway only to count devices cost ~200 MB per replica: the count comes from a
+    # child process, and the gateway process never imports torch (its workers do).
+    import json
+    import subprocess
+    import sys
+
+    probe = ("import json, sys; from gateway.registry import _devices; "
+             "print(json.dumps([_devices('auto', 'process'), 'torch' in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=300)
+    devices, torch_loaded = json.loads(out.stdout.strip().splitlines()[-1])
+    if _cuda():
+        assert devices and all(d.startswith("cuda:") for d in devices)
+    else:
+        assert devices == ["cpu"]
+    assert torch_loaded is False
