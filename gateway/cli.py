@@ -64,6 +64,25 @@ def _scrub_logs(redactor) -> None:
             handler.setFormatter(ScrubbingFormatter(redactor, fmt._fmt if fmt else None, fmt.datefmt if fmt else None))
 
 
+def limit_malloc_arenas(arenas: int) -> bool:
+    """Cap glibc's malloc arenas before the threads that would each grow one (`server.malloc_arena_max`): freed
+    image buffers then go back to a shared arena instead of staying resident in a thread's own. False where the
+    C library has no mallopt (not glibc) or refuses, and for 0 (glibc's default left as it is)."""
+    if arenas <= 0:
+        return False
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt(_M_ARENA_MAX, arenas) == 1
+
+
+_M_ARENA_MAX = -8  # glibc's malloc.h
+
+
 def cmd_serve(args) -> int:
     import uvicorn
 
@@ -76,6 +95,7 @@ def cmd_serve(args) -> int:
     if args.port is not None:
         settings.server.port = args.port
     _check_port_free(settings.server.host, settings.server.port)  # before the banner and a new admin key
+    limit_malloc_arenas(settings.server.malloc_arena_max)
     logging.basicConfig(level=settings.server.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per provider call is noise
