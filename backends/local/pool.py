@@ -430,8 +430,10 @@ class LocalPool:
         self._wakeup.set()
 
     async def _restart(self, worker) -> None:
+        started = time.monotonic()
         try:
             await worker.restart()
+            log.info("%s restarted in %.1f s", worker.name, time.monotonic() - started)
             self._refresh_offer()
         except Exception as exc:
             log.exception("%s failed to restart", worker.name)
