@@ -54,8 +54,8 @@ class ServerSettings(_Section):
     malloc_arena_max: int = Field(
         0, ge=0, description="Cap on glibc malloc arenas for the gateway process (mallopt at start); 0: glibc's "
         "default (8 per core). 2 keeps image buffers freed by threads from staying resident per thread (200 pool "
-        "images of 1024x1024: RSS 148 MB against 194 MB), but with it forced local requests in the worker-kill soak "
-        "met their SLA less often (84-93% in 4 runs against 96%; docs/benchmarks.md): off until that is understood.")
+        "images of 1024x1024: RSS 148 MB against 194 MB); off until its effect on the threads that encode a "
+        "multi-GPU pool's images is measured (docs/benchmarks.md).")
 
 
 class AuditSettings(_Section):
