@@ -201,8 +201,8 @@ def test_policy_simulate_takes_the_audit_export_as_it_comes_and_refuses_garbage_
 
 def test_the_gateway_caps_glibc_malloc_arenas_only_when_told_to():
     # Threads that free image buffers each keep them in an arena of their own (docs/benchmarks.md: 200 pool
-    # images, RSS 194 MB at glibc's default against 148 MB at 2), but a cap of 2 slowed the pool's encoding
-    # threads: off by default. Run in a child: the cap is process-wide.
+    # images, RSS 194 MB at glibc's default against 148 MB at 2); off by default until its effect on the pool's
+    # encoding threads is measured. Run in a child: the cap is process-wide.
     import platform
     import subprocess
     import sys
