@@ -88,6 +88,31 @@ def pool_job_hedge_pays(batcher: SLABatcher, job: QueuedJob, now: float, due: fl
     return done is None or hedge_pays(done - now, due - now, share)
 
 
+class _Window:
+    """GPU-seconds recorded over the last `span_s`, summed per key as records arrive and leave; a key goes with
+    its last record, so an empty window sums to exactly nothing, whatever rounding left."""
+
+    def __init__(self, span_s: float):
+        self.span_s = span_s
+        self._seen: deque[tuple[float, object, float]] = deque()  # (arrived, key, GPU-seconds)
+        self.sums: dict[object, float] = {}
+        self._counts: dict[object, int] = {}
+
+    def add(self, now: float, key: object, seconds: float) -> None:
+        self._seen.append((now, key, seconds))
+        self.sums[key] = self.sums.get(key, 0.0) + seconds
+        self._counts[key] = self._counts.get(key, 0) + 1
+
+    def expire(self, now: float) -> None:
+        while self._seen and self._seen[0][0] < now - self.span_s:
+            _, key, seconds = self._seen.popleft()
+            self._counts[key] -= 1
+            if self._counts[key]:
+                self.sums[key] -= seconds
+            else:
+                del self._counts[key], self.sums[key]
+
+
 class InflexibleArrivals:
     """Requests whose only candidate was the pool, over the last `window_s`; their share is the larger of that
     window's and the last `burst_window_s`'s, so that a burst is seen within seconds (over a minute alone, the
@@ -98,10 +123,8 @@ class InflexibleArrivals:
     def __init__(self, window_s: float = 60.0, burst_window_s: float = 10.0):
         self.window_s = window_s
         self.burst_window_s = burst_window_s
-        self._minute: deque[tuple[float, float]] = deque()  # (arrived, its GPU-seconds)
-        self._burst: deque[tuple[float, float]] = deque()
+        self._minute, self._burst = _Window(window_s), _Window(burst_window_s)
         self._waits: deque[tuple[float, float]] = deque()  # (arrived, wait): waits rise front to back
-        self._minute_s = self._burst_s = 0.0
 
     def record(self, now: float, sla_s: float, service_s: float) -> None:
         # What it can wait for a running batch: its SLA less its own batch, which the same cap bounds (a batch
@@ -110,22 +133,14 @@ class InflexibleArrivals:
         while self._waits and self._waits[-1][1] >= wait:  # never the minimum again while this one is recent
             self._waits.pop()
         self._waits.append((now, wait))
-        self._minute.append((now, service_s))
-        self._burst.append((now, service_s))
-        self._minute_s += service_s
-        self._burst_s += service_s
+        self._minute.add(now, None, service_s)
+        self._burst.add(now, None, service_s)
 
     def _expire(self, now: float) -> None:
-        self._burst_s = self._drop_before(self._burst, now - self.burst_window_s, self._burst_s)
-        self._minute_s = self._drop_before(self._minute, now - self.window_s, self._minute_s)
+        self._burst.expire(now)
+        self._minute.expire(now)
         while self._waits and self._waits[0][0] < now - self.window_s:
             self._waits.popleft()
-
-    @staticmethod
-    def _drop_before(seen: deque[tuple[float, float]], since: float, total: float) -> float:
-        while seen and seen[0][0] < since:
-            total -= seen.popleft()[1]
-        return total if seen else 0.0  # an empty window sums to exactly nothing, whatever rounding left
 
     def max_batch_s(self, now: float) -> float | None:
         """The longest a batch may run while such requests arrive; None while none do."""
@@ -135,14 +150,16 @@ class InflexibleArrivals:
     def sustained_share(self, now: float, workers: int) -> float:
         """The share of each worker's time such requests took over the whole window (0 while none arrive)."""
         self._expire(now)
-        return min(MAX_SHARE, self._minute_s / (self.window_s * max(1, workers))) if self._minute else 0.0
+        if None not in self._minute.sums:
+            return 0.0
+        return min(MAX_SHARE, self._minute.sums[None] / (self.window_s * max(1, workers)))
 
     def share(self, now: float, workers: int) -> float:
         """The larger of `sustained_share` and the same over the last `burst_window_s` (0 while none arrive)."""
         sustained = self.sustained_share(now, workers)
         if not sustained:
             return 0.0
-        over_burst = max(0.0, self._burst_s) / (self.burst_window_s * max(1, workers))
+        over_burst = max(0.0, self._burst.sums.get(None, 0.0)) / (self.burst_window_s * max(1, workers))
         return min(MAX_SHARE, max(sustained, over_burst))
 
 
@@ -162,36 +179,19 @@ class PoolDemand:
 
     def __init__(self, window_s: float = 60.0, burst_window_s: float = 10.0):
         self.window_s, self.burst_window_s = window_s, burst_window_s
-        self._minute: deque[tuple[float, tuple[float, float], float]] = deque()  # (arrived, key, GPU-seconds)
-        self._burst: deque[tuple[float, tuple[float, float], float]] = deque()
-        # key -> [minute seconds, burst seconds, records in the minute]: a key goes when its last record does
-        self._sums: dict[tuple[float, float], list[float]] = {}
+        self._minute, self._burst = _Window(window_s), _Window(burst_window_s)
 
     def record(self, now: float, sla_s: float, service_s: float, value: float) -> None:
         key = (float(f"{value:.3g}"), round(sla_s, 1))
-        entry = (now, key, service_s)
-        self._minute.append(entry)
-        self._burst.append(entry)
-        sums = self._sums.setdefault(key, [0.0, 0.0, 0])
-        sums[0] += service_s
-        sums[1] += service_s
-        sums[2] += 1
-
-    def _expire(self, now: float) -> None:
-        while self._burst and self._burst[0][0] < now - self.burst_window_s:  # before the minute: a key outlives it
-            _, key, seconds = self._burst.popleft()
-            self._sums[key][1] -= seconds
-        while self._minute and self._minute[0][0] < now - self.window_s:
-            _, key, seconds = self._minute.popleft()
-            sums = self._sums[key]
-            sums[0] -= seconds
-            sums[2] -= 1
-            if not sums[2]:
-                del self._sums[key]
+        self._minute.add(now, key, service_s)
+        self._burst.add(now, key, service_s)
 
     def table(self, now: float, workers: int) -> tuple[tuple[float, float, float, float], ...]:
         """(value, SLA s, share of each worker's time over the window, the same over the burst window)."""
-        self._expire(now)
+        self._minute.expire(now)
+        self._burst.expire(now)
         per_worker = max(1, workers)
-        return tuple((value, sla, max(0.0, minute) / (self.window_s * per_worker), max(0.0, burst) /
-                      (self.burst_window_s * per_worker)) for (value, sla), (minute, burst, _) in self._sums.items())
+        burst = self._burst.sums
+        return tuple((value, sla, max(0.0, minute) / (self.window_s * per_worker),
+                      max(0.0, burst.get((value, sla), 0.0)) / (self.burst_window_s * per_worker))
+                     for (value, sla), minute in self._minute.sums.items())
