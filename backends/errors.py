@@ -8,6 +8,7 @@
     │   └── BackendPaced            our own pacing held the call back (rate limit, Retry-After): nothing sent
     ├── BackendTransientError       5xx, connect/read errors, malformed or truncated replies
     │   └── BackendTimeout          the deadline passed before the backend answered
+    │       └── BackendQueueTimeout the deadline passed while the job still waited in the backend's queue
     └── BackendUnavailable          not ready, unconfigured or shutting down
         └── BackendReleased         a queue gave the job back unstarted, in time for the next backend
 
@@ -21,6 +22,7 @@ __all__ = [
     "BackendAuthError",
     "BackendError",
     "BackendPaced",
+    "BackendQueueTimeout",
     "BackendRateLimited",
     "BackendReleased",
     "BackendRequestRejected",
@@ -80,6 +82,13 @@ class BackendTransientError(BackendError):
 
 class BackendTimeout(BackendTransientError):
     """No answer before the deadline."""
+
+
+class BackendQueueTimeout(BackendTimeout):
+    """The deadline passed while the job still waited in the backend's own queue (the local pool's): it never
+    started, so the backend was busy or a worker was restarting, not broken. A timeout like any other to the
+    client and the audit; never counted towards ejecting the backend (which would refuse the next requests
+    while the queue drains)."""
 
 
 class BackendUnavailable(BackendError):

@@ -36,6 +36,8 @@ __all__ = ["Attempt", "DispatchOutcome", "Dispatcher"]
 
 log = logging.getLogger(__name__)
 
+_BACKSTOP_S = 0.05  # how long past the deadline a backend that ignores it is given before it is stopped
+
 
 @dataclass(slots=True)
 class Attempt:
@@ -206,7 +208,9 @@ class Dispatcher:
         start_by = None if candidate.start_within_ms is None else began + candidate.start_within_ms / 1000
         job = dataclasses.replace(job, model=candidate.model, steps=candidate.steps, start_by=start_by)
         try:
-            async with asyncio.timeout(max(0.0, deadline - self._clock())):
+            # Backends keep their own deadline and say what ran out (a job still queued in the pool is a busy
+            # backend, not a broken one): this timer, a little later, only stops one that does not.
+            async with asyncio.timeout(max(0.0, deadline - self._clock()) + _BACKSTOP_S):
                 result = await backend.generate(job, deadline)
         except TimeoutError as exc:
             raise BackendTimeout(f"{candidate.backend} did not answer before the deadline") from exc

@@ -1,7 +1,8 @@
 """Per-backend admission: outlier ejection (broken), pacing (slow down) and a concurrency cap.
 
 The two signals never mix: a 429 paces the backend (gateway/pacing.py) and says nothing of its health;
-5xx, timeouts and malformed replies feed its ejector (gateway/ejection.py).
+5xx, timeouts and malformed replies feed its ejector (gateway/ejection.py); a job that timed out still queued in
+the local pool (a backlog, a worker restarting) does not.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from backends.errors import (
     BackendAuthError,
     BackendError,
     BackendPaced,
+    BackendQueueTimeout,
     BackendRateLimited,
     BackendReleased,
     BackendRequestRejected,
@@ -78,9 +80,9 @@ class BackendGuard:
             # the status, not the provider's text: reasons show on status pages
             self.ejector.eject(f"auth/account error (HTTP {error.status or '?'})", request_id,
                                seconds=self.ejector.config.auth_ejection_s)
-        elif isinstance(error, BackendRequestRejected | BackendReleased) or \
+        elif isinstance(error, BackendRequestRejected | BackendReleased | BackendQueueTimeout) or \
                 not isinstance(error, BackendError | TimeoutError):
-            pass  # the request's fault, or cancelled: says nothing of health
+            pass  # the request's fault, a busy queue, or cancelled: says nothing of health
         else:
             self.ejector.on_failure(error.kind if isinstance(error, BackendError) else type(error).__name__,
                                     request_id)

@@ -14,8 +14,10 @@ from PIL import Image
 
 from backends.errors import BackendReleased, BackendTimeout, BackendTransientError, BackendUnavailable
 from backends.local import DiffusionEngine, EngineSpec, LocalPool, PoolConfig, ProcessWorker, ThreadWorker, WarmShape
+from backends.local.workers import WorkerCrashed
 from backends.protocol import GenerationJob
 from gateway.dispatch import Dispatcher
+from gateway.guard import BackendGuard
 from policies.profile import ThroughputProfile
 from policies.types import Candidate, Decision, Health, RouteRequest
 from tests.fakes import FakeWorker, ScriptedBackend
@@ -217,6 +219,64 @@ async def test_a_crashed_worker_process_is_restarted_and_its_jobs_rerun():
 
 
 # --- scheduling, with fake workers (no diffusion) ---------------------------------------
+
+
+class CrashingWorker(FakeWorker):
+    """Crashes on its first batch; every start, the first included, takes `start_s`."""
+
+    def __init__(self, start_s: float, **kw):
+        super().__init__(**kw)
+        self.start_s = start_s
+
+    async def start(self) -> None:
+        self.state = "warming"
+        await asyncio.sleep(self.start_s)
+        await super().start()
+
+    async def run(self, req):
+        if not self.restarts:
+            self.state = "crashed"
+            raise WorkerCrashed("killed (fake)")
+        return await super().run(req)
+
+
+async def test_a_restarting_worker_counts_as_busy_until_it_is_predicted_back_and_its_queue_waits_for_it():
+    worker = CrashingWorker(start_s=0.4, seconds=lambda b: 0.05)
+    pool = await start(LocalPool(TINY, [worker], PoolConfig(max_wait_s=0.0, max_batch=1)))
+    first = asyncio.create_task(pool.generate(job(0), time.monotonic() + 5))
+    while not worker.restarts:  # crashed on its batch: restarting, as long as its first start took
+        await asyncio.sleep(0.01)
+    report = pool.load()
+    assert report.health is Health.OK and "restarting, back in" in report.detail
+    assert report.pool.workers == 1 and report.pool.busy_workers == 1 and 0.2 < report.pool.running_s <= 0.45
+    second = await pool.generate(job(1), time.monotonic() + 5)  # taken while it restarts, not refused
+    assert len(second.images) == 1 and len((await first).images) == 1  # the crashed batch ran again
+    await pool.aclose()
+
+
+async def test_a_job_timed_out_in_the_queue_behind_a_restart_never_ejects_the_pool():
+    # Ejecting the pool for its backlog would refuse the next requests while the queue drains: what the worker-kill
+    # soak saw (five queued jobs timing out after a 4.5 s restart, then 10 s of 503s for forced local requests).
+    worker = CrashingWorker(start_s=0.5, seconds=lambda b: 0.05)
+    pool = await start(LocalPool(TINY, [worker], PoolConfig(max_wait_s=0.0, max_batch=1)))
+    guard = BackendGuard("local")
+    dispatcher = Dispatcher({"local": pool}, guards={"local": guard})
+    local = Decision(policy_version="v", tier="standard", sla_ms=200, max_cost_usd=None, objective="min_cost",
+                     rule=None, rejected=(), reason="test", candidates=(Candidate("local", "tiny", 50, 0.0, 0.6, 2),))
+    crashed = asyncio.create_task(pool.generate(job(0), time.monotonic() + 5))
+    while not worker.restarts:
+        await asyncio.sleep(0.01)
+    attempts: list = []
+    late = await asyncio.gather(*(dispatcher.run(local, job(i), time.monotonic() + 0.2, attempts)
+                                  for i in range(1, 8)), return_exceptions=True)
+    assert all(isinstance(e, Exception) for e in late) and [a.outcome for a in attempts] == ["timeout"] * 7
+    assert all(a.error_class == "BackendQueueTimeout" for a in attempts)
+    assert guard.ejector.state == "serving"
+    await crashed
+    out = await dispatcher.run(local, job(9), time.monotonic() + 1, [])
+    assert out.candidate.backend == "local"
+    await pool.aclose()
+
 
 
 async def start(pool):

@@ -4,7 +4,9 @@ Jobs wait in the `SLABatcher`; whenever a worker is free the scheduler asks it f
 a batch and gives it to the least-loaded ready worker. Batch times feed the
 throughput profile, which drives both batching and the policy's predictions.
 A crashed worker's jobs are re-queued (while their deadlines allow) and the worker
-restarted; `aclose()` drains what is queued and running before stopping.
+restarted; while it restarts it counts as a worker busy until it is predicted back (as
+long as its last start took), so the pool keeps taking work a short restart leaves time
+for. `aclose()` drains what is queued and running before stopping.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from policies.profile import ThroughputProfile
 from policies.reservation import InflexibleArrivals, PoolDemand, pool_job_hedge_pays
 from policies.types import BackendKind, Health, PoolModel, SizeSupport
 
-from ..errors import BackendReleased, BackendTimeout, BackendTransientError, BackendUnavailable
+from ..errors import BackendQueueTimeout, BackendReleased, BackendTimeout, BackendTransientError, BackendUnavailable
 from ..protocol import GeneratedImage, GenerationJob, GenerationResult, LoadReport, Offer
 from .batcher import ArrivalRate, Batch, QueuedJob, SLABatcher
 from .engine import EngineSpec
@@ -86,6 +88,8 @@ class LocalPool:
         self._running_until: dict[int, float] = {}  # worker index -> predicted end of its batch
         self._jobs: dict[str, QueuedJob] = {}  # job id -> its place here, while its caller waits
         self._free_since: dict[int, float] = {}  # worker index -> when its last batch ended
+        self._start_s: dict[int, float] = {}  # worker index -> how long its last start or restart took
+        self._back_by: dict[int, tuple[float, float]] = {}  # restarting worker -> (predicted back, restart length)
         self._closing = False
         self._occupancy = 1.0
         self._mean_cycle_s = 0.0
@@ -135,34 +139,50 @@ class LocalPool:
             return LoadReport(Health.UNCONFIGURED, "closed")
         if not self.workers:
             return LoadReport(Health.UNCONFIGURED, "no workers yet (remote workers appear with their first heartbeat)")
-        if not ready:
+        now = time.monotonic()
+        returning = self._returning(now)
+        if not ready and not returning:
             failed = all(w.state in ("failed", "down") for w in self.workers)
             detail = "; ".join(f"{w.name}: {w.detail}" for w in self.workers)
             return LoadReport(Health.UNCONFIGURED if failed else Health.WARMING, detail)
-        now = time.monotonic()
+        workers = len(ready) + len(returning)
         running_s = self._work_running_s(now)
         idle = any(w.ready and not w.busy for w in self.workers)
-        queue = self.batcher.points(now, running_s, len(ready))
+        queue = self.batcher.points(now, running_s, workers)
         # A lone job is predicted to wait for company only when the arrivals say some is coming.
         wait = self.config.max_wait_s if self.batcher.arrivals.expects_any(self.config.max_wait_s) else 0.0
         pool = PoolModel(
-            profile=self.profile, model=self.model, gpu_hour_usd=self.config.gpu_hour_usd, workers=len(ready),
+            profile=self.profile, model=self.model, gpu_hour_usd=self.config.gpu_hour_usd, workers=workers,
             work_ahead_s=queue[-1].work_s if queue else running_s, typical_batch=self._occupancy,
             has_headroom=idle and not queue, max_wait_s=wait, running_s=running_s, queue=queue,
-            busy_workers=sum(1 for w in ready if w.busy), reserved_share=self.inflexible.share(now, len(ready)),
-            sustained_share=self.inflexible.sustained_share(now, len(ready)),
-            batch_cap_s=self.inflexible.max_batch_s(now), demand=self.demand.table(now, len(ready)),
+            busy_workers=sum(1 for w in ready if w.busy) + len(returning),
+            reserved_share=self.inflexible.share(now, workers),
+            sustained_share=self.inflexible.sustained_share(now, workers),
+            batch_cap_s=self.inflexible.max_batch_s(now), demand=self.demand.table(now, workers),
         )
-        warming = [w.name for w in self.workers if not w.ready]
+        restarting = [f"{self.workers[i].name} restarting, back in ~{max(0.0, back - now):.0f} s"
+                      for i, (back, _) in self._back_by.items()]
+        warming = [w.name for i, w in enumerate(self.workers) if not w.ready and i not in self._back_by]
         growing = sum(len(w.pending_warm) for w in ready)
-        detail = f"{len(ready)} worker(s) ready" + (f"; warming: {', '.join(warming)}" if warming else "") + \
+        detail = f"{len(ready)} worker(s) ready" + "".join(f"; {r}" for r in restarting) + \
+            (f"; warming: {', '.join(warming)}" if warming else "") + \
             (f"; {growing} shape(s) left to warm in the background" if growing else "")
         return LoadReport(Health.OK, detail, pool)
 
     def _work_running_s(self, now: float) -> float:
-        """What the batches running here and on remote workers still need, summed over workers."""
+        """What the batches running here and on remote workers still need, summed over workers; a restarting
+        worker's is the rest of its restart."""
         here = sum(max(0.0, end - now) for end in self._running_until.values())
-        return here + self.external_batches() * self._mean_cycle_s
+        return here + sum(self._returning(now)) + self.external_batches() * self._mean_cycle_s
+
+    def _returning(self, now: float) -> list[float]:
+        """Seconds until each restarting worker is predicted back. One that takes twice as long as predicted is
+        no longer counted on: the pool then says what it has (warming, when no other worker is ready)."""
+        return [max(0.0, back - now) for back, length in self._back_by.values() if now < back + length]
+
+    def _serving(self, now: float) -> int:
+        """Workers that take work now or are predicted back from a restart soon."""
+        return sum(1 for w in self.workers if w.ready) + len(self._returning(now))
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -186,8 +206,10 @@ class LocalPool:
         self._wakeup.set()
 
     async def _start_worker(self, worker) -> None:
+        started = time.monotonic()
         try:
             await worker.start()
+            self._start_s[self.workers.index(worker)] = time.monotonic() - started
             log.info("%s ready (warm-up: %s)", worker.name, worker.warm_timings)
             self._learn_warm_up(worker)
             self._refresh_offer()
@@ -237,7 +259,7 @@ class LocalPool:
     # --- requests -------------------------------------------------------------------
 
     async def generate(self, job: GenerationJob, deadline: float) -> GenerationResult:
-        if self._closing or not any(w.ready for w in self.workers):
+        if self._closing or not self._serving(time.monotonic()):
             raise BackendUnavailable(f"local pool is not ready: {self.load().detail}")
         steps = job.steps or self._offer.default_steps
         guidance = job.guidance_scale if job.guidance_scale is not None else self.spec.guidance_scale
@@ -252,7 +274,8 @@ class LocalPool:
             async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                 return await asyncio.shield(future)
         except TimeoutError as exc:
-            self.batcher.remove(item)  # if still queued, it never runs
+            if self.batcher.remove(item) or pending.running_until is None:  # never started: busy, not broken
+                raise BackendQueueTimeout("local pool did not start the job before the deadline") from exc
             raise BackendTimeout("local pool did not finish before the deadline") from exc
         except asyncio.CancelledError:
             self.batcher.remove(item)  # the caller went away (client gone, a hedge won): it never runs
@@ -282,7 +305,7 @@ class LocalPool:
         if item is None:
             return True
         now = time.monotonic()
-        workers = max(1, sum(1 for w in self.workers if w.ready))
+        workers = max(1, self._serving(now))
         return pool_job_hedge_pays(self.batcher, item, now, due, running_until=item.payload.running_until,
                                    running_s=self._work_running_s(now), workers=workers,
                                    share=self.inflexible.share(now, workers))
@@ -339,7 +362,7 @@ class LocalPool:
             self._refresh_offer()
         except WorkerCrashed:
             log.error("%s crashed while warming; restarting it", worker.name)
-            asyncio.create_task(self._restart(worker))
+            self._restart_soon(worker)
         except Exception:
             log.exception("%s failed to warm %s; it keeps serving what it has", worker.name,
                           worker.pending_warm[:1])
@@ -350,7 +373,7 @@ class LocalPool:
 
     def _release_late(self) -> None:
         now = time.monotonic()
-        workers = sum(1 for w in self.workers if w.ready) or 1
+        workers = self._serving(now) or 1
         for item in self.batcher.settle(now, self._work_running_s(now), workers):  # as load() predicted it
             _fail(item.payload, BackendReleased("local pool would finish late; released in time for the next backend"))
 
@@ -364,7 +387,7 @@ class LocalPool:
             if item.payload.future.done():
                 continue
             if item.deadline <= now:
-                _fail(item.payload, BackendTimeout("deadline passed while queued"))
+                _fail(item.payload, BackendQueueTimeout("deadline passed while queued"))
             else:
                 self.batcher.put(item)
 
@@ -398,7 +421,7 @@ class LocalPool:
             for item in batch.jobs:
                 item.payload.running_until = None
                 self.batcher.put(item)
-            asyncio.create_task(self._restart(worker))
+            self._restart_soon(worker)
             return
         except Exception as exc:
             log.exception("batch failed on %s", worker.name)
@@ -429,15 +452,26 @@ class LocalPool:
         self._free_since[index] = time.monotonic()
         self._wakeup.set()
 
-    async def _restart(self, worker) -> None:
+    def _restart_soon(self, worker) -> None:
+        """Restart a crashed worker, predicted back as soon as its last start or restart took."""
+        index = self.workers.index(worker)
         started = time.monotonic()
+        if index in self._start_s:
+            self._back_by[index] = (started + self._start_s[index], self._start_s[index])
+        self._wakeup.set()  # load() and release see the restart from now
+        self._starting.append(asyncio.create_task(self._restart(worker, index, started)))  # kept: see start()
+
+    async def _restart(self, worker, index: int, started: float) -> None:
         try:
             await worker.restart()
-            log.info("%s restarted in %.1f s", worker.name, time.monotonic() - started)
+            self._start_s[index] = time.monotonic() - started
+            log.info("%s restarted in %.1f s", worker.name, self._start_s[index])
             self._refresh_offer()
         except Exception as exc:
             log.exception("%s failed to restart", worker.name)
             worker.state, worker.detail = "failed", f"restart failed: {exc}"
+        finally:
+            self._back_by.pop(index, None)
         self._wakeup.set()
 
     def _learn_warm_up(self, worker) -> None:
