@@ -20,7 +20,7 @@ from backends.protocol import Backend, GeneratedImage, GenerationJob
 from policies.costs import settled_cost_usd
 from policies.decide import decide
 from policies.holding import hold_for_s
-from policies.reservation import room_for
+from policies.reservation import pool_arrival
 from policies.schema import Policy
 from policies.types import Decision, RejectReason, RouteRequest
 
@@ -105,16 +105,12 @@ class GenerationService:
         self._dispatcher = Dispatcher(backends, guards, redact=redact)
 
     def _keep_pool_room(self, decision: Decision, snapshot) -> None:
-        """Tell the pool of a request it keeps room for (policies.reservation.room_for), and of every request it
-        could serve (Decision.pool_demand), wherever it is sent: as it is decided, as the simulator counts them."""
-        if decision.pool_demand is None:
-            return  # no pool could serve it
-        name, gpu_s, value = decision.pool_demand
-        pool, sla_s = self._backends.get(name), decision.sla_ms / 1000
-        if room_for(decision, snapshot) is not None and (keep := getattr(pool, "keep_room_for", None)) is not None:
-            keep(sla_s, gpu_s)
-        if (note := getattr(pool, "note_demand", None)) is not None:  # PoolModel.denser_delay_s
-            note(sla_s, gpu_s, value)
+        """Tell the pool of every request it could serve, wherever it is sent, as it is decided: the room it keeps
+        for those only it serves in time, and what it is worth to the rest (policies.reservation.pool_arrival,
+        which the simulator records the same way)."""
+        arrival = pool_arrival(decision, snapshot)
+        if arrival is not None and (note := getattr(self._backends.get(arrival.pool), "note_arrival", None)):
+            note(arrival)
 
     def _route_request(self, req: GenerationRequest, policy: Policy, ctx: RequestContext) -> RouteRequest:
         if len(req.prompt) > self._limits.prompt_max_chars:

@@ -17,6 +17,7 @@ as each request is decided; `hedge_pays` says when a pool job passing its predic
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
     from .types import Candidate, Decision, Snapshot
 
 __all__ = ["DENSER", "HEDGE_MARGIN", "MAX_SHARE", "PRESSED_SHARE", "SATURATED_SHARE", "InflexibleArrivals",
-           "PoolDemand", "hedge_pays", "pool_job_hedge_pays", "room_for"]
+           "PoolArrival", "PoolDemand", "hedge_pays", "pool_arrival", "pool_job_hedge_pays", "room_for"]
 
 MAX_SHARE = 0.9  # never reserve a whole pool: flexible work keeps a tenth of it, and the share stays finite
 # Past this share the pool is pressed (PoolModel.pressed): a best-effort request (no backend predicted in time)
@@ -59,6 +60,31 @@ def room_for(decision: Decision, snapshot: Snapshot) -> tuple[Candidate, float] 
             decision.at_risk and alone_s + latency.p95_ms / 1000 <= decision.sla_ms / 2000):
         return candidate, alone_s
     return None
+
+
+@dataclass(frozen=True, slots=True)
+class PoolArrival:
+    """What a pool records of one request it could serve, as it is routed, wherever it is then sent: the gateway's
+    pool (LocalPool.note_arrival) and the simulator's record it the same way, from the same function."""
+
+    pool: str
+    sla_s: float
+    gpu_s: float  # its batch alone, by the pool's profile
+    value: float  # what the pool saves it per GPU-second (Decision.pool_demand)
+    keep_room: bool  # room_for: the pool keeps room for requests like it
+
+    def record(self, now: float, inflexible: InflexibleArrivals, demand: PoolDemand) -> None:
+        if self.keep_room:
+            inflexible.record(now, self.sla_s, self.gpu_s)
+        demand.record(now, self.sla_s, self.gpu_s, self.value)
+
+
+def pool_arrival(decision: Decision, snapshot: Snapshot) -> PoolArrival | None:
+    """The record of a request a pool could serve (Decision.pool_demand), None when no pool could."""
+    if decision.pool_demand is None:
+        return None
+    name, gpu_s, value = decision.pool_demand
+    return PoolArrival(name, decision.sla_ms / 1000, gpu_s, value, room_for(decision, snapshot) is not None)
 
 
 # A pool job passing its predicted latency is raced by an API only if the pool, asked then, predicts it late: its

@@ -23,7 +23,7 @@ from .batching import ArrivalRate, QueuedJob, SLABatcher
 from .decide import decide
 from .holding import hold_for_s
 from .profile import ThroughputProfile
-from .reservation import InflexibleArrivals, PoolDemand, pool_job_hedge_pays, room_for
+from .reservation import InflexibleArrivals, PoolDemand, pool_arrival, pool_job_hedge_pays
 from .schema import Policy
 from .traces import TraceRequest
 from .types import (
@@ -278,11 +278,8 @@ class _Sim:
         decision = decide(route, self.policy, snapshot)
         outcome.serve_within_ms = decision.serve_within_ms
         candidates = list(decision.candidates)
-        if self.policy.reserve_pool and decision.pool_demand is not None:  # as the gateway's service does
-            _, gpu_s, value = decision.pool_demand
-            if room_for(decision, snapshot) is not None:
-                self.inflexible.record(self.now, decision.sla_ms / 1000, gpu_s)
-            self.demand.record(self.now, decision.sla_ms / 1000, gpu_s, value)
+        if self.policy.reserve_pool and (arrival := pool_arrival(decision, snapshot)) is not None:
+            arrival.record(self.now, self.inflexible, self.demand)  # as the gateway's pool does
         second = decision.hedge_partner(candidates[0], candidates[1:]) if candidates else None
         if second is not None:
             first = candidates[0]

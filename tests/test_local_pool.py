@@ -19,6 +19,7 @@ from backends.protocol import GenerationJob
 from gateway.dispatch import Dispatcher
 from gateway.guard import BackendGuard
 from policies.profile import ThroughputProfile
+from policies.reservation import PoolArrival
 from policies.types import Candidate, Decision, Health, RouteRequest
 from tests.fakes import FakeWorker, ScriptedBackend
 
@@ -580,14 +581,14 @@ async def test_jobs_only_the_pool_could_serve_set_the_room_it_keeps_for_them():
     assert pool.load().pool.reserved_share == 0 and pool.batcher.max_batch_s() is None  # nothing pool-only yet
     await pool.generate(job(0), time.monotonic() + 5)
     assert pool.load().pool.reserved_share == 0  # a job with other candidates reserves nothing
-    pool.keep_room_for(5.0, 0.05)  # the service routed one the pool keeps room for (policies.reservation.room_for)
+    pool.note_arrival(PoolArrival("local", 5.0, 0.05, 0.0, keep_room=True))  # one it keeps room for (room_for)
     assert pool.load().pool.reserved_share > 0  # its GPU-seconds over the window, per worker
     limit = pool.batcher.max_batch_s()
     # No batch runs longer than it could wait: its 5 s less its own batch, which the same cap bounds (half).
     assert limit == pytest.approx(2.5, abs=0.1)
     assert pool.load().pool.batch_cap_s == pytest.approx(limit)  # what decide() lets fit between such work
-    pool.note_demand(30.0, 1.0, 0.024)  # every request it could serve, by what it saves per GPU-second
-    (value, sla, minute, burst), = pool.load().pool.demand
+    pool.note_arrival(PoolArrival("local", 30.0, 1.0, 0.024, keep_room=False))  # by what it saves per GPU-second
+    (value, sla, minute, burst), = [row for row in pool.load().pool.demand if row[1] == 30.0]
     assert (value, sla) == (0.024, 30.0) and minute == pytest.approx(1.0 / 60) and burst == pytest.approx(1.0 / 10)
     await pool.aclose()
 

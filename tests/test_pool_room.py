@@ -1,5 +1,5 @@
-"""The service tells the pool which requests it keeps room for (policies.reservation.room_for) as it routes them,
-as the simulator counts them, wherever they are then sent."""
+"""The service tells the pool of every request it could serve, and which it keeps room for
+(policies.reservation.pool_arrival), as it routes them, as the simulator counts them, wherever they are then sent."""
 
 from __future__ import annotations
 
@@ -16,11 +16,10 @@ class _Pool(ScriptedBackend):
         self.kept: list[tuple[float, float]] = []
         self.demand: list[tuple[float, float, float]] = []
 
-    def keep_room_for(self, sla_s: float, gpu_s: float) -> None:
-        self.kept.append((sla_s, gpu_s))
-
-    def note_demand(self, sla_s: float, gpu_s: float, value: float) -> None:
-        self.demand.append((sla_s, gpu_s, value))
+    def note_arrival(self, arrival) -> None:
+        if arrival.keep_room:
+            self.kept.append((arrival.sla_s, arrival.gpu_s))
+        self.demand.append((arrival.sla_s, arrival.gpu_s, arrival.value))
 
 
 def test_a_request_only_the_pool_serves_in_time_is_counted_and_one_an_api_serves_in_time_is_not(settings,

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from policies.profile import ThroughputProfile
-from policies.reservation import InflexibleArrivals, PoolDemand, pool_job_hedge_pays
+from policies.reservation import InflexibleArrivals, PoolArrival, PoolDemand, pool_job_hedge_pays
 from policies.types import BackendKind, Health, PoolModel, SizeSupport
 
 from ..errors import BackendQueueTimeout, BackendReleased, BackendTimeout, BackendTransientError, BackendUnavailable
@@ -286,16 +286,13 @@ class LocalPool:
             if not future.done():
                 future.cancel()
 
-    def keep_room_for(self, sla_s: float, gpu_s: float) -> None:
-        """A request this pool keeps room for was just routed (policies.reservation.room_for: only the pool could
-        serve it in time, or it is late everywhere and the pool alone would serve it in half its SLA), wherever
-        it went: the batch cap and the reserved share follow such requests while they keep arriving."""
-        self.inflexible.record(time.monotonic(), sla_s, gpu_s)
-
-    def note_demand(self, sla_s: float, gpu_s: float, value: float) -> None:
-        """A request this pool could serve was just routed (Decision.pool_demand), wherever it went: what the pool
-        was worth to it per GPU-second, which the next requests are predicted against (PoolModel.denser_delay_s)."""
-        self.demand.record(time.monotonic(), sla_s, gpu_s, value)
+    def note_arrival(self, arrival: PoolArrival) -> None:
+        """A request this pool could serve was just routed, wherever it went (policies.reservation.pool_arrival).
+        One it keeps room for (only the pool could serve it in time, or it is late everywhere and the pool alone
+        would serve it in half its SLA) moves the batch cap and the reserved share while such requests keep
+        arriving; every one says what the pool was worth to it per GPU-second, which the next requests are
+        predicted against (PoolModel.denser_delay_s)."""
+        arrival.record(time.monotonic(), self.inflexible, self.demand)
 
     def hedge_pays(self, job_id: str, due: float) -> bool:
         """Asked by the dispatcher when a job here passes its predicted latency: is it now predicted late enough
