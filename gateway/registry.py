@@ -69,6 +69,11 @@ def _provider(name: str, provider: ProviderSettings, settings: Settings, sandbox
 _COUNT_GPUS = "import torch; print(torch.cuda.device_count())"
 
 
+def _uses_processes(workers: str, gpus: int) -> bool:
+    """Workers run in a process each when asked, or (`auto`) on several GPUs."""
+    return workers == "process" or (workers == "auto" and gpus > 1)
+
+
 def _devices(requested: list[str] | str, workers: str) -> list[str]:
     """The devices for `local.devices: auto`: every CUDA device, else the CPU. Where the workers will be processes
     (asked for, or `auto` on a host with several GPU device nodes), the count is taken in a child process:
@@ -76,8 +81,8 @@ def _devices(requested: list[str] | str, workers: str) -> list[str]:
     (measured: 267 MB -> 72 MB at start, tiny preset on CPU). Thread workers run torch in this process anyway."""
     if requested != "auto":
         return list(requested)
-    processes = workers == "process" or (workers == "auto" and len(glob.glob("/dev/nvidia[0-9]*")) > 1)
-    count = _gpu_count_in_child() if processes else None
+    # Before torch counts them, the device nodes say whether the workers will be processes.
+    count = _gpu_count_in_child() if _uses_processes(workers, len(glob.glob("/dev/nvidia[0-9]*"))) else None
     if count is None:
         import torch
 
@@ -114,7 +119,7 @@ def build_local_pool(settings: Settings) -> Backend:
     if local.workers == "remote":
         return _remote_pool(settings)
     devices = _devices(local.devices, local.workers)
-    use_processes = local.workers == "process" or (local.workers == "auto" and len(devices) > 1)
+    use_processes = _uses_processes(local.workers, len(devices))
     compiled = local.compile is True or (local.compile is None and any(d.startswith("cuda") for d in devices))
     warm = _warm_shapes(local, compiled)
     # A compiled engine serves only warmed sizes, so no request ever waits for a compile. Under jit it has one
