@@ -3,6 +3,7 @@ off, side by side in one run.
 
     python benchmarks/result_cache.py                       # 3 min per side at 4/s, the issue-13 fault mix
     python benchmarks/result_cache.py --minutes 1 --faults none --repeat 0.5 --fanout 0.05
+    python benchmarks/result_cache.py --replicas 2          # two replicas on one Redis: a folder each, or one shared
 
 Each side runs real processes, as benchmarks/soak.py does: `imagegw sandbox` (the four providers' wire formats,
 with faults drawn per request) and one `imagegw serve`, on a fresh data folder. The workload is the same seeded
@@ -20,6 +21,10 @@ answers billed, the cost saved as audited and as `/metrics` counts it, requests 
 made once for several (shared), latency of hits against generations, audit records against requests; then the
 checks: every cached answer carries the same image bytes the first answer for its key got, no image crossed
 tenants, and no unseeded request was served from the cache.
+
+With `--replicas 2`, each side runs two gateways on one Redis behind a random load balancer (each request goes to
+either), and there are three sides: the cache off, on with a folder per replica, and on with one folder both
+share (`cache.shared_dir`: entries made by either, and one generation per key across both).
 """
 
 from __future__ import annotations
@@ -99,9 +104,11 @@ def workload(args) -> list[Ask]:
 class CacheFleet(soak.Fleet):
     """soak's fleet with the cache on or off, and one app key per tenant."""
 
-    def __init__(self, args, work: Path, cache: bool):
+    def __init__(self, args, work: Path, cache: bool, shared: bool = False):
         super().__init__(args, work)
-        self.cache = cache
+        self.cache, self.shared = cache, shared
+        if args.replicas > 1:
+            self.redis = soak.Redis(work)  # soak's fleet runs two replicas on it
         self.tenant_keys = {t: f"igw-{t}-" + secrets.token_hex(12) for t in TENANTS}
 
     def faults_file(self) -> Path:
@@ -116,21 +123,24 @@ class CacheFleet(soak.Fleet):
         config = super().config_dir()
         gateway = yaml.safe_load((config / "gateway.yaml").read_text())
         gateway["cache"] = {**(gateway.get("cache") or {}), "enabled": self.cache}
+        if self.shared:
+            gateway["cache"].update(dir=str(self.work / "shared-cache"), shared_dir=True)
         gateway["auth"]["keys"] = [{"key_sha256": hashlib.sha256(key.encode()).hexdigest(), "tenant": tenant,
                                     "role": "app"} for tenant, key in self.tenant_keys.items()]
         (config / "gateway.yaml").write_text(yaml.safe_dump(gateway))
         return config
 
 
-async def drive(base: str, asks: list[Ask], keys: dict[str, str]) -> list[dict]:
+async def drive(bases: list[str], asks: list[Ask], keys: dict[str, str], seed: int) -> list[dict]:
     rows: list[dict] = []
+    balance = random.Random(seed)
     limits = httpx.Limits(max_connections=2000, max_keepalive_connections=200)
     async with httpx.AsyncClient(limits=limits) as client:
         async def one(i: int, ask: Ask) -> None:
             body = {"prompt": ask.prompt, "size": "1024x1024", "n": ask.n, "model": "auto", "sla_ms": ask.sla_ms,
                     "response_format": "b64_json", **({"seed": ask.seed} if ask.seed is not None else {})}
             row = {"i": i, "key": ask.key, "tenant": ask.tenant, "seeded": ask.seed is not None, "sla_ms": ask.sla_ms}
-            started = time.monotonic()
+            started, base = time.monotonic(), balance.choice(bases)
             try:
                 r = await client.post(base + "/v1/images/generations", json=body, timeout=ask.sla_ms / 1000 * 1.5 + 10,
                                       headers={"authorization": f"Bearer {keys[ask.tenant]}"})
@@ -153,26 +163,29 @@ async def drive(base: str, asks: list[Ask], keys: dict[str, str]) -> list[dict]:
     return sorted(rows, key=lambda r: r["i"])
 
 
-async def saved_metric(base: str) -> float:
+async def saved_metric(bases: list[str]) -> float:
+    total = 0.0
     async with httpx.AsyncClient() as client:
-        text = (await client.get(base + "/metrics")).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("imagegw_result_cache_saved_usd_total"))
+        for base in bases:
+            text = (await client.get(base + "/metrics")).text
+            total += sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                         if line.startswith("imagegw_result_cache_saved_usd_total"))
+    return total
 
 
-def run_side(args, asks: list[Ask], cache: bool) -> dict:
+def run_side(args, asks: list[Ask], cache: bool, shared: bool = False) -> dict:
     work = Path(tempfile.mkdtemp(prefix=f"imagegw-cache-{'on' if cache else 'off'}-"))
-    fleet = CacheFleet(args, work, cache)
+    fleet = CacheFleet(args, work, cache, shared)
     fleet.start()
+    bases = [base for _, base, _ in fleet.replicas]
     try:
-        _, base, data = fleet.replicas[0]
-        rows = asyncio.run(drive(base, asks, fleet.tenant_keys))
+        rows = asyncio.run(drive(bases, asks, fleet.tenant_keys, args.seed))
         time.sleep(1.0)  # the audit's last flush
         spend = asyncio.run(soak.books(fleet))
-        saved = asyncio.run(saved_metric(base))
+        saved = asyncio.run(saved_metric(bases))
     finally:
         fleet.stop()
-    audits = soak.audit_rows(data)
+    audits = [row for _, _, data in fleet.replicas for row in soak.audit_rows(data)]
     shutil.rmtree(work, ignore_errors=True)
     return {"rows": rows, "audits": audits, "spend": spend, "saved_metric": saved}
 
@@ -236,22 +249,28 @@ def main() -> int:
     ap.add_argument("--catalogue", type=int, default=200, help="distinct prompts per tenant")
     ap.add_argument("--zipf", type=float, default=1.0, help="popularity skew of repeats")
     ap.add_argument("--faults", default=None, help="a SandboxConfig YAML, or none (default: the issue-13 mix)")
+    ap.add_argument("--replicas", type=int, choices=(1, 2), default=1, help="gateways per side (2: on one Redis)")
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args()
     args.redis_chaos = args.local = args.kill_worker = False
     args.bria_rpm = 1000
     asks = workload(args)
-    sides = {"cache off": run_side(args, asks, cache=False), "cache on": run_side(args, asks, cache=True)}
+    on = "cache on, a folder each" if args.replicas > 1 else "cache on"
+    sides = {"cache off": run_side(args, asks, cache=False), on: run_side(args, asks, cache=True)}
+    if args.replicas > 1:
+        sides["cache on, one shared folder"] = run_side(args, asks, cache=True, shared=True)
     summaries = {name: summarise(side) for name, side in sides.items()}
-    print(f"\n# result cache: {len(asks)} requests over {args.minutes} min per side "
+    print(f"\n# result cache: {len(asks)} requests over {args.minutes} min per side, {args.replicas} replica(s) "
           f"({sum(a.seed is None for a in asks)} unseeded), faults: {args.faults or 'issue-13 mix (~20%)'}")
     print(f"command: python benchmarks/result_cache.py {' '.join(sys.argv[1:])}")
     print(f"| | {' | '.join(summaries)} |\n|---|{'---|' * len(summaries)}")
     for field in summaries["cache off"]:
         print(f"| {field} | {' | '.join(str(s[field]) for s in summaries.values())} |")
-    off, on = (float(summaries[s]["spend (books) $"]) for s in ("cache off", "cache on"))
-    print(f"\nspend with the cache: {on / off - 1:+.1%} ({off:.4f} -> {on:.4f} USD)" if off else "")
-    problems = checks(sides["cache on"])
+    off = float(summaries["cache off"]["spend (books) $"])
+    for name in list(summaries)[1:]:
+        on = float(summaries[name]["spend (books) $"])
+        print(f"spend, {name}: {on / off - 1:+.1%} ({off:.4f} -> {on:.4f} USD)" if off else "")
+    problems = [p for name in list(sides)[1:] for p in checks(sides[name])]
     print(f"checks (same bytes for a cached answer, tenants apart, unseeded never cached): "
           f"{'all hold' if not problems else f'{len(problems)} problem(s)'}")
     for problem in problems[:20]:

@@ -220,7 +220,8 @@ def assemble(settings: Settings, policy: Policy, backends: Mapping[str, Backend]
     cache = settings.cache
     results = ResultCache(settings.resolve(cache.dir), max_bytes=cache.max_bytes, ttl_s=cache.ttl_s,
                           unseeded=cache.unseeded, shared_across_tenants=cache.shared_across_tenants,
-                          single_flight=cache.single_flight, enabled=cache.enabled)
+                          single_flight=cache.single_flight, enabled=cache.enabled, shared_dir=cache.shared_dir,
+                          fleet=store)
     service = GenerationService(backends=built.backends, policy=registry, audit=audit, images=images,
                                 limits=settings.limits, public_url=settings.server.public_url,
                                 guards=built.guards, store=store, redact=redactor, results=results)

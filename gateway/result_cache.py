@@ -9,8 +9,14 @@ answered as base64 or as a URL alike.
 
 On disk, under `cache.dir` in the data folder: `<key>.json` (what was served, by whom, at what cost) and
 `<key>.<i>` per image, written under temporary names and moved in place (a reader never sees half an entry).
-Entries expire after `cache.ttl_s`; past `cache.max_bytes` the least recently used go first. Each replica keeps
-its own folder unless they share one; single flight is within one replica.
+Entries expire after `cache.ttl_s`; past `cache.max_bytes` the least recently used go first (each replica counts
+the entries it knows of).
+
+Each replica keeps its own folder unless `cache.shared_dir` says `cache.dir` is on storage they all share. Then a
+replica looks on disk for entries the others made, and single flight spans the fleet through the state store
+(Redis): the first replica to claim a key's lease makes the images, and identical requests on other replicas
+wait for its entry while the lease is held (at most their own time left), then make their own if none came.
+Without Redis, or while it is away, single flight is per replica.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import os
 import re
 import time
 import unicodedata
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,14 +80,21 @@ class _Flight:
 
 
 class ResultCache:
+    # How often a request waits on another replica's generation checks whether it has landed.
+    FLEET_POLL_S = 0.05
+
     def __init__(self, folder: Path, *, max_bytes: int, ttl_s: float, unseeded: bool = False,
                  shared_across_tenants: bool = False, single_flight: bool = True, enabled: bool = True,
-                 clock=time.time):
+                 shared_dir: bool = False, fleet=None, clock=time.time):
         self.folder = Path(folder)
         self.max_bytes, self.ttl_s = max_bytes, ttl_s
         self.unseeded, self.shared, self.single_flight, self.enabled = (unseeded, shared_across_tenants,
                                                                        single_flight, enabled)
+        self.shared_dir = shared_dir
+        self.fleet = fleet if shared_dir and single_flight else None  # a StateStore leasing keys to replicas
         self._clock = clock
+        self._leased: set[str] = set()  # keys this replica leads for the fleet
+        self._releases: set[asyncio.Task] = set()
         self._index: dict[str, tuple[float, int]] | None = None  # key -> (last use, bytes), loaded at first use
         self._flights: dict[str, _Flight] = {}
         self.hits = self.shared_hits = self.misses = 0
@@ -95,17 +109,20 @@ class ResultCache:
     # -- disk ------------------------------------------------------------------------------------------------
 
     async def get(self, key: str) -> CachedResult | None:
-        if self._index is not None and key not in self._index:  # a known miss costs no thread and no disk
-            self.misses += 1
-            return None
-        try:
-            found = await asyncio.to_thread(self._read, key)
-        except (OSError, ValueError, KeyError) as exc:  # a damaged entry is a miss, never an error
-            log.warning("result cache entry %s unreadable (%s): ignored", key[:12], exc)
-            found = None
+        found = await self._lookup(key)
         if found is None:
             self.misses += 1
         return found
+
+    async def _lookup(self, key: str) -> CachedResult | None:
+        if not self.shared_dir and self._index is not None and key not in self._index:
+            # a known miss costs no thread and no disk (in a shared folder another replica may have made it)
+            return None
+        try:
+            return await asyncio.to_thread(self._read, key)
+        except (OSError, ValueError, KeyError) as exc:  # a damaged entry is a miss, never an error
+            log.warning("result cache entry %s unreadable (%s): ignored", key[:12], exc)
+            return None
 
     async def put(self, key: str, result: CachedResult) -> None:
         if not all(image.present for image in result.images):
@@ -131,10 +148,11 @@ class ResultCache:
     def _read(self, key: str) -> CachedResult | None:
         index = self._load_index()
         meta_path = self._meta(key)
-        if key not in index or not meta_path.is_file():
+        if (key not in index and not self.shared_dir) or not meta_path.is_file():
             index.pop(key, None)
             return None
         info = json.loads(meta_path.read_text())
+        index.setdefault(key, (0.0, int(info.get("bytes", 0))))  # one another replica made
         now = self._clock()
         if now - info["created"] > self.ttl_s:
             self._remove(key)
@@ -150,7 +168,7 @@ class ResultCache:
         self.folder.mkdir(parents=True, exist_ok=True)
         index = self._load_index()
         total = 0
-        suffix = f".tmp-{os.getpid()}"
+        suffix = f".tmp-{uuid.uuid4().hex[:12]}"  # unique across the replicas of a shared folder
         for i, image in enumerate(result.images):
             data = image.content()
             tmp = self.folder / f"{key}.{i}{suffix}"
@@ -203,6 +221,27 @@ class ResultCache:
         flight = self._flights.pop(key, None)
         if flight is not None and not flight.done.done():
             flight.done.set_result(result)
+        if key in self._leased:
+            self._leased.discard(key)
+            task = asyncio.get_running_loop().create_task(self.fleet.release_flight(key))
+            self._releases.add(task)
+            task.add_done_callback(self._releases.discard)
+
+    async def from_fleet(self, key: str, within_s: float) -> CachedResult | None:
+        """For the first of identical requests on this replica: the images another replica is making for the
+        same key (it holds the lease), waited for at most `within_s`; None when this replica leads (it then
+        makes them and `land`s them), when nobody answers for the fleet, or when the other replica failed."""
+        if self.fleet is None or within_s <= 0:
+            return None
+        claimed = await self.fleet.claim_flight(key, within_s + 1.0)  # a lease outlives its maker's deadline
+        if claimed is not False:
+            if claimed:
+                self._leased.add(key)
+            return None
+        deadline = time.monotonic() + within_s
+        while time.monotonic() < deadline and await self.fleet.flight_held(key):
+            await asyncio.sleep(self.FLEET_POLL_S)
+        return await self._lookup(key)
 
     def served(self, kind: str, saved_usd: float) -> None:
         """Count an answer given from an identical request's images (`hit` or `shared`)."""

@@ -121,6 +121,9 @@ class CacheSettings(_Section):
     shared_across_tenants: bool = Field(False, description="One tenant's images served to another asking the "
                                         "same: off, each tenant has its own entries.")
     single_flight: bool = Field(True, description="Identical cacheable requests in flight share one generation.")
+    shared_dir: bool = Field(False, description="`dir` is on storage every replica shares (an absolute path on a "
+                             "shared volume): each replica serves the entries the others made, and with Redis "
+                             "identical requests on different replicas share one generation too.")
 
 
 class LimitSettings(_Section):

@@ -1,5 +1,5 @@
 """Live state shared by gateway replicas: spend and budget reservations, outcome samples,
-ejected backends, requests-per-minute windows, and policy changes.
+ejected backends, requests-per-minute windows, policy changes, and who makes identical requests' images.
 
 `MemoryStore` is the embedded default (one replica). `RedisStore` (gateway/state_redis.py) shares it all
 through Redis; when Redis is unreachable it keeps serving on its local view, says so (`degraded`), and
@@ -95,6 +95,18 @@ class StateStore(ABC):
 
     async def subscribe_policy(self, on_message: Callable[[dict], Awaitable[None]]) -> None:  # noqa: B027
         """Call on_message for every policy another replica applies (no-op for one replica)."""
+
+    async def claim_flight(self, key: str, ttl_s: float) -> bool | None:
+        """Lead the fleet's generation of identical requests (`key`) for up to `ttl_s`: True when this replica
+        leads, False when another does, None when there is no fleet to ask (one replica, or the store away)."""
+        return None
+
+    async def flight_held(self, key: str) -> bool:
+        """Whether some replica still leads `key` (False when unknown: the caller then makes its own)."""
+        return False
+
+    async def release_flight(self, key: str) -> None:  # noqa: B027 (optional hook)
+        """This replica's generation of `key` is done (landed in the cache, or failed)."""
 
     async def close(self) -> None:  # noqa: B027 (optional hook)
         """Release connections."""

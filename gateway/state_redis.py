@@ -69,6 +69,14 @@ local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 return tostring(tonumber(oldest[2]) + 60 - now)
 """
 
+# Release a flight lease only while it is still ours: one that expired may lead another replica's generation now.
+_RELEASE_FLIGHT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
 
 class RedisStore(StateStore):
     """The same operations over Redis; while Redis is unreachable a MemoryStore stands in for samples and
@@ -82,6 +90,7 @@ class RedisStore(StateStore):
         self._local = MemoryStore(max_samples)
         self._reserve = client.register_script(_RESERVE)
         self._take = client.register_script(_TAKE_TOKEN)
+        self._release = client.register_script(_RELEASE_FLIGHT)
         self.ledger = SpendLedger()
         self.replica_id = replica_id or "replica"
         self._calls = itertools.count()
@@ -344,6 +353,34 @@ class RedisStore(StateStore):
             except Exception as exc:  # Redis went away: retry, the replica keeps serving meanwhile
                 log.warning("policy subscription lost (%s); retrying", type(exc).__name__)
                 await asyncio.sleep(1.0)
+
+    async def claim_flight(self, key, ttl_s):
+        async def op():
+            return bool(await self._redis.set(self._k("flight", key), self.replica_id, nx=True,
+                                              px=max(1, int(ttl_s * 1000))))
+
+        async def offline():
+            return None  # each replica makes its own meanwhile
+
+        return await self._guard(op, offline)
+
+    async def flight_held(self, key):
+        async def op():
+            return bool(await self._redis.exists(self._k("flight", key)))
+
+        async def offline():
+            return False
+
+        return await self._guard(op, offline)
+
+    async def release_flight(self, key):
+        async def op():
+            await self._release(keys=[self._k("flight", key)], args=[self.replica_id])
+
+        async def offline():
+            return None  # the lease expires on its own
+
+        await self._guard(op, offline)
 
     async def close(self):
         for task in self._tasks:

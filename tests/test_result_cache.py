@@ -166,3 +166,102 @@ def test_the_cache_can_be_turned_off(settings, shipped_policy, serve):
     server = serve(settings, shipped_policy, {"reve": reve})
     assert post(server, seed=1).status_code == post(server, seed=1).status_code == 200
     assert len(reve.calls) == 2
+
+
+# -- a fleet sharing one cache folder --------------------------------------------------------------------------
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def _replicas(settings, serve, policy, backends, tmp_path, *, redis_url=REDIS_URL, count=2):
+    """`count` gateways with data folders of their own and one cache folder on shared storage."""
+    servers = []
+    for i in range(count):
+        mine = settings.model_copy(deep=True)
+        mine.data_dir = tmp_path / f"replica-{i}"
+        mine.cache.dir, mine.cache.shared_dir = str(tmp_path / "shared-cache"), True
+        if redis_url:
+            mine.redis_url, mine.redis_namespace = redis_url, f"cache-{tmp_path.name}"
+        servers.append(serve(mine, policy, backends))
+    return servers
+
+
+def _burst(servers, per_server, **body):
+    targets = [s for s in servers for _ in range(per_server)]
+    with concurrent.futures.ThreadPoolExecutor(len(targets)) as pool:
+        return list(pool.map(lambda s: post(s, **body), targets))
+
+
+def test_identical_requests_on_different_replicas_share_one_generation(settings, shipped_policy, serve, tmp_path):
+    reve = ScriptedBackend("reve", models=("reve-create",), delay_s=0.5)
+    servers = _replicas(settings, serve, shipped_policy, {"reve": reve}, tmp_path)
+    answers = _burst(servers, 3, seed=21)
+    assert [a.status_code for a in answers] == [200] * 6
+    assert len(reve.calls) == 1  # one generation for the fleet
+    assert sorted(a.headers.get("x-gateway-cache", "made") for a in answers) == ["made"] + ["shared"] * 5
+    assert len({a.json()["data"][0]["b64_json"] for a in answers}) == 1
+    assert post(servers[1], seed=21).headers["x-gateway-cache"] == "hit"  # and a later repeat anywhere is a hit
+
+
+def test_a_replica_serves_what_another_cached_in_a_shared_folder_even_without_redis(settings, shipped_policy,
+                                                                                     serve, tmp_path):
+    reve = ScriptedBackend("reve", models=("reve-create",))
+    a, b = _replicas(settings, serve, shipped_policy, {"reve": reve}, tmp_path, redis_url=None)
+    assert post(b, seed=2).status_code == 200  # b loads its index of the folder (empty) first
+    made = post(a, seed=3)
+    again = post(b, seed=3)
+    assert again.headers["x-gateway-cache"] == "hit" and again.headers["x-gateway-cache-source"] == \
+        made.headers["x-gateway-decision-id"]
+    assert len(reve.calls) == 2
+
+
+def test_when_the_replica_making_the_images_fails_the_others_make_their_own(settings, shipped_policy, serve,
+                                                                           tmp_path):
+    from backends.errors import ContentRefused
+
+    first = []
+
+    def refuse_first(job):
+        if not first:
+            first.append(job.id)
+            return ContentRefused("content policy")  # not retried: its request fails
+        return None
+
+    reve = ScriptedBackend("reve", models=("reve-create",), delay_s=0.3, fail=refuse_first)
+    servers = _replicas(settings, serve, shipped_policy, {"reve": reve}, tmp_path)
+    answers = _burst(servers, 2, seed=9)
+    # Only the maker's own request failed (a content refusal is the client's 400); the rest made their own.
+    assert sorted(a.status_code for a in answers) == [200, 200, 200, 400]
+    assert 2 <= len(reve.calls) <= 3
+
+
+def test_with_redis_away_each_replica_makes_its_own_and_nothing_fails(settings, shipped_policy, serve, tmp_path):
+    reve = ScriptedBackend("reve", models=("reve-create",), delay_s=0.3)
+    servers = _replicas(settings, serve, shipped_policy, {"reve": reve}, tmp_path,
+                        redis_url="redis://127.0.0.1:1/0")  # nothing listens there
+    answers = _burst(servers, 3, seed=4)
+    assert [a.status_code for a in answers] == [200] * 6
+    assert len(reve.calls) <= 2  # single flight still holds within each replica
+
+
+async def test_a_flight_lease_is_held_by_one_replica_and_released_only_by_it():
+    import uuid
+
+    import redis.asyncio as aioredis
+
+    from gateway.state_redis import RedisStore
+
+    namespace = f"test-{uuid.uuid4().hex[:10]}"
+    a, b = (RedisStore(aioredis.Redis.from_url(REDIS_URL), namespace, replica_id=r) for r in "ab")
+    assert await a.claim_flight("k", 0.3) is True
+    assert await b.claim_flight("k", 5) is False and await b.flight_held("k")
+    await b.release_flight("k")  # not b's to release
+    assert await a.flight_held("k")
+    await asyncio.sleep(0.4)  # a's maker died: its lease runs out on its own
+    assert not await b.flight_held("k") and await b.claim_flight("k", 5) is True
+    await a.release_flight("k")
+    assert await a.flight_held("k")  # a's old lease is gone; b's stands
+    await b.release_flight("k")
+    assert not await a.flight_held("k")
+    await a.close()
+    await b.close()
