@@ -145,13 +145,14 @@ async def drive(bases: list[str], asks: list[Ask], keys: dict[str, str], seed: i
                 r = await client.post(base + "/v1/images/generations", json=body, timeout=ask.sla_ms / 1000 * 1.5 + 10,
                                       headers={"authorization": f"Bearer {keys[ask.tenant]}"})
                 data = r.json().get("data", []) if r.status_code == 200 else []
-                row.update(status=r.status_code, cache=r.headers.get("x-gateway-cache"),
+                row.update(status=r.status_code, cache=r.headers.get("x-gateway-cache"), replica=base,
                            source=r.headers.get("x-gateway-cache-source"),
                            cost=float(r.headers.get("x-gateway-cost-usd") or 0),
                            images=[hashlib.sha256((d.get("b64_json") or "").encode()).hexdigest() for d in data],
                            code=None if r.status_code == 200 else (r.json().get("error") or {}).get("code"))
             except Exception as exc:  # counted, never dropped
-                row.update(status=0, cache=None, source=None, cost=0.0, images=[], code=type(exc).__name__)
+                row.update(status=0, cache=None, source=None, cost=0.0, images=[], code=type(exc).__name__,
+                           replica=base)
             row["latency_ms"] = (time.monotonic() - started) * 1000
             rows.append(row)
 
@@ -219,20 +220,22 @@ def summarise(side: dict) -> dict:
     }
 
 
-def checks(side: dict) -> list[str]:
-    """Problems found (empty: none): a cached answer differs from the images first made for its request, was made
-    for another tenant (the audit names who made it), or was served to a request without a seed."""
+def checks(side: dict, per_replica: bool = False) -> list[str]:
+    """Problems found (empty: none): a cached answer differs from the images first made for its request (on its
+    replica, where each keeps its own folder), was made for another tenant (the audit names who made it), or was
+    served to a request without a seed."""
     tenant_of = {rec["id"]: rec.get("tenant") for rec in (json.loads(r) for _, _, r in side["audits"])}
     problems, first = [], {}
     for r in side["rows"]:
         if r["status"] != 200:
             continue
+        key = (r["replica"], r["key"]) if per_replica else r["key"]
         if not r["cache"]:
-            first.setdefault(r["key"], r["images"])
+            first.setdefault(key, r["images"])
             continue
         if not r["seeded"]:
             problems.append(f"request {r['i']}: unseeded, yet served from the cache ({r['cache']})")
-        if r["key"] in first and r["images"] != first[r["key"]]:
+        if key in first and r["images"] != first[key]:
             problems.append(f"request {r['i']}: cached images differ from the first answer for the same request")
         if tenant_of.get(r["source"]) != r["tenant"]:
             problems.append(f"request {r['i']} ({r['tenant']}): images made for {tenant_of.get(r['source'])!r}")
@@ -270,7 +273,8 @@ def main() -> int:
     for name in list(summaries)[1:]:
         on = float(summaries[name]["spend (books) $"])
         print(f"spend, {name}: {on / off - 1:+.1%} ({off:.4f} -> {on:.4f} USD)" if off else "")
-    problems = [p for name in list(sides)[1:] for p in checks(sides[name])]
+    problems = [f"{name}: {p}" for name in list(sides)[1:] for p in checks(sides[name], per_replica=name == on
+                                                                             and args.replicas > 1)]
     print(f"checks (same bytes for a cached answer, tenants apart, unseeded never cached): "
           f"{'all hold' if not problems else f'{len(problems)} problem(s)'}")
     for problem in problems[:20]:

@@ -3,6 +3,7 @@
     python benchmarks/soak.py --minutes 10 --rate 5                 # the issue-13 fault mix, one replica
     python benchmarks/soak.py --minutes 3 --rate 5 --redis-chaos    # two replicas; their Redis stopped mid-run
     python benchmarks/soak.py --minutes 2 --local --kill-worker     # a pool worker killed mid-batch
+    python benchmarks/soak.py --minutes 2 --redis-chaos --shared-cache   # and every request claims a fleet lease
     python benchmarks/soak.py --faults my_faults.yaml               # another fault mix (SandboxConfig YAML)
 
 Everything runs as real processes on this machine: `imagegw sandbox` (the four providers' wire formats,
@@ -133,6 +134,9 @@ class Fleet:
             gateway["local"]["workers"] = "process"
             gateway["local"]["warm_shapes"] = [{"width": 256, "height": 256, "steps": 4, "batch_sizes": [1]}]
         gateway["policy_reload_interval_s"] = 0
+        if getattr(self.args, "shared_cache", False):  # every request is seeded: each one claims a fleet lease
+            gateway["cache"] = {**(gateway.get("cache") or {}), "dir": str(self.work / "shared-cache"),
+                                "shared_dir": True}
         (config / "gateway.yaml").write_text(yaml.safe_dump(gateway))
         return config
 
@@ -321,6 +325,8 @@ def main() -> int:
     ap.add_argument("--faults", help="a SandboxConfig YAML (default: the issue-13 mix, ~20%% faults)")
     ap.add_argument("--redis-chaos", action="store_true", help="two replicas on a Redis stopped and restarted")
     ap.add_argument("--kill-worker", action="store_true", help="SIGKILL the pool's worker processes mid-run")
+    ap.add_argument("--shared-cache", action="store_true",
+                    help="the replicas share one result-cache folder and single flight (cache.shared_dir)")
     ap.add_argument("--local", action="store_true", help="also run the local pool (tiny preset, CPU)")
     ap.add_argument("--bria-rpm", type=float, default=1000,
                     help="Bria's requests-per-minute limit (1000: its enterprise tier; 60: pay-as-you-go)")

@@ -234,9 +234,14 @@ class ResultCache:
         if self.fleet is None or within_s <= 0:
             return None
         claimed = await self.fleet.claim_flight(key, within_s + 1.0)  # a lease outlives its maker's deadline
-        if claimed is not False:
-            if claimed:
-                self._leased.add(key)
+        if claimed is None:
+            return None
+        if claimed:  # the lease was free: made and landed meanwhile, or never asked for
+            found = await self._lookup(key)  # a maker stores its entry before it releases its lease
+            if found is not None:
+                await self.fleet.release_flight(key)
+                return found
+            self._leased.add(key)
             return None
         deadline = time.monotonic() + within_s
         while time.monotonic() < deadline and await self.fleet.flight_held(key):
