@@ -9,8 +9,8 @@ answered as base64 or as a URL alike.
 
 On disk, under `cache.dir` in the data folder: `<key>.json` (what was served, by whom, at what cost) and
 `<key>.<i>` per image, written under temporary names and moved in place (a reader never sees half an entry).
-Entries expire after `cache.ttl_s`; past `cache.max_bytes` the least recently used go first (each replica counts
-the entries it knows of).
+Entries expire after `cache.ttl_s`; past `cache.max_bytes` the least recently used go first (by the meta file's
+time of last use, so replicas sharing a folder agree on it).
 
 Each replica keeps its own folder unless `cache.shared_dir` says `cache.dir` is on storage they all share. Then a
 replica looks on disk for entries the others made, and single flight spans the fleet through the state store
@@ -82,6 +82,8 @@ class _Flight:
 class ResultCache:
     # How often a request waits on another replica's generation checks whether it has landed.
     FLEET_POLL_S = 0.05
+    # In a shared folder, how stale this replica's view of the entries may be when it evicts (others add them).
+    RESCAN_S = 60.0
 
     def __init__(self, folder: Path, *, max_bytes: int, ttl_s: float, unseeded: bool = False,
                  shared_across_tenants: bool = False, single_flight: bool = True, enabled: bool = True,
@@ -96,6 +98,7 @@ class ResultCache:
         self._leased: set[str] = set()  # keys this replica leads for the fleet
         self._releases: set[asyncio.Task] = set()
         self._index: dict[str, tuple[float, int]] | None = None  # key -> (last use, bytes), loaded at first use
+        self._scanned = 0.0  # when the index was last read from the folder
         self._flights: dict[str, _Flight] = {}
         self.hits = self.shared_hits = self.misses = 0
         self.saved_usd = 0.0
@@ -135,8 +138,11 @@ class ResultCache:
     def _meta(self, key: str) -> Path:
         return self.folder / f"{key}.json"
 
-    def _load_index(self) -> dict[str, tuple[float, int]]:
+    def _load_index(self, rescan: bool = False) -> dict[str, tuple[float, int]]:
+        if rescan and time.monotonic() - self._scanned > self.RESCAN_S:
+            self._index = None  # what the other replicas made and used meanwhile counts towards max_bytes
         if self._index is None:
+            self._scanned = time.monotonic()
             index = {}
             for meta in self.folder.glob("*.json") if self.folder.is_dir() else ():
                 with contextlib.suppress(OSError, ValueError):
@@ -166,7 +172,7 @@ class ResultCache:
 
     def _write(self, key: str, result: CachedResult) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        index = self._load_index()
+        index = self._load_index(rescan=self.shared_dir)  # a write may evict: know what the others hold
         total = 0
         suffix = f".tmp-{uuid.uuid4().hex[:12]}"  # unique across the replicas of a shared folder
         for i, image in enumerate(result.images):
@@ -181,7 +187,9 @@ class ResultCache:
         tmp = self.folder / f"{key}.json{suffix}"
         tmp.write_text(json.dumps(info))
         os.replace(tmp, self._meta(key))  # last: an entry exists only once its images do
-        index[key] = (self._clock(), total)
+        now = self._clock()
+        os.utime(self._meta(key), (now, now))  # last use, on the clock every replica reads it by
+        index[key] = (now, total)
         self._evict(index)
 
     def _evict(self, index: dict[str, tuple[float, int]]) -> None:

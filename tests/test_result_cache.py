@@ -288,3 +288,21 @@ async def test_a_replica_that_finds_the_lease_free_serves_the_entry_landed_meanw
     assert not await b.fleet.flight_held("k")
     await a.fleet.close()
     await b.fleet.close()
+
+
+def test_replicas_sharing_a_folder_keep_it_under_the_size_cap_together(tmp_path):
+    now = [1000.0]
+    a, b = (ResultCache(tmp_path, max_bytes=2500, ttl_s=10**6, shared_dir=True, clock=lambda: now[0])
+            for _ in range(2))
+    a.RESCAN_S = b.RESCAN_S = 0.0  # every write looks at the folder afresh (60 s by default)
+
+    async def scenario():
+        assert await b.get("x") is None  # b has looked at the (empty) folder
+        for key in ("a1", "a2"):
+            await a.put(key, _entry(1, 1000))
+            now[0] += 1
+        await b.put("b1", _entry(1, 1000))  # 3000 bytes in the folder: the least recently used (a1) goes
+        assert sorted(p.name for p in tmp_path.glob("*.json")) == ["a2.json", "b1.json"]
+        assert (await a.get("b1")) is not None  # and a serves what b made
+
+    asyncio.run(scenario())
