@@ -235,26 +235,27 @@ class ResultCache:
             self._releases.add(task)
             task.add_done_callback(self._releases.discard)
 
-    async def from_fleet(self, key: str, within_s: float) -> CachedResult | None:
+    async def from_fleet(self, key: str, within_s: float) -> tuple[CachedResult | None, str]:
         """For the first of identical requests on this replica: the images another replica is making for the
-        same key (it holds the lease), waited for at most `within_s`; None when this replica leads (it then
-        makes them and `land`s them), when nobody answers for the fleet, or when the other replica failed."""
+        same key (it holds the lease), waited for at most `within_s`, as (images, "shared"); or (images, "hit")
+        when they landed just before. (None, "") when this replica leads (it then makes them and `land`s them),
+        when nobody answers for the fleet, or when the other replica failed."""
         if self.fleet is None or within_s <= 0:
-            return None
+            return None, ""
         claimed = await self.fleet.claim_flight(key, within_s + 1.0)  # a lease outlives its maker's deadline
         if claimed is None:
-            return None
+            return None, ""
         if claimed:  # the lease was free: made and landed meanwhile, or never asked for
             found = await self._lookup(key)  # a maker stores its entry before it releases its lease
             if found is not None:
                 await self.fleet.release_flight(key)
-                return found
+                return found, "hit"
             self._leased.add(key)
-            return None
+            return None, ""
         deadline = time.monotonic() + within_s
         while time.monotonic() < deadline and await self.fleet.flight_held(key):
             await asyncio.sleep(self.FLEET_POLL_S)
-        return await self._lookup(key)
+        return await self._lookup(key), "shared"
 
     def served(self, kind: str, saved_usd: float) -> None:
         """Count an answer given from an identical request's images (`hit` or `shared`)."""

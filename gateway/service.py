@@ -163,9 +163,9 @@ class GenerationService:
                 raise _no_candidate(decision, self._retry_after)
             if leads:  # first here: another replica may be making the same images
                 left_s = ctx.received_mono + decision.serve_within_ms / 1000 - time.monotonic()
-                made = await self.results.from_fleet(key, left_s)
+                made, kind = await self.results.from_fleet(key, left_s)
                 if made is not None:  # this replica's followers get them too
-                    return await self._serve_cached(made, "shared", req, ctx, entry, record)
+                    return await self._serve_cached(made, kind, req, ctx, entry, record)
             decision, reservation = await self._within_budget(route, policy, snapshot, decision, ctx)
             record.decision = decision
             deadline = ctx.received_mono + decision.serve_within_ms / 1000  # the SLA, or a best effort's need

@@ -279,12 +279,12 @@ async def test_a_replica_that_finds_the_lease_free_serves_the_entry_landed_meanw
     a, b = (ResultCache(tmp_path, max_bytes=10**6, ttl_s=60, shared_dir=True,
                         fleet=RedisStore(aioredis.Redis.from_url(REDIS_URL), namespace, replica_id=r)) for r in "ab")
     assert await b.get("k") is None  # b looks first: a miss
-    assert await a.from_fleet("k", 5) is None  # a leads, makes the images, stores them and lets go
+    assert await a.from_fleet("k", 5) == (None, "")  # a leads, makes the images, stores them and lets go
     await a.put("k", _entry(1, 10))
     a.land("k", None)
     await asyncio.sleep(0.05)
-    found = await b.from_fleet("k", 5)  # b got in just after: the lease is free, the entry is there
-    assert found is not None and found.made_by == "id1"
+    found, kind = await b.from_fleet("k", 5)  # b got in just after: the lease is free, the entry is there
+    assert kind == "hit" and found.made_by == "id1"
     assert not await b.fleet.flight_held("k")
     await a.fleet.close()
     await b.fleet.close()
