@@ -252,7 +252,7 @@ def main() -> int:
     ap.add_argument("--replicas", type=int, choices=(1, 2), default=1, help="gateways per side (2: on one Redis)")
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args()
-    args.redis_chaos = args.local = args.kill_worker = False
+    args.redis_chaos = args.local = args.kill_worker = args.shared_cache = False  # CacheFleet sets its own cache
     args.bria_rpm = 1000
     asks = workload(args)
     on = "cache on, a folder each" if args.replicas > 1 else "cache on"

@@ -134,7 +134,7 @@ class Fleet:
             gateway["local"]["workers"] = "process"
             gateway["local"]["warm_shapes"] = [{"width": 256, "height": 256, "steps": 4, "batch_sizes": [1]}]
         gateway["policy_reload_interval_s"] = 0
-        if getattr(self.args, "shared_cache", False):  # every request is seeded: each one claims a fleet lease
+        if self.args.shared_cache:  # every request is seeded: each one claims a fleet lease
             gateway["cache"] = {**(gateway.get("cache") or {}), "dir": str(self.work / "shared-cache"),
                                 "shared_dir": True}
         (config / "gateway.yaml").write_text(yaml.safe_dump(gateway))

@@ -227,6 +227,7 @@ def assemble(settings: Settings, policy: Policy, backends: Mapping[str, Backend]
                                 guards=built.guards, store=store, redact=redactor, results=results)
     sync = StateSync(store, service.snapshots.stats, built.guards, settings.state_sync_interval_s)
     registry.on_apply = lambda entry: sync.spawn(store.publish_policy(_policy_payload(entry)))
+    results.spawn = sync.spawn  # a fleet lease is released off the request path
     local = built.backends.get("local")
     metrics = Metrics(built.guards, lambda: local.load().pool if local is not None else None,
                       lambda: audit.backlog, lambda: store.degraded, lambda: _budget_use(registry, sync))

@@ -31,6 +31,7 @@ import re
 import time
 import unicodedata
 import uuid
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,7 +97,9 @@ class ResultCache:
         self.fleet = fleet if shared_dir and single_flight else None  # a StateStore leasing keys to replicas
         self._clock = clock
         self._leased: set[str] = set()  # keys this replica leads for the fleet
-        self._releases: set[asyncio.Task] = set()
+        # Runs a store call off the request path (StateSync.spawn, which also drains them at shutdown); without
+        # one a lease is left to expire.
+        self.spawn: Callable[[Coroutine], None] | None = None
         self._index: dict[str, tuple[float, int]] | None = None  # key -> (last use, bytes), loaded at first use
         self._scanned = 0.0  # when the index was last read from the folder
         self._flights: dict[str, _Flight] = {}
@@ -231,9 +234,8 @@ class ResultCache:
             flight.done.set_result(result)
         if key in self._leased:
             self._leased.discard(key)
-            task = asyncio.get_running_loop().create_task(self.fleet.release_flight(key))
-            self._releases.add(task)
-            task.add_done_callback(self._releases.discard)
+            if self.spawn is not None:
+                self.spawn(self.fleet.release_flight(key))
 
     async def from_fleet(self, key: str, within_s: float) -> tuple[CachedResult | None, str]:
         """For the first of identical requests on this replica: the images another replica is making for the

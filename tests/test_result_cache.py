@@ -274,10 +274,13 @@ async def test_a_replica_that_finds_the_lease_free_serves_the_entry_landed_meanw
     import redis.asyncio as aioredis
 
     from gateway.state_redis import RedisStore
+    from gateway.state_sync import StateSync
+    from gateway.stats import OutcomeStats
 
     namespace = f"test-{uuid.uuid4().hex[:10]}"
     a, b = (ResultCache(tmp_path, max_bytes=10**6, ttl_s=60, shared_dir=True,
                         fleet=RedisStore(aioredis.Redis.from_url(REDIS_URL), namespace, replica_id=r)) for r in "ab")
+    a.spawn = StateSync(a.fleet, OutcomeStats(), {}).spawn  # as the gateway wires it
     assert await b.get("k") is None  # b looks first: a miss
     assert await a.from_fleet("k", 5) == (None, "")  # a leads, makes the images, stores them and lets go
     await a.put("k", _entry(1, 10))
