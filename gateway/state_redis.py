@@ -11,6 +11,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 
+from . import tasks
 from .ledger import SpendLedger
 from .state import MemoryStore, Reservation, StateStore, period_keys
 
@@ -384,8 +385,6 @@ class RedisStore(StateStore):
 
     async def close(self):
         for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            await tasks.stop(task)  # pubsub can swallow a cancellation like any Redis call
         with contextlib.suppress(Exception):
             await self._redis.aclose()

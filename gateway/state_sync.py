@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Mapping
 
+from . import tasks
 from .guard import BackendGuard
 from .state import StateStore
 from .stats import OutcomeStats
@@ -81,10 +82,7 @@ class StateSync:
             await asyncio.sleep(self.interval_s)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await tasks.stop(self._task)  # a cancellation a store call swallowed must not hang the shutdown
         if self._pending:
             await asyncio.gather(*self._pending, return_exceptions=True)
         with contextlib.suppress(Exception):

@@ -70,7 +70,10 @@ class RunningServer:
             self.server.force_exit = True
             self.thread.join(timeout=15)
         if self.thread.is_alive():
-            print(f"\n[conftest] the server on port {self.port} did not stop within 45 s")
+            import warnings  # listed in pytest's summary (a teardown's print is shown only if its test fails)
+
+            warnings.warn(f"the server on port {self.port} did not stop within 45 s: its shutdown hangs",
+                          stacklevel=2)
 
 
 @pytest.fixture
@@ -133,6 +136,11 @@ def pytest_sessionfinish(session, exitstatus):
         names = "\n  ".join(f"{t.name}{' (daemon)' if t.daemon else ''}: {_THREAD_ORIGIN.get(t.ident, '?')}"
                              for t in left)
         print(f"\n[conftest] threads alive at the end of the session:\n  {names}")
+        if any(t.name.endswith("(run)") for t in left):  # a server still running: show where it is stuck
+            import faulthandler
+            import sys
+
+            faulthandler.dump_traceback(file=sys.__stderr__, all_threads=True)
     session.config._imagegw_exitstatus = int(exitstatus)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 
@@ -189,3 +190,48 @@ def test_budget_use_is_a_metric(settings, serve):
         text = httpx.get(server.base_url + "/metrics").text
     assert 'imagegw_budget_spend_usd{period="day",tenant="anonymous"} 0.024' in text
     assert 'imagegw_budget_used_ratio{period="day",tenant="anonymous"} 0.024' in text
+
+
+async def test_a_shutdown_ends_the_sync_loop_even_when_a_store_call_swallowed_its_cancellation():
+    """A cancellation absorbed below the loop (a Redis call that ends in an error the store answers from its local
+    view) leaves the loop running: shutdown must still end it, or it waits forever."""
+    from gateway.state_sync import StateSync
+    from gateway.stats import OutcomeStats
+
+    class SwallowsOneCancellation(MemoryStore):
+        swallowed = 0
+
+        async def tick(self, now):
+            if not self.swallowed:
+                try:
+                    await asyncio.sleep(30)
+                except asyncio.CancelledError:
+                    self.swallowed += 1  # and carry on, as the store's outage fallback does
+
+    store = SwallowsOneCancellation()
+    sync = StateSync(store, OutcomeStats(), {}, interval_s=0.01)
+    await sync.start()
+    await asyncio.sleep(0.05)
+    closing = asyncio.create_task(sync.close())
+    done, _ = await asyncio.wait({closing}, timeout=3)  # waits without cancelling: a cancel would end the loop
+    if not done:
+        closing.cancel()
+    assert closing in done and store.swallowed == 1 and sync._task.done()
+
+
+async def test_stopping_a_task_that_ignores_every_cancellation_gives_up_after_its_bound(caplog):
+    from gateway.tasks import stop
+
+    release = asyncio.Event()
+
+    async def stubborn():
+        while not release.is_set():
+            with contextlib.suppress(asyncio.CancelledError):  # every cancellation absorbed
+                await asyncio.sleep(1)
+
+    task = asyncio.create_task(stubborn(), name="stubborn")
+    await asyncio.sleep(0)
+    assert await stop(task, within_s=0.2) is False
+    assert "stubborn did not stop within 0.2 s" in caplog.text
+    release.set()
+    assert await stop(task, within_s=2) is True  # once it lets go, it ends
