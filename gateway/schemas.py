@@ -18,7 +18,7 @@ DEFAULT_SIZE = "1024x1024"
 def parse_size(size: str) -> tuple[int, int]:
     m = _SIZE.match(size)
     if not m:
-        raise ValueError("size must be 'WIDTHxHEIGHT', e.g. '1024x1024'")
+        raise ValueError("size must be 'WIDTHxHEIGHT' in pixels, each side 2 to 5 digits, e.g. '1024x1024'")
     return int(m.group(1)), int(m.group(2))
 
 
