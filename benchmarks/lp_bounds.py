@@ -18,7 +18,14 @@ cheaper than the pool's late run, and a tier the pool may not serve must pay an 
 `max_sla_met`: the LP's most SLA-met requests (an upper bound on the expected attainment of any router).
 `min_cost`: the least total cost (the reserved GPUs plus API bills) of serving at least `met` of them in time.
 
-Run: .venv/bin/python benchmarks/lp_bounds.py [--trace tight_drafts] [--rate 2.0] [--duration 1800]
+How loose the fluid pool makes it (`--replay`): the LP's cheapest solution at 99% (at its maximum where 99% is out of
+reach), rounded to one choice per request, is replayed in the simulator, where a batch runs to its end once started
+and batches form only from the jobs queued together. The pool runs the plan's jobs earliest deadline first; the
+requests the plan gives up are refused. "+fallback": a planned pool job that falls behind is given back to the API
+decide() ranks next, while that one can still make the SLA. A plan that cannot be executed in time says the bound
+is below what any non-pre-emptive pool could reach; it does not say by how much.
+
+Run: .venv/bin/python benchmarks/lp_bounds.py [--traces tight_drafts] [--rates 2.0] [--duration 1800] [--replay]
 """
 
 from __future__ import annotations
@@ -36,11 +43,11 @@ from scipy.optimize import linprog  # noqa: E402
 from scipy.sparse import coo_matrix, vstack  # noqa: E402
 
 from policies.schema import Policy  # noqa: E402
-from policies.simulate import World  # noqa: E402
+from policies.simulate import Strategy, World, simulate  # noqa: E402
 from policies.traces import TraceRequest  # noqa: E402
 from policies.types import RouteRequest  # noqa: E402
 
-__all__ = ["Bounds", "bounds", "window_lengths"]
+__all__ = ["Bounds", "bounds", "plan", "window_lengths"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +79,7 @@ class _Model:
         pool, self.trace = world.pool, trace
         apis = [a for a in world.apis if a.name in policy.backends]
         self.cost, self.hit, owner = [], [], []  # per variable: its cost, its chance of meeting the SLA, its request
+        self.choice: list[tuple[str, ...]] = []  # per variable: the backends it starts (() = late on the pool)
         self.pool_vars: list[tuple[int, int, int, float]] = []  # (variable, arrival step, deadline step, seconds)
         local = policy.backends.get("local")
         for i, r in enumerate(trace):
@@ -83,10 +91,12 @@ class _Model:
                 seconds = self._pool_seconds(pool, r, steps, sla_s)
                 if local.quality_at(steps) >= tier.min_quality:
                     self.cost.append(0.0), self.hit.append(0.0), owner.append(i)  # late on the pool: free
+                    self.choice.append(())
                     if seconds is not None:
                         self.pool_vars.append((len(self.cost), math.floor(r.t / step_s),
                                                math.ceil((r.t + sla_s) / step_s), seconds))
                         self.cost.append(0.0), self.hit.append(1.0), owner.append(i)
+                        self.choice.append(("local",))
             eligible = [a for a in apis if policy.backends[a.name].enabled and r.n <= a.max_n
                         and policy.backends[a.name].best_quality >= tier.min_quality]
             for size in range(1, len(eligible) + 1):
@@ -94,6 +104,7 @@ class _Model:
                     miss = math.prod(1 - a.p_within(sla_s) for a in subset)
                     usd = sum(policy.backends[a.name].price_per_image(route.megapixels, None, None) for a in subset)
                     self.cost.append(usd * r.n), self.hit.append(1 - miss), owner.append(i)
+                    self.choice.append(tuple(a.name for a in subset))
         self.owner = np.array(owner)
         self.step_s = step_s
         self.gpus = pool.gpus if pool else 0
@@ -159,10 +170,10 @@ class _Model:
         return coo_matrix((0, nvar)).tocsr(), np.zeros(0), a_eq.tocsr(), np.ones(len(self.trace)), nvar
 
 
-def bounds(trace: list[TraceRequest], policy: Policy, world: World, *, met: float | None = None,
-           step_s: float = 1.0) -> Bounds:
-    """Both LPs on one trace; `met` (requests within SLA) defaults to the LP's own maximum."""
-    trace = sorted(trace, key=lambda r: r.t)
+def _solve(trace: list[TraceRequest], policy: Policy, world: World, met: float | None, step_s: float, *,
+           cap: bool = False):
+    """Both LPs: (the model, the most requests met, the cheapest solution at `met`; None where `met` is out of
+    reach, unless `cap`: then at the LP's maximum)."""
     model = _Model(trace, policy, world, step_s)
     a_ub, b_ub, a_eq, b_eq, total = model.constraints()
     hit = np.zeros(total)
@@ -175,10 +186,51 @@ def bounds(trace: list[TraceRequest], policy: Policy, world: World, *, met: floa
         raise RuntimeError(f"the attainment LP failed: {best.message}")
     max_met = -best.fun
     want = max_met if met is None else met
-    cheapest = linprog(cost, A_ub=vstack([a_ub, -hit.reshape(1, -1)]), b_ub=np.append(b_ub, -min(want, max_met)),
+    floor = min(want, max_met - 1e-6 * max_met)  # at the maximum exactly, HiGHS may call it infeasible by a hair
+    cheapest = linprog(cost, A_ub=vstack([a_ub, -hit.reshape(1, -1)]), b_ub=np.append(b_ub, -floor),
                        A_eq=a_eq, b_eq=b_eq, bounds=box, method="highs")
-    min_cost = model.gpu_usd + cheapest.fun if cheapest.status == 0 and want <= max_met + 1e-6 else None
-    return Bounds(len(trace), max_met, min_cost, want, model.gpu_usd)
+    return model, max_met, cheapest if cheapest.status == 0 and (cap or want <= max_met + 1e-6) else None
+
+
+def bounds(trace: list[TraceRequest], policy: Policy, world: World, *, met: float | None = None,
+           step_s: float = 1.0) -> Bounds:
+    """Both LPs on one trace; `met` (requests within SLA) defaults to the LP's own maximum."""
+    return _bounds_and_plan(trace, policy, world, met, step_s)[0]
+
+
+def plan(trace: list[TraceRequest], policy: Policy, world: World, *, met: float | None = None,
+         step_s: float = 1.0) -> tuple[Bounds, list[tuple[str, ...]]]:
+    """The bounds, and the cheapest LP solution at `met` (at most the LP's maximum) rounded: for each request in
+    time order its largest choice, the backends it starts at once (() where the LP gives it up). An offline plan
+    to replay in the simulator (`Strategy.plan`), where the pool cannot pre-empt."""
+    return _bounds_and_plan(trace, policy, world, met, step_s, as_plan=True)
+
+
+def _bounds_and_plan(trace, policy, world, met, step_s, as_plan=False):
+    trace = sorted(trace, key=lambda r: r.t)
+    model, max_met, cheapest = _solve(trace, policy, world, met, step_s, cap=as_plan)
+    met = max_met if met is None else min(met, max_met) if as_plan else met
+    min_cost = model.gpu_usd + cheapest.fun if cheapest is not None else None
+    b = Bounds(len(trace), max_met, min_cost, met, model.gpu_usd)
+    if cheapest is None or not as_plan:
+        return b, None
+    best: dict[int, tuple[float, tuple[str, ...]]] = {}
+    for var, (i, share) in enumerate(zip(model.owner, cheapest.x[: len(model.cost)], strict=True)):
+        if i not in best or share > best[i][0]:
+            best[i] = (share, model.choice[var])
+    return b, [best[i][1] for i in range(len(trace))]
+
+
+def replay(trace: list[TraceRequest], policy: Policy, world: World, planned: list[tuple[str, ...]],
+           *, fallback: bool = False, seed: int = 1) -> dict:
+    """The simulator's summary of `planned` run as it stands: no reservation, every tier served late rather than
+    refused (the plan, not the policy, decides who is given up)."""
+    data = policy.model_dump(mode="json")
+    data["reserve_pool"] = False
+    for tier in data["tiers"].values():
+        tier["on_no_candidate"] = "best_effort"
+    strategy = Strategy("the LP's plan", Policy.model_validate(data), plan=planned, plan_fallback=fallback)
+    return simulate(trace, strategy, world, seed=seed).summary()
 
 
 def main() -> None:
@@ -195,23 +247,43 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=1800)
     p.add_argument("--gpus", type=int, default=2)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--replay", action="store_true", help="replay the LP's plan in the simulator (see above)")
     args = p.parse_args()
     policy = economics.load_policy()
     w = economics.world(args.gpus)
-    print("| rate/s | trace | requests | SLA upper bound | least cost at it | least cost at 99% | DP bound | LP s |")
-    print("|---|---|---|---|---|---|---|---|")
+    extra = (" ours: SLA (drafts), vs DP bound | the LP's plan replayed: SLA (drafts), vs DP bound, GPU util "
+             "| +fallback: SLA (drafts), vs DP bound |") if args.replay else ""
+    print("| rate/s | trace | requests | SLA upper bound | least cost at it | least cost at 99% | DP bound | LP s |"
+          + extra)
+    print("|---|---|---|---|---|---|---|---|" + ("---|---|---|" if args.replay else ""))
     for rate in (float(x) for x in args.rates.split(",")):
         for kind in args.traces.split(","):
             trace = synthetic(kind, args.duration, rate, args.seed)
             started = time.perf_counter()
             top = bounds(trace, policy, w)
-            at99 = bounds(trace, policy, w, met=0.99 * len(trace))
+            at99, planned = plan(trace, policy, w, met=0.99 * len(trace))  # at the LP's maximum where out of reach
             spent = time.perf_counter() - started
-            at99_usd = f"{at99.min_cost_usd:.2f}" if at99.min_cost_usd is not None else "unreachable"
-            print(f"| {rate} | {kind} | {top.requests} | {top.max_attainment:.2%} | {top.min_cost_usd:.2f} "
-                  f"| {at99_usd} | {economics.lower_bound(trace, policy, w):.2f} | {spent:.1f} |", flush=True)
+            at99_usd = f"{at99.min_cost_usd:.2f}" if at99.met >= 0.99 * len(trace) - 1e-6 else "unreachable"
+            dp = economics.lower_bound(trace, policy, w)
+            row = (f"| {rate} | {kind} | {top.requests} | {top.max_attainment:.2%} | {top.min_cost_usd:.2f} "
+                   f"| {at99_usd} | {dp:.2f} | {spent:.1f} |")
+            if args.replay:
+                ours = simulate(trace, policy, w, seed=args.seed).summary()
+                cells = [_replayed(ours, dp)]
+                for fallback in (False, True):
+                    got = replay(trace, policy, w, planned, fallback=fallback, seed=args.seed)
+                    util = "" if fallback else f", {got['gpu_utilisation']:.0%}"
+                    cells.append(_replayed(got, dp) + util)
+                row += " " + " | ".join(cells) + " |"
+            print(row, flush=True)
     print(f"\ncommand: .venv/bin/python benchmarks/lp_bounds.py --traces {args.traces} --rates {args.rates} "
-          f"--duration {args.duration:.0f} --gpus {args.gpus} --seed {args.seed}")
+          f"--duration {args.duration:.0f} --gpus {args.gpus} --seed {args.seed}{' --replay' if args.replay else ''}")
+
+
+def _replayed(summary: dict, bound_usd: float) -> str:
+    drafts = summary["sla_by_tier"].get("draft")
+    of_drafts = f" ({drafts:.1%})" if drafts is not None else ""
+    return f"{summary['sla_attainment']:.2%}{of_drafts}, {summary['total_cost_usd'] / bound_usd - 1:+.1%}"
 
 
 if __name__ == "__main__":

@@ -12,11 +12,12 @@ busy or idle; this is the local pool's real cost).
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 import random
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from .batching import ArrivalRate, QueuedJob, SLABatcher
@@ -92,6 +93,10 @@ class Strategy:
     queue_blind: bool = False  # routes as if the pool never had work queued (as gateways without a queue model)
     recent_latency: bool = False  # predicts each backend by its recent observed latency (EWMA), nothing else
     late_binding: bool = True  # the pool may give back a tentative job (policies.batching); off: bound at arrival
+    # An offline plan replayed instead of decide()'s order: for each request of the trace in time order, the backends
+    # started at once (() refuses it). Each is still predicted by decide() (named as the request's backend).
+    plan: Sequence[tuple[str, ...]] | None = None
+    plan_fallback: bool = False  # a planned pool job may still be given back to decide()'s other candidates
 
 
 @dataclass(slots=True)
@@ -178,6 +183,7 @@ def _pct(values: list[float], q: float) -> float | None:
 class _Sim:
     def __init__(self, trace, strategy: Strategy, world: World, seed: int):
         self.trace, self.strategy, self.world = trace, strategy, world
+        self.order = {id(r): i for i, r in enumerate(trace)}  # a request's place in the trace (Strategy.plan)
         self.policy = strategy.policy
         self.rng = random.Random(seed)
         self.now = 0.0
@@ -274,6 +280,9 @@ class _Sim:
         self.outcomes.append(outcome)
         if self.strategy.tweak is not None:
             route = self.strategy.tweak(route, self.rng)
+        if self.strategy.plan is not None:
+            self.start_planned(outcome, route, self.strategy.plan[self.order[id(req)]])
+            return
         snapshot = self.snapshot()
         decision = decide(route, self.policy, snapshot)
         outcome.serve_within_ms = decision.serve_within_ms
@@ -287,6 +296,28 @@ class _Sim:
             self.push(self.now + first.predicted_latency_ms / 1000, "hedge", outcome)
             candidates = [first]
         self.attempt(outcome, candidates)
+
+    def start_planned(self, outcome: Outcome, route: RouteRequest, backends: tuple[str, ...]) -> None:
+        """An offline plan's choice for this request: its backends started at once, none (refused) when it
+        gives the request up. With `plan_fallback`, a lone pool job keeps decide()'s first other candidate."""
+        candidates = []
+        for name in backends:
+            decision = decide(dataclasses.replace(route, backend=name), self.policy, self.snapshot())
+            candidates += [c for c in decision.candidates if c.backend == name]
+            if name == "local":
+                outcome.serve_within_ms = decision.serve_within_ms
+        if len(candidates) > 1:  # started together: the first success wins, the others are charged
+            outcome.race = _Race(partner=None, rest=[], running=list(candidates))
+        rest = []
+        if self.strategy.plan_fallback and [c.backend for c in candidates] == ["local"]:
+            snapshot = self.snapshot()
+            rest = [c for c in decide(route, self.policy, snapshot).candidates if c.backend != "local"][:1]
+            if rest:  # due by its SLA; given back while the fallback can still make it at its p99, as decide() sets
+                p99 = snapshot.get(rest[0].backend).latency.p99_ms
+                candidates[0].start_within_ms = max(0.0, outcome.sla_ms - p99)
+                outcome.serve_within_ms = None
+        for candidate in candidates or [None]:
+            self.attempt(outcome, [candidate, *rest] if candidate else [])
 
     def start_partner(self, outcome: Outcome) -> None:
         race = outcome.race

@@ -47,3 +47,28 @@ def test_the_lp_bounds_what_our_router_achieves_and_pays_on_a_trace():
     everyone_late = lp_bounds.bounds(trace, POLICY, world, met=0)  # still pays an API for what the pool may not do
     premium = [r for r in trace if r.tier == "premium"]
     assert everyone_late.min_cost_usd >= top.gpu_usd + 0.024 * sum(r.n for r in premium) - 1e-9
+
+
+def test_the_lps_plan_meets_in_full_what_a_pool_that_cannot_pre_empt_misses():
+    """Its fluid pool fits a 5 s draft beside an 8-image batch; a real one must finish the batch first."""
+    world = economics.world(1)
+    trace = [TraceRequest(t=0.0, tier="standard", sla_ms=20_000, n=8), TraceRequest(t=0.5, tier="draft", sla_ms=5_000)]
+    b, planned = lp_bounds.plan(trace, POLICY, world, met=2)
+    assert b.max_sla_met == pytest.approx(2) and planned == [("local",), ("local",)]
+    replayed = lp_bounds.replay(trace, POLICY, world, planned)
+    assert replayed["sla_by_tier"] == {"standard": 1.0, "draft": 0.0}  # the draft waits out the running batch
+
+
+def test_the_plan_names_for_each_request_the_backends_its_lp_chose_and_gives_up_no_more_than_it_may():
+    world = economics.world(2)
+    trace = synthetic("tight_drafts", 600, 1.0, seed=3)
+    b, planned = lp_bounds.plan(trace, POLICY, world, met=0.99 * len(trace))
+    assert len(planned) == len(trace) and b.met == pytest.approx(0.99 * len(trace))
+    names = {a.name for a in world.apis} | {"local"}
+    assert all(set(choice) <= names for choice in planned)
+    assert sum(choice == () for choice in planned) <= 0.02 * len(trace)  # rounding may give up a few more
+    premium = [choice for r, choice in zip(sorted(trace, key=lambda r: r.t), planned, strict=True)
+               if r.tier == "premium" and choice]
+    assert premium and all("local" not in choice for choice in premium)  # the pool's quality is below premium's
+    b_beyond, planned_beyond = lp_bounds.plan(trace, POLICY, world, met=len(trace) + 1)  # out of reach: its maximum
+    assert b_beyond.met == pytest.approx(b_beyond.max_sla_met) and len(planned_beyond) == len(trace)

@@ -339,3 +339,30 @@ def test_where_the_pool_is_short_the_work_that_saves_least_per_gpu_second_goes_e
     assert priced["sla_attainment"] > plain["sla_attainment"] + 0.005
     assert priced["sla_attainment"] >= 0.99 > plain["sla_attainment"]
     assert priced["total_cost_usd"] < plain["total_cost_usd"]
+
+
+def test_an_offline_plan_is_replayed_as_written_each_request_on_the_backends_it_names():
+    sure = World(tuple(ApiModel(a.name, a.p50_ms, a.p95_ms) for a in WORLD.apis), WORLD.pool)  # no failures
+    trace = [TraceRequest(t=i * 20.0, tier="standard", sla_ms=30_000, n=2) for i in range(4)]
+    planned = [("local",), ("seedream",), ("reve", "seedream"), ()]
+    result = simulate(trace, Strategy("plan", POLICY, plan=planned), sure, seed=1)
+    local, one, both, refused = result.outcomes
+    price = {name: POLICY.backends[name].price_per_image(1.048576, None, None) * 2 for name in ("reve", "seedream")}
+    assert local.backend == "local" and local.cost_usd < 0.01
+    assert one.backend == "seedream" and one.cost_usd == pytest.approx(price["seedream"])
+    assert both.backend in ("reve", "seedream") and both.cost_usd == pytest.approx(sum(price.values()))  # both paid
+    assert refused.backend is None and refused.attempts == 0
+    assert result.summary()["api_spend_usd"] == pytest.approx(one.cost_usd + both.cost_usd, abs=1e-4)
+
+
+def test_a_planned_pool_job_that_falls_behind_is_given_back_only_when_the_replay_allows_a_fallback():
+    data = POLICY.model_dump(mode="json")
+    data["tiers"]["standard"]["on_no_candidate"] = "best_effort"  # predicted late, still sent where planned
+    policy = Policy.model_validate(data)
+    burst = [TraceRequest(t=0.0, tier="standard", sla_ms=30_000, n=8) for _ in range(6)]  # ~47 s of one GPU
+    pinned = simulate(burst, Strategy("plan", policy, plan=[("local",)] * 6), WORLD, seed=1).summary()
+    assert pinned["backend_mix"] == {"local": 6} and pinned["sla_attainment"] < 0.7
+    rescued = simulate(burst, Strategy("plan", policy, plan=[("local",)] * 6, plan_fallback=True), WORLD,
+                       seed=1).summary()
+    assert rescued["pool_released"] >= 2 and rescued["backend_mix"]["local"] <= 4
+    assert rescued["sla_attainment"] > pinned["sla_attainment"]
