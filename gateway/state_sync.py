@@ -34,6 +34,7 @@ class StateSync:
         self.spend: dict[str, dict[str, float]] = {}  # last pulled per-tenant spend (for metrics)
         self._task: asyncio.Task | None = None
         self._pending: set[asyncio.Task] = set()
+        self.pending_within_s = 5.0  # how long close() lets one-shot store calls land before stopping them
         self._outcomes: list[tuple[str, float, bool, float]] = []
         for name, guard in guards.items():
             guard.ejector.on_eject = lambda seconds, reason, name=name: self.spawn(
@@ -83,8 +84,10 @@ class StateSync:
 
     async def close(self) -> None:
         await tasks.stop(self._task)  # a cancellation a store call swallowed must not hang the shutdown
-        if self._pending:
-            await asyncio.gather(*self._pending, return_exceptions=True)
+        if self._pending:  # one-shot store calls (ejections): they land unless Redis hangs past the bound
+            _, late = await asyncio.wait(set(self._pending), timeout=self.pending_within_s)
+            for task in late:
+                await tasks.stop(task, within_s=1.0)
         with contextlib.suppress(Exception):
             await self.flush()
         with contextlib.suppress(Exception):

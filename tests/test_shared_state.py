@@ -235,3 +235,41 @@ async def test_stopping_a_task_that_ignores_every_cancellation_gives_up_after_it
     assert "stubborn did not stop within 0.2 s" in caplog.text
     release.set()
     assert await stop(task, within_s=2) is True  # once it lets go, it ends
+
+
+async def test_a_shutdown_waits_for_a_pending_ejection_only_so_long_when_the_store_hangs():
+    from gateway.state_sync import StateSync
+    from gateway.stats import OutcomeStats
+
+    release = asyncio.Event()
+
+    class HangsOnEject(MemoryStore):
+        async def eject(self, backend, seconds, reason):
+            while not release.is_set():
+                with contextlib.suppress(asyncio.CancelledError):  # a hung call that absorbs cancellation
+                    await asyncio.sleep(0.05)
+
+    class SlowToEject(MemoryStore):
+        told: list[str] = []
+
+        async def eject(self, backend, seconds, reason):
+            await asyncio.sleep(0.1)  # a Redis round trip
+            self.told.append(backend)
+
+    landed = SlowToEject()
+    sync = StateSync(landed, OutcomeStats(), {}, interval_s=0.01)
+    sync.spawn(landed.eject("reve", 30, "5 failures in a row"))
+    await sync.close()
+    assert landed.told == ["reve"]  # a call that can land, lands before close returns
+
+    hung = StateSync(HangsOnEject(), OutcomeStats(), {}, interval_s=0.01)
+    hung.pending_within_s = 0.2
+    hung.spawn(hung.store.eject("reve", 30, "5 failures in a row"))
+    (call,) = hung._pending
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await hung.close()
+    assert loop.time() - started < 3 and not call.done()  # 0.2 s to land, 1 s to stop, then left behind
+    release.set()
+    await asyncio.wait({call}, timeout=2)
+    assert call.done()
