@@ -26,6 +26,7 @@ decide() ranks next, while that one can still make the SLA. A plan that cannot b
 is below what any non-pre-emptive pool could reach; it does not say by how much.
 
 Run: .venv/bin/python benchmarks/lp_bounds.py [--traces tight_drafts] [--rates 2.0] [--duration 1800] [--replay]
+     .venv/bin/python benchmarks/lp_bounds.py --traces "" --trace-file held_back.jsonl --replay
 """
 
 from __future__ import annotations
@@ -239,7 +240,7 @@ def main() -> None:
 
     import routing_economics as economics
 
-    from policies.traces import KINDS, synthetic
+    from policies.traces import KINDS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--traces", default=",".join(KINDS))
@@ -248,6 +249,8 @@ def main() -> None:
     p.add_argument("--gpus", type=int, default=2)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--replay", action="store_true", help="replay the LP's plan in the simulator (see above)")
+    p.add_argument("--trace-file", action="append", default=[], metavar="PATH",
+                   help="a JSON-lines trace to bound as well, as it is (repeatable; --traces \"\" for it alone)")
     args = p.parse_args()
     policy = economics.load_policy()
     w = economics.world(args.gpus)
@@ -256,9 +259,9 @@ def main() -> None:
     print("| rate/s | trace | requests | SLA upper bound | least cost at it | least cost at 99% | DP bound | LP s |"
           + extra)
     print("|---|---|---|---|---|---|---|---|" + ("---|---|---|" if args.replay else ""))
-    for rate in (float(x) for x in args.rates.split(",")):
-        for kind in args.traces.split(","):
-            trace = synthetic(kind, args.duration, rate, args.seed)
+    rates = [(x, economics.synthetic_traces(args, float(x))) for x in args.rates.split(",")]
+    for rate, named in rates + [("file", economics.trace_files(args.trace_file, policy))]:
+        for kind, trace in named:
             started = time.perf_counter()
             top = bounds(trace, policy, w)
             at99, planned = plan(trace, policy, w, met=0.99 * len(trace))  # at the LP's maximum where out of reach
@@ -276,8 +279,8 @@ def main() -> None:
                     cells.append(_replayed(got, dp) + util)
                 row += " " + " | ".join(cells) + " |"
             print(row, flush=True)
-    print(f"\ncommand: .venv/bin/python benchmarks/lp_bounds.py --traces {args.traces} --rates {args.rates} "
-          f"--duration {args.duration:.0f} --gpus {args.gpus} --seed {args.seed}{' --replay' if args.replay else ''}")
+    print(f"\ncommand: .venv/bin/python benchmarks/lp_bounds.py --rates {args.rates} --duration {args.duration:.0f} "
+          f"--gpus {args.gpus} --seed {args.seed}{' --replay' if args.replay else ''}{economics.trace_flags(args)}")
 
 
 def _replayed(summary: dict, bound_usd: float) -> str:

@@ -13,6 +13,9 @@ the least any router could pay to meet 99% of them.
 
 Run: .venv/bin/python benchmarks/routing_economics.py [--duration 3600] [--rate 0.6] [--gpus 2]
      .venv/bin/python benchmarks/routing_economics.py --sweep 1.0,1.5,2.0,2.5,3.0   # the target, per load
+     .venv/bin/python benchmarks/routing_economics.py --trace-file held_back.jsonl --traces ""   # your own trace
+A trace file is JSON lines as policies/traces.py reads them ({"t": ..., "tier": ..., "sla_ms": ..., ...}); it is
+replayed as it is, whatever --rate, --duration and --sweep say.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import yaml  # noqa: E402
 from policies.profile import ThroughputProfile  # noqa: E402
 from policies.schema import Policy  # noqa: E402
 from policies.simulate import ApiModel, PoolSpec, Strategy, World, simulate, with_rule  # noqa: E402
-from policies.traces import KINDS, synthetic  # noqa: E402
+from policies.traces import KINDS, TraceRequest, parse_jsonl, synthetic  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lp_bounds  # noqa: E402
@@ -105,10 +108,13 @@ def lower_bound(trace, policy: Policy, w: World, step_s: float = 5.0) -> float:
         steps = policy.tiers[r.tier or policy.defaults.tier].pool_steps(r.steps, pool.default_steps)
         return pool.profile.seconds_per_image(pool.model, r.width, r.height, steps, pool.max_batch)
 
+    def sla_ms(r):  # as the simulator resolves it: the request's own, else its tier's, else the default
+        return r.sla_ms or policy.tiers[r.tier or policy.defaults.tier].sla_ms or policy.defaults.sla_ms or NO_SLA
+
     forced_usd, eligible = 0.0, []
     for r in trace:
         tier = policy.tiers[r.tier or policy.defaults.tier]
-        if tier.min_quality > local_quality or (r.sla_ms or NO_SLA) < one_alone_ms:
+        if tier.min_quality > local_quality or sla_ms(r) < one_alone_ms:
             forced_usd += cheapest(r, tier.min_quality) * r.n
         else:
             eligible.append(r)
@@ -117,7 +123,7 @@ def lower_bound(trace, policy: Policy, w: World, step_s: float = 5.0) -> float:
         return gpu_usd + forced_usd
     overflow_usd = min(cheapest(r, policy.tiers[r.tier or policy.defaults.tier].min_quality) for r in eligible)
     longest_image_s = max(full_batch_seconds(r) for r in eligible)  # an image moved off frees at most this
-    sla_s = max((r.sla_ms or NO_SLA) for r in eligible) / 1000
+    sla_s = max(sla_ms(r) for r in eligible) / 1000
     buckets = int(trace[-1].t // step_s) + 1
     work = [0.0] * (buckets + 1)  # prefix sums of eligible pool seconds by arrival bucket
     for r in eligible:
@@ -134,6 +140,29 @@ def lower_bound(trace, policy: Policy, w: World, step_s: float = 5.0) -> float:
             if excess > 0:
                 best[t] = max(best[t], best[a] + excess / longest_image_s)
     return gpu_usd + forced_usd + best[-1] * overflow_usd
+
+
+def trace_files(paths: list[str], policy: Policy) -> list[tuple[str, list[TraceRequest]]]:
+    """Each JSON-lines trace, named by its file; a request whose tier the policy does not know stops the run with
+    the file and line (the bounds and the simulator could only guess its SLA and quality)."""
+    traces = []
+    for path in paths:
+        try:
+            lines = Path(path).read_text().splitlines()
+            trace = parse_jsonl(lines)
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"{path}: {exc}") from exc
+        if not trace:
+            raise SystemExit(f"{path}: no requests")
+        unknown = sorted({r.tier for r in trace if r.tier is not None and r.tier not in policy.tiers})
+        if unknown:
+            raise SystemExit(f"{path}: tiers {unknown} are not in the policy's tiers {sorted(policy.tiers)}")
+        traces.append((Path(path).name, trace))
+    return traces
+
+
+def synthetic_traces(args, rate: float) -> list[tuple[str, list[TraceRequest]]]:
+    return [(kind, synthetic(kind, args.duration, rate, args.seed)) for kind in args.traces.split(",") if kind]
 
 
 def _usd(value) -> str:
@@ -157,9 +186,9 @@ def sweep(policy: Policy, w: World, rates: list[float], args) -> None:
     print("| rate/s | trace | GPU util | ours SLA | LP SLA upper bound | ours $/image | vs bound | vs LP at 99% "
           "| best baseline at >= 99% (else nearest) | ours cheaper by | target met (SLA >= 99%, <= +10% of bound) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for rate in rates:
-        for kind in args.traces.split(","):
-            trace = synthetic(kind, args.duration, rate, args.seed)
+    files = trace_files(args.trace_file, policy)
+    for rate, named in [(f"{r}", synthetic_traces(args, r)) for r in rates] + [("file", files)]:
+        for kind, trace in named:
             bound = lower_bound(trace, policy, w)
             rows = [simulate(trace, s, w, seed=args.seed).summary() for s in strategies(policy)
                     if s.late_binding]  # "bound at arrival" is ours, not a baseline
@@ -173,9 +202,13 @@ def sweep(policy: Policy, w: World, rates: list[float], args) -> None:
                   f"| {best['strategy']}"
                   f"{'' if v['qualifies'] else ' (nearest)'} {best['sla_attainment']:.2%} | {v['saving']:+.1%} "
                   f"| {'yes' if met else 'no'} |", flush=True)
-    traces = "" if args.traces == ",".join(KINDS) else f" --traces {args.traces}"
     print(f"\ncommand: .venv/bin/python benchmarks/routing_economics.py --sweep {args.sweep} --duration "
-          f"{args.duration:.0f} --gpus {args.gpus} --seed {args.seed}{traces}")
+          f"{args.duration:.0f} --gpus {args.gpus} --seed {args.seed}{trace_flags(args)}")
+
+
+def trace_flags(args) -> str:
+    traces = "" if args.traces == ",".join(KINDS) else f' --traces "{args.traces}"'
+    return traces + "".join(f" --trace-file {path}" for path in args.trace_file)
 
 
 def main() -> None:
@@ -185,6 +218,8 @@ def main() -> None:
     p.add_argument("--gpus", type=int, default=2)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--traces", default=",".join(KINDS), help="synthetic kinds (default: every one)")
+    p.add_argument("--trace-file", action="append", default=[], metavar="PATH",
+                   help="a JSON-lines trace to replay as well, as it is (repeatable; --traces \"\" for it alone)")
     p.add_argument("--sweep", help="comma-separated base rates: one summary row per rate and trace instead")
     args = p.parse_args()
     policy = load_policy()
@@ -194,13 +229,12 @@ def main() -> None:
         return
     print(f"world: {args.gpus} x H100 SDXL pool (1.027 s alone, 7.16 s per batch of 8) at $2.00/h; "
           f"APIs {', '.join(f'{a.name} p50 {a.p50_ms / 1000:.0f}s fail {a.failure_rate:.0%}' for a in APIS)}")
-    for kind in args.traces.split(","):
-        trace = synthetic(kind, args.duration, args.rate, args.seed)
+    for kind, trace in synthetic_traces(args, args.rate) + trace_files(args.trace_file, policy):
         bound = lower_bound(trace, policy, w)
         images = sum(r.n for r in trace)
         slas = sorted({r.sla_ms for r in trace if r.sla_ms})
         sizes = sorted({f"{r.width}x{r.height}" for r in trace})
-        print(f"\n## trace {kind}: {len(trace)} requests, {images} images over {args.duration:.0f}s "
+        print(f"\n## trace {kind}: {len(trace)} requests, {images} images over {trace[-1].t:.0f}s "
               f"(SLAs {'/'.join(str(x // 1000) for x in slas)} s; sizes {', '.join(sizes)}; "
               f"n up to {max(r.n for r in trace)}; steps {sorted({r.steps or 30 for r in trace})})")
         print("| strategy | $/SLA-met image | $/served image | refused | total $ | API $ | SLA met | draft "
@@ -234,7 +268,7 @@ def main() -> None:
                   f"the bound, {v['saving']:+.1%} cheaper per image than the baseline nearest 99% "
                   f"({best['strategy']}, {best['sla_attainment']:.1%})")
     print(f"\ncommand: .venv/bin/python benchmarks/routing_economics.py --duration {args.duration:.0f} "
-          f"--rate {args.rate} --gpus {args.gpus} --seed {args.seed}")
+          f"--rate {args.rate} --gpus {args.gpus} --seed {args.seed}{trace_flags(args)}")
 
 
 if __name__ == "__main__":

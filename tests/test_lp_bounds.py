@@ -72,3 +72,27 @@ def test_the_plan_names_for_each_request_the_backends_its_lp_chose_and_gives_up_
     assert premium and all("local" not in choice for choice in premium)  # the pool's quality is below premium's
     b_beyond, planned_beyond = lp_bounds.plan(trace, POLICY, world, met=len(trace) + 1)  # out of reach: its maximum
     assert b_beyond.met == pytest.approx(b_beyond.max_sla_met) and len(planned_beyond) == len(trace)
+
+
+def test_a_held_back_trace_file_is_benchmarked_as_it_is_and_a_tier_the_policy_lacks_is_named(tmp_path, capsys,
+                                                                                             monkeypatch):
+    from policies.traces import dump_jsonl
+
+    trace = synthetic("tight_drafts", 180, 1.0, seed=4)
+    held = tmp_path / "held.jsonl"
+    held.write_text(dump_jsonl(trace))
+    monkeypatch.setattr(sys, "argv", ["routing_economics.py", "--traces", "", "--trace-file", str(held),
+                                      "--sweep", "2.0"])
+    economics.main()
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| file |")]
+    ours = simulate(trace, POLICY, economics.world(2), seed=1).summary()
+    assert len(rows) == 1 and rows[0].startswith(f"| file | held.jsonl | {ours['gpu_utilisation']:.0%} "
+                                                 f"| {ours['sla_attainment']:.2%} |")  # the file, not a 2/s trace
+
+    gold = tmp_path / "gold.jsonl"
+    gold.write_text('{"t": 0.5, "tier": "gold"}\n')
+    with pytest.raises(SystemExit, match=r"gold.jsonl: tiers \['gold'\] are not in the policy's tiers"):
+        economics.trace_files([str(gold)], POLICY)
+    tiers_only = [TraceRequest(t=r.t, tier=r.tier) for r in trace]  # SLAs from the policy's tiers, as routed
+    assert economics.lower_bound(tiers_only, POLICY, economics.world(2)) <= \
+        simulate(tiers_only, POLICY, economics.world(2), seed=1).summary()["total_cost_usd"]
