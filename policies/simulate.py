@@ -500,6 +500,8 @@ def simulate(trace: list[TraceRequest], strategy: Strategy | Policy, world: Worl
     """Replay `trace` under a strategy (or a plain policy) in `world`."""
     if isinstance(strategy, Policy):
         strategy = Strategy("policy", strategy)
+    if strategy.plan is not None and len(strategy.plan) != len(trace):
+        raise ValueError(f"the plan has {len(strategy.plan)} choices for a trace of {len(trace)} requests")
     return _Sim(sorted(trace, key=lambda r: r.t), strategy, world, seed).run(progress)
 
 

@@ -353,6 +353,8 @@ def test_an_offline_plan_is_replayed_as_written_each_request_on_the_backends_it_
     assert both.backend in ("reve", "seedream") and both.cost_usd == pytest.approx(sum(price.values()))  # both paid
     assert refused.backend is None and refused.attempts == 0
     assert result.summary()["api_spend_usd"] == pytest.approx(one.cost_usd + both.cost_usd, abs=1e-4)
+    with pytest.raises(ValueError, match="3 choices for a trace of 4 requests"):
+        simulate(trace, Strategy("plan", POLICY, plan=planned[:3]), sure)
 
 
 def test_a_planned_pool_job_that_falls_behind_is_given_back_only_when_the_replay_allows_a_fallback():
