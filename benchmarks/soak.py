@@ -260,7 +260,8 @@ def audit_rows(data: Path) -> list[tuple]:
 
 
 def report(args, fleet: Fleet, results: list[dict], seen: dict, memory: dict, spend_books: float,
-           audits: list[tuple]) -> None:
+           audits: list[tuple]) -> bool:
+    """Prints the report; True when something a client can never be owed happened (a 500, a traceback)."""
     def share(rows, pred):
         return f"{sum(1 for r in rows if pred(r)) / len(rows):.2%}" if rows else "-"
 
@@ -277,6 +278,7 @@ def report(args, fleet: Fleet, results: list[dict], seen: dict, memory: dict, sp
     for i in range(len(fleet.replicas)):
         texts.append((fleet.work / f"gateway-{i}.log").read_text(errors="replace"))
     leaks = sum(text.count(key) for text in texts for key in fleet.keys.values())
+    tracebacks = [t[t.index("Traceback"):][:3000] for t in texts[-len(fleet.replicas):] if "Traceback" in t]
     print(f"\n# soak: {len(results)} requests over {args.minutes} min at {args.rate}/s, "
           f"{len(fleet.replicas)} replica(s){' + Redis chaos' if fleet.redis else ''}"
           f"{' + worker kill' if args.kill_worker else ''}")
@@ -291,7 +293,16 @@ def report(args, fleet: Fleet, results: list[dict], seen: dict, memory: dict, sp
     print(f"content refusals answered 400 content_policy_violation (left out above): {len(refused)}")
     errors = Counter(f"{r['status']} {r.get('code')}" for r in counted if r["status"] != 200)
     print(f"errors: {dict(errors.most_common())}")
+    for kind in errors:  # the first of each kind, as the client read it: what, for which request
+        first = next(r for r in counted if f"{r['status']} {r.get('code')}" == kind)
+        try:
+            message = (json.loads(first["body"]).get("error") or {}).get("message", "")
+        except ValueError:
+            message = first["body"]
+        print(f"  {kind} (model {first['model']}, sla {first['sla_ms']} ms): {message[:300]}")
     print(f"audit records: {len(audits)} for {len(results)} requests")
+    first = f"; the first:\n{tracebacks[0]}" if tracebacks else ""
+    print(f"gateway logs with a traceback: {len(tracebacks)}{first}")
     attempts = [a for _, _, rec in audits for a in json.loads(rec).get("attempts") or []]
     invalid = sum(1 for a in attempts if a.get("error_class") == "BackendRequestRejected")
     print(f"provider calls: {sum(1 for a in attempts if a['outcome'] not in ('skipped', 'paced'))} attempts "
@@ -306,6 +317,7 @@ def report(args, fleet: Fleet, results: list[dict], seen: dict, memory: dict, sp
     print(f"provider keys found in bodies, audit and logs: {leaks}")
     for i, (start, end) in memory.items():
         print(f"gateway {i} RSS: {start:.0f} MB at start, {end:.0f} MB at end ({(end - start) / start:+.1%})")
+    return bool(tracebacks) or any(r["status"] >= 500 and r.get("code") == "internal_error" for r in results)
 
 
 async def books(fleet: Fleet) -> float:
@@ -361,11 +373,11 @@ def main() -> int:
     finally:
         fleet.stop()
     audits = [row for _, _, data in fleet.replicas for row in audit_rows(data)]
-    report(args, fleet, results, seen, memory, spend, audits)
+    broken = report(args, fleet, results, seen, memory, spend, audits)
     for i, series in enumerate(rss):
         print(f"gateway {i} RSS once a minute (MB): {' '.join(f'{x:.0f}' for x in series)}")
     (work / "results.json").write_text(json.dumps(results))
-    if args.keep:
+    if args.keep or broken:  # a failure worth reading the gateway's log for is never thrown away
         print(f"work folder: {work}")
     else:
         shutil.rmtree(work, ignore_errors=True)
