@@ -644,3 +644,37 @@ def test_a_gateway_with_worker_processes_counts_its_gpus_without_loading_torch_i
     else:
         assert devices == ["cpu"]
     assert torch_loaded is False
+
+
+class DiesWhileRestarting(CrashingWorker):
+    """Crashes on its first batch, then its first `failures` restarts die too (killed again while warming)."""
+
+    def __init__(self, failures: int, **kw):
+        super().__init__(start_s=0.0, **kw)
+        self.failures = failures
+
+    async def restart(self) -> None:
+        self.restarts += 1
+        self.state = "warming"
+        if self.restarts <= self.failures:
+            raise WorkerCrashed("killed again while restarting (fake)")
+        await self.start()
+
+
+async def test_a_worker_that_dies_again_while_restarting_is_tried_again_until_it_is_back(monkeypatch):
+    import backends.local.pool as pool_module
+
+    monkeypatch.setattr(pool_module, "RESTART_BACKOFF_S", (0.05, 0.1))
+    worker = DiesWhileRestarting(failures=3, seconds=lambda b: 0.02)
+    pool = await start(LocalPool(TINY, [worker], PoolConfig(max_wait_s=0.0, max_batch=1)))
+    crashed = asyncio.create_task(pool.generate(job(0), time.monotonic() + 5))
+    while worker.state != "failed":
+        await asyncio.sleep(0.001)
+    report = pool.load()  # between tries: not predicted back, so nothing waits for it and requests go elsewhere
+    assert report.health is Health.UNCONFIGURED and "restart failed" in report.detail
+    assert "trying again in" in report.detail
+    result = await crashed  # the crashed batch runs once a restart holds
+    assert len(result.images) == 1 and worker.restarts == 4 and worker.ready
+    again = await pool.generate(job(1), time.monotonic() + 5)
+    assert len(again.images) == 1
+    await pool.aclose()

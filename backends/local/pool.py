@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import json
 import logging
 import time
@@ -34,6 +35,9 @@ from .workers import BatchRequest, WorkerCrashed, encoded, shape_key
 __all__ = ["LocalPool", "PoolConfig", "load_profile"]
 
 log = logging.getLogger(__name__)
+
+# Pauses between tries to restart a crashed worker whose restart failed (then the last, for as long as it fails).
+RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -452,23 +456,38 @@ class LocalPool:
     def _restart_soon(self, worker) -> None:
         """Restart a crashed worker, predicted back as soon as its last start or restart took."""
         index = self.workers.index(worker)
-        started = time.monotonic()
-        if index in self._start_s:
-            self._back_by[index] = (started + self._start_s[index], self._start_s[index])
+        self._predict_back(index)
         self._wakeup.set()  # load() and release see the restart from now
-        self._starting.append(asyncio.create_task(self._restart(worker, index, started)))  # kept: see start()
+        self._starting = [t for t in self._starting if not t.done()]
+        self._starting.append(asyncio.create_task(self._restart(worker, index)))  # kept: see start()
 
-    async def _restart(self, worker, index: int, started: float) -> None:
-        try:
-            await worker.restart()
-            self._start_s[index] = time.monotonic() - started
-            log.info("%s restarted in %.1f s", worker.name, self._start_s[index])
-            self._refresh_offer()
-        except Exception as exc:
-            log.exception("%s failed to restart", worker.name)
-            worker.state, worker.detail = "failed", f"restart failed: {exc}"
-        finally:
-            self._back_by.pop(index, None)
+    def _predict_back(self, index: int) -> None:
+        if index in self._start_s:
+            self._back_by[index] = (time.monotonic() + self._start_s[index], self._start_s[index])
+
+    async def _restart(self, worker, index: int) -> None:
+        """Until it is back: a worker that served before and dies again while restarting (killed again, out of
+        memory while warming) is tried again after a growing pause, not left failed for the pool's lifetime."""
+        for attempt in itertools.count():
+            started = time.monotonic()
+            try:
+                await worker.restart()
+                self._start_s[index] = time.monotonic() - started
+                log.info("%s restarted in %.1f s", worker.name, self._start_s[index])
+                self._refresh_offer()
+                break
+            except Exception as exc:
+                if self._closing:
+                    break
+                pause = RESTART_BACKOFF_S[min(attempt, len(RESTART_BACKOFF_S) - 1)]
+                log.error("%s failed to restart (%s: %s); trying again in %.0f s", worker.name,
+                          type(exc).__name__, exc, pause)
+                worker.state, worker.detail = "failed", f"restart failed: {exc}; trying again in {pause:.0f} s"
+                self._back_by.pop(index, None)  # not coming back on its own: the pool must not wait for it
+                self._wakeup.set()
+                await asyncio.sleep(pause)
+                self._predict_back(index)
+        self._back_by.pop(index, None)
         self._wakeup.set()
 
     def _learn_warm_up(self, worker) -> None:
