@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 import unicodedata
 import uuid
@@ -101,6 +102,11 @@ class ResultCache:
         # one a lease is left to expire.
         self.spawn: Callable[[Coroutine], None] | None = None
         self._index: dict[str, tuple[float, int]] | None = None  # key -> (last use, bytes), loaded at first use
+        # The index is read and changed by the threads that do the disk I/O, several at once under load (a batch's
+        # jobs land together): every use holds this lock. An unguarded eviction once raised "dictionary changed
+        # size during iteration" and failed a request whose images were made.
+        self._lock = threading.RLock()
+        self._used = 0  # bytes the index holds, kept with it (a sum per write was a pass over every entry)
         self._scanned = 0.0  # when the index was last read from the folder
         self._flights: dict[str, _Flight] = {}
         self.hits = self.shared_hits = self.misses = 0
@@ -129,6 +135,9 @@ class ResultCache:
         except (OSError, ValueError, KeyError) as exc:  # a damaged entry is a miss, never an error
             log.warning("result cache entry %s unreadable (%s): ignored", key[:12], exc)
             return None
+        except Exception:  # a bug here costs the cache, never the request
+            log.exception("result cache lookup of %s failed: treated as a miss", key[:12])
+            return None
 
     async def put(self, key: str, result: CachedResult) -> None:
         if not all(image.present for image in result.images):
@@ -137,31 +146,48 @@ class ResultCache:
             await asyncio.to_thread(self._write, key, result)
         except OSError as exc:  # a full disk costs the cache, not the request
             log.warning("result cache could not store %s: %s", key[:12], exc)
+        except Exception:  # nor does a bug: the images are made, the request gets them
+            log.exception("result cache could not store %s", key[:12])
 
     def _meta(self, key: str) -> Path:
         return self.folder / f"{key}.json"
 
     def _load_index(self, rescan: bool = False) -> dict[str, tuple[float, int]]:
-        if rescan and time.monotonic() - self._scanned > self.RESCAN_S:
-            self._index = None  # what the other replicas made and used meanwhile counts towards max_bytes
-        if self._index is None:
-            self._scanned = time.monotonic()
-            index = {}
-            for meta in self.folder.glob("*.json") if self.folder.is_dir() else ():
-                with contextlib.suppress(OSError, ValueError):
-                    info = json.loads(meta.read_text())
-                    index[meta.stem] = (meta.stat().st_mtime, int(info.get("bytes", 0)))
-            self._index = index
-        return self._index
+        with self._lock:
+            if rescan and time.monotonic() - self._scanned > self.RESCAN_S:
+                self._index = None  # what the other replicas made and used meanwhile counts towards max_bytes
+            if self._index is None:
+                self._scanned = time.monotonic()
+                index = {}
+                for meta in self.folder.glob("*.json") if self.folder.is_dir() else ():
+                    with contextlib.suppress(OSError, ValueError):
+                        info = json.loads(meta.read_text())
+                        index[meta.stem] = (meta.stat().st_mtime, int(info.get("bytes", 0)))
+                self._index, self._used = index, sum(size for _, size in index.values())
+            return self._index
+
+    def _note(self, index: dict[str, tuple[float, int]], key: str, used_at: float, size: int) -> None:
+        """Record an entry's last use and size (the caller holds the lock)."""
+        old = index.get(key)
+        index[key] = (used_at, size)
+        if index is self._index:
+            self._used += size - (old[1] if old else 0)
+
+    def _forget(self, index: dict[str, tuple[float, int]], key: str) -> None:
+        old = index.pop(key, None)
+        if old is not None and index is self._index:
+            self._used -= old[1]
 
     def _read(self, key: str) -> CachedResult | None:
         index = self._load_index()
         meta_path = self._meta(key)
-        if (key not in index and not self.shared_dir) or not meta_path.is_file():
-            index.pop(key, None)
+        with self._lock:
+            known = key in index
+        if (not known and not self.shared_dir) or not meta_path.is_file():
+            with self._lock:
+                self._forget(index, key)
             return None
         info = json.loads(meta_path.read_text())
-        index.setdefault(key, (0.0, int(info.get("bytes", 0))))  # one another replica made
         now = self._clock()
         if now - info["created"] > self.ttl_s:
             self._remove(key)
@@ -169,13 +195,14 @@ class ResultCache:
         images = tuple(GeneratedImage(data=(self.folder / f"{key}.{i}").read_bytes(), media_type=media)
                        for i, media in enumerate(info["media_types"]))
         os.utime(meta_path, (now, now))  # last use, for eviction
-        index[key] = (now, index[key][1])
+        with self._lock:  # one another replica made counts from now too
+            self._note(index, key, now, index.get(key, (0.0, int(info.get("bytes", 0))))[1])
         return CachedResult(images=images, size=info["size"], backend=info["backend"], model=info["model"],
                             cost_usd=info["cost_usd"], made_by=info["made_by"], created=info["created"])
 
     def _write(self, key: str, result: CachedResult) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        index = self._load_index(rescan=self.shared_dir)  # a write may evict: know what the others hold
+        self._load_index(rescan=self.shared_dir)  # a write may evict: know what the others hold
         total = 0
         suffix = f".tmp-{uuid.uuid4().hex[:12]}"  # unique across the replicas of a shared folder
         for i, image in enumerate(result.images):
@@ -192,20 +219,27 @@ class ResultCache:
         os.replace(tmp, self._meta(key))  # last: an entry exists only once its images do
         now = self._clock()
         os.utime(self._meta(key), (now, now))  # last use, on the clock every replica reads it by
-        index[key] = (now, total)
-        self._evict(index)
+        with self._lock:
+            index = self._load_index()  # the current one: a rescan in another thread may have replaced it
+            self._note(index, key, now, total)
+            victims = self._victims(index) if self._used > self.max_bytes else []
+        for victim in victims:
+            self._remove(victim)
 
-    def _evict(self, index: dict[str, tuple[float, int]]) -> None:
-        used = sum(size for _, size in index.values())
+    def _victims(self, index: dict[str, tuple[float, int]]) -> list[str]:
+        """The least recently used entries to drop for the rest to fit max_bytes (the caller holds the lock)."""
+        used, victims = self._used, []
         for key, (_, size) in sorted(index.items(), key=lambda item: item[1][0]):
             if used <= self.max_bytes:
                 break
-            self._remove(key)
+            victims.append(key)
             used -= size
+        return victims
 
     def _remove(self, key: str) -> None:
-        if self._index is not None:
-            self._index.pop(key, None)
+        with self._lock:
+            if self._index is not None:
+                self._forget(self._index, key)
         meta = self._meta(key)
         with contextlib.suppress(OSError, ValueError):
             count = len(json.loads(meta.read_text()).get("media_types", []))
@@ -268,7 +302,8 @@ class ResultCache:
         self.saved_usd += saved_usd
 
     def stats(self) -> dict:
-        index = self._index or {}
-        return {"enabled": self.enabled, "entries": len(index), "bytes": sum(s for _, s in index.values()),
+        with self._lock:
+            entries, used = len(self._index or {}), self._used
+        return {"enabled": self.enabled, "entries": entries, "bytes": used,
                 "max_bytes": self.max_bytes, "hits": self.hits, "shared": self.shared_hits, "misses": self.misses,
                 "saved_usd": round(self.saved_usd, 6), "in_flight": len(self._flights)}

@@ -309,3 +309,28 @@ def test_replicas_sharing_a_folder_keep_it_under_the_size_cap_together(tmp_path)
         assert (await a.get("b1")) is not None  # and a serves what b made
 
     asyncio.run(scenario())
+
+
+def test_many_writes_and_reads_at_once_keep_the_cache_whole_and_never_raise(tmp_path, monkeypatch):
+    # Under load a batch's jobs land together, each storing from its own thread while others read and evict:
+    # an unguarded index once failed a request whose images were made ("dictionary changed size during
+    # iteration"). A cache failure, were there one, must cost the cache and never the request.
+    cache = ResultCache(tmp_path, max_bytes=40 * 64, ttl_s=100)
+    cache._load_index().update({f"old{i}": (1e12, 0) for i in range(150_000)})  # long to go over; never evicted
+    errors = []
+    monkeypatch.setattr("gateway.result_cache.log.exception", lambda *a, **k: errors.append(a))
+
+    async def requests(worker: int) -> None:  # each as the service stores and looks up, on its own loop
+        for i in range(40):
+            await cache.put(f"w{worker}-{i}", _entry(1, 64))
+            await cache.get(f"w{(worker + 1) % 8}-{i}")
+
+    def hammer(worker: int) -> None:
+        asyncio.run(requests(worker))
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        for future in [pool.submit(hammer, w) for w in range(8)]:
+            future.result()  # raises what a thread raised
+    stats = cache.stats()
+    assert stats["bytes"] <= 40 * 64 and stats["entries"] >= 150_000 + 40  # evicted down to the cap, LRU first
+    assert not errors
