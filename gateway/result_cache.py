@@ -166,26 +166,26 @@ class ResultCache:
                 self._index, self._used = index, sum(size for _, size in index.values())
             return self._index
 
-    def _note(self, index: dict[str, tuple[float, int]], key: str, used_at: float, size: int) -> None:
-        """Record an entry's last use and size (the caller holds the lock)."""
+    def _note(self, key: str, used_at: float, size: int) -> None:
+        """Record an entry's last use and size in the current index (the caller holds the lock)."""
+        index = self._load_index()
         old = index.get(key)
         index[key] = (used_at, size)
-        if index is self._index:
-            self._used += size - (old[1] if old else 0)
+        self._used += size - (old[1] if old else 0)
 
-    def _forget(self, index: dict[str, tuple[float, int]], key: str) -> None:
-        old = index.pop(key, None)
-        if old is not None and index is self._index:
+    def _forget(self, key: str) -> None:
+        """Drop an entry from the index, if it is loaded (the caller holds the lock)."""
+        old = self._index.pop(key, None) if self._index is not None else None
+        if old is not None:
             self._used -= old[1]
 
     def _read(self, key: str) -> CachedResult | None:
-        index = self._load_index()
         meta_path = self._meta(key)
         with self._lock:
-            known = key in index
+            known = key in self._load_index()
         if (not known and not self.shared_dir) or not meta_path.is_file():
             with self._lock:
-                self._forget(index, key)
+                self._forget(key)
             return None
         info = json.loads(meta_path.read_text())
         now = self._clock()
@@ -196,7 +196,7 @@ class ResultCache:
                        for i, media in enumerate(info["media_types"]))
         os.utime(meta_path, (now, now))  # last use, for eviction
         with self._lock:  # one another replica made counts from now too
-            self._note(index, key, now, index.get(key, (0.0, int(info.get("bytes", 0))))[1])
+            self._note(key, now, int(info.get("bytes", 0)))
         return CachedResult(images=images, size=info["size"], backend=info["backend"], model=info["model"],
                             cost_usd=info["cost_usd"], made_by=info["made_by"], created=info["created"])
 
@@ -220,16 +220,15 @@ class ResultCache:
         now = self._clock()
         os.utime(self._meta(key), (now, now))  # last use, on the clock every replica reads it by
         with self._lock:
-            index = self._load_index()  # the current one: a rescan in another thread may have replaced it
-            self._note(index, key, now, total)
-            victims = self._victims(index) if self._used > self.max_bytes else []
+            self._note(key, now, total)
+            victims = self._victims() if self._used > self.max_bytes else []
         for victim in victims:
             self._remove(victim)
 
-    def _victims(self, index: dict[str, tuple[float, int]]) -> list[str]:
+    def _victims(self) -> list[str]:
         """The least recently used entries to drop for the rest to fit max_bytes (the caller holds the lock)."""
         used, victims = self._used, []
-        for key, (_, size) in sorted(index.items(), key=lambda item: item[1][0]):
+        for key, (_, size) in sorted(self._load_index().items(), key=lambda item: item[1][0]):
             if used <= self.max_bytes:
                 break
             victims.append(key)
@@ -238,8 +237,7 @@ class ResultCache:
 
     def _remove(self, key: str) -> None:
         with self._lock:
-            if self._index is not None:
-                self._forget(self._index, key)
+            self._forget(key)
         meta = self._meta(key)
         with contextlib.suppress(OSError, ValueError):
             count = len(json.loads(meta.read_text()).get("media_types", []))

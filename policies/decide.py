@@ -18,7 +18,7 @@ from .types import (
     Snapshot,
 )
 
-__all__ = ["decide", "first_matching_rule"]
+__all__ = ["decide", "first_matching_rule", "start_within_ms"]
 
 _NOT_READY = {
     Health.UNCONFIGURED: RejectReason.UNCONFIGURED,
@@ -300,8 +300,14 @@ def _with_release_times(candidates: list[Candidate], pooled: set[str], snapshot:
         if candidate.probe:
             continue  # committed at once: predicted late by a guess, it would be given back unstarted
         if candidate.backend in pooled and (fallback := snapshot.get(following.backend)) is not None:
-            candidate.start_within_ms = max(0.0, sla_ms - fallback.latency.p99_ms)  # built by this decide()
+            candidate.start_within_ms = start_within_ms(sla_ms, fallback)  # built by this decide()
     return candidates
+
+
+def start_within_ms(sla_ms: float, fallback: BackendView) -> float:
+    """How long a queueing backend may hold a job before it must have started: while `fallback` could still make
+    the SLA at its p99 (policies.batching on late binding)."""
+    return max(0.0, sla_ms - fallback.latency.p99_ms)
 
 
 def _explain_at_risk(candidates: list[Candidate], sla_ms: float, rule: Rule | None) -> str:

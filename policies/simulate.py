@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from .batching import ArrivalRate, QueuedJob, SLABatcher
-from .decide import decide
+from .decide import decide, start_within_ms
 from .holding import hold_for_s
 from .profile import ThroughputProfile
 from .reservation import InflexibleArrivals, PoolDemand, pool_arrival, pool_job_hedge_pays
@@ -300,9 +300,9 @@ class _Sim:
     def start_planned(self, outcome: Outcome, route: RouteRequest, backends: tuple[str, ...]) -> None:
         """An offline plan's choice for this request: its backends started at once, none (refused) when it
         gives the request up. With `plan_fallback`, a lone pool job keeps decide()'s first other candidate."""
-        candidates = []
+        snapshot, candidates = self.snapshot(), []
         for name in backends:
-            decision = decide(dataclasses.replace(route, backend=name), self.policy, self.snapshot())
+            decision = decide(dataclasses.replace(route, backend=name), self.policy, snapshot)
             candidates += [c for c in decision.candidates if c.backend == name]
             if name == "local":
                 outcome.serve_within_ms = decision.serve_within_ms
@@ -310,11 +310,9 @@ class _Sim:
             outcome.race = _Race(partner=None, rest=[], running=list(candidates))
         rest = []
         if self.strategy.plan_fallback and [c.backend for c in candidates] == ["local"]:
-            snapshot = self.snapshot()
             rest = [c for c in decide(route, self.policy, snapshot).candidates if c.backend != "local"][:1]
-            if rest:  # due by its SLA; given back while the fallback can still make it at its p99, as decide() sets
-                p99 = snapshot.get(rest[0].backend).latency.p99_ms
-                candidates[0].start_within_ms = max(0.0, outcome.sla_ms - p99)
+            if rest:  # due by its SLA now, and given back while the fallback can still make it
+                candidates[0].start_within_ms = start_within_ms(outcome.sla_ms, snapshot.get(rest[0].backend))
                 outcome.serve_within_ms = None
         for candidate in candidates or [None]:
             self.attempt(outcome, [candidate, *rest] if candidate else [])
