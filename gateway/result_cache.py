@@ -32,6 +32,7 @@ import threading
 import time
 import unicodedata
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,7 +102,9 @@ class ResultCache:
         # Runs a store call off the request path (StateSync.spawn, which also drains them at shutdown); without
         # one a lease is left to expire.
         self.spawn: Callable[[Coroutine], None] | None = None
-        self._index: dict[str, tuple[float, int]] | None = None  # key -> (last use, bytes), loaded at first use
+        # key -> (last use, bytes), least recently used first (eviction pops from the front, O(1) an entry);
+        # loaded at first use
+        self._index: OrderedDict[str, tuple[float, int]] | None = None
         # The index is read and changed by the threads that do the disk I/O, several at once under load (a batch's
         # jobs land together): every use holds this lock. An unguarded eviction once raised "dictionary changed
         # size during iteration" and failed a request whose images were made.
@@ -152,17 +155,18 @@ class ResultCache:
     def _meta(self, key: str) -> Path:
         return self.folder / f"{key}.json"
 
-    def _load_index(self, rescan: bool = False) -> dict[str, tuple[float, int]]:
+    def _load_index(self, rescan: bool = False) -> OrderedDict[str, tuple[float, int]]:
         with self._lock:
             if rescan and time.monotonic() - self._scanned > self.RESCAN_S:
                 self._index = None  # what the other replicas made and used meanwhile counts towards max_bytes
             if self._index is None:
                 self._scanned = time.monotonic()
-                index = {}
+                found = {}
                 for meta in self.folder.glob("*.json") if self.folder.is_dir() else ():
                     with contextlib.suppress(OSError, ValueError):
                         info = json.loads(meta.read_text())
-                        index[meta.stem] = (meta.stat().st_mtime, int(info.get("bytes", 0)))
+                        found[meta.stem] = (meta.stat().st_mtime, int(info.get("bytes", 0)))
+                index = OrderedDict(sorted(found.items(), key=lambda item: item[1][0]))
                 self._index, self._used = index, sum(size for _, size in index.values())
             return self._index
 
@@ -171,6 +175,7 @@ class ResultCache:
         index = self._load_index()
         old = index.get(key)
         index[key] = (used_at, size)
+        index.move_to_end(key)  # used now: the last to go
         self._used += size - (old[1] if old else 0)
 
     def _forget(self, key: str) -> None:
@@ -228,7 +233,7 @@ class ResultCache:
     def _victims(self) -> list[str]:
         """The least recently used entries to drop for the rest to fit max_bytes (the caller holds the lock)."""
         used, victims = self._used, []
-        for key, (_, size) in sorted(self._load_index().items(), key=lambda item: item[1][0]):
+        for key, (_, size) in self._load_index().items():  # least recently used first
             if used <= self.max_bytes:
                 break
             victims.append(key)

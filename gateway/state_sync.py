@@ -86,8 +86,8 @@ class StateSync:
         await tasks.stop(self._task)  # a cancellation a store call swallowed must not hang the shutdown
         if self._pending:  # one-shot store calls (ejections): they land unless Redis hangs past the bound
             _, late = await asyncio.wait(set(self._pending), timeout=self.pending_within_s)
-            for task in late:
-                await tasks.stop(task, within_s=1.0)
+            # stopped together: each that absorbs cancellation may take its 1 s, in parallel, not one after another
+            await asyncio.gather(*(tasks.stop(task, within_s=1.0) for task in late))
         with contextlib.suppress(Exception):
             await self.flush()
         with contextlib.suppress(Exception):

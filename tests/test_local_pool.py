@@ -201,7 +201,36 @@ async def test_a_size_no_ready_worker_has_warmed_is_not_offered():
     assert a.warmed == shapes and b.pending_warm  # b is still warming 96x96
     assert pool.offer.sizes.allows(64, 64) and not pool.offer.sizes.allows(96, 96)
     assert "1 shape(s) left to warm" in pool.load().detail
+    started = time.monotonic()
     await pool.aclose()
+    assert time.monotonic() - started < 5  # a shutdown abandons a background warm-up (a compile takes minutes)
+
+
+async def test_a_thread_worker_stops_at_once_while_it_compiles_a_further_shape_in_the_background():
+    import threading
+
+    gate = threading.Event()
+
+    class CompilesSlowly:  # an engine whose second shape compiles for minutes
+        pipe, compiled, aot = object(), False, None
+
+        def is_prepared(self, width, height):
+            return True
+
+        def generate(self, prompts, *, width, **kw):
+            if width == 96:
+                gate.wait(60)
+
+    shapes = [WarmShape(64, 64, 2), WarmShape(96, 96, 2)]
+    worker = ThreadWorker(EngineSpec(preset="tiny"), warm=shapes, engine=CompilesSlowly())
+    await worker.start()
+    warming = asyncio.create_task(worker.warm_next())
+    await asyncio.sleep(0.1)
+    started = time.monotonic()
+    await worker.stop()
+    assert time.monotonic() - started < 1 and worker.state == "stopped"
+    gate.set()  # the abandoned compile ends on its own; its thread is not waited for
+    await asyncio.wait({warming}, timeout=5)
 
 
 async def test_a_crashed_worker_process_is_restarted_and_its_jobs_rerun():

@@ -315,8 +315,9 @@ def test_many_writes_and_reads_at_once_keep_the_cache_whole_and_never_raise(tmp_
     # Under load a batch's jobs land together, each storing from its own thread while others read and evict:
     # an unguarded index once failed a request whose images were made ("dictionary changed size during
     # iteration"). A cache failure, were there one, must cost the cache and never the request.
-    cache = ResultCache(tmp_path, max_bytes=40 * 64, ttl_s=100)
-    cache._load_index().update({f"old{i}": (1e12, 0) for i in range(150_000)})  # long to go over; never evicted
+    cache = ResultCache(tmp_path, max_bytes=150_000 + 20 * 64, ttl_s=100)
+    cache._load_index().update({f"old{i}": (float(i), 1) for i in range(150_000)})  # a long index, the oldest
+    cache._used = 150_000
     errors = []
     monkeypatch.setattr("gateway.result_cache.log.exception", lambda *a, **k: errors.append(a))
 
@@ -332,5 +333,7 @@ def test_many_writes_and_reads_at_once_keep_the_cache_whole_and_never_raise(tmp_
         for future in [pool.submit(hammer, w) for w in range(8)]:
             future.result()  # raises what a thread raised
     stats = cache.stats()
-    assert stats["bytes"] <= 40 * 64 and stats["entries"] >= 150_000 + 40  # evicted down to the cap, LRU first
+    assert stats["bytes"] <= cache.max_bytes  # evicted down to the cap
+    assert stats["bytes"] == sum(size for _, size in cache._index.values())  # and every byte accounted for
+    assert "old0" not in cache._index and "old149999" in cache._index  # the least recently used went first
     assert not errors

@@ -88,7 +88,9 @@ class LocalPool:
                                   max_batch_s=lambda: self.inflexible.max_batch_s(time.monotonic()))
         self._wakeup = asyncio.Event()
         self._scheduler: asyncio.Task | None = None
-        self._running: set[asyncio.Task] = set()
+        self._running: set[asyncio.Task] = set()  # batches: a shutdown lets them finish
+        # background warm-ups of further shapes: a shutdown abandons them (a compile can take minutes)
+        self._warming: set[asyncio.Task] = set()
         self._running_until: dict[int, float] = {}  # worker index -> predicted end of its batch
         self._jobs: dict[str, QueuedJob] = {}  # job id -> its place here, while its caller waits
         self._free_since: dict[int, float] = {}  # worker index -> when its last batch ended
@@ -246,11 +248,11 @@ class LocalPool:
             self._scheduler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._scheduler
+        for task in (*self._warming, *self._starting):
+            task.cancel()  # a warm-up still running is abandoned, not awaited
         for worker in self.workers:
             with contextlib.suppress(Exception):
                 await worker.stop()
-        for task in self._starting:
-            task.cancel()  # a warm-up still running is abandoned, not awaited
         self._save_profile()
 
     def _save_profile(self) -> None:
@@ -342,8 +344,8 @@ class LocalPool:
                 worker.busy = True
                 self._running_until[index] = time.monotonic() + self._warm_estimate(worker, shape)
                 task = asyncio.create_task(self._warm(worker, index))
-                self._running.add(task)
-                task.add_done_callback(self._running.discard)
+                self._warming.add(task)
+                task.add_done_callback(self._warming.discard)
 
     def _warm_estimate(self, worker, shape) -> float:
         """How long a warm-up holds the worker: its run, plus a compile as long as the first shape's was."""
@@ -362,8 +364,9 @@ class LocalPool:
             self._learn_warm_up(worker)
             self._refresh_offer()
         except WorkerCrashed:
-            log.error("%s crashed while warming; restarting it", worker.name)
-            self._restart_soon(worker)
+            if not self._closing:  # a worker stopped by the shutdown is not restarted
+                log.error("%s crashed while warming; restarting it", worker.name)
+                self._restart_soon(worker)
         except Exception:
             log.exception("%s failed to warm %s; it keeps serving what it has", worker.name,
                           worker.pending_warm[:1])

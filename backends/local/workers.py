@@ -163,6 +163,7 @@ class ThreadWorker(_WorkerBase):
         super().__init__(spec, name, warm or [])
         self.engine = engine or DiffusionEngine(spec)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._warming_more = False  # a further shape compiling in the background
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -178,14 +179,18 @@ class ThreadWorker(_WorkerBase):
         return await asyncio.get_running_loop().run_in_executor(self._executor, _run_batch, self.engine, req)
 
     async def _warm_remote(self, shape: WarmShape) -> dict:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, _warm_one, self.engine, shape,
-                                                                lambda detail: None)
+        self._warming_more = True
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, _warm_one, self.engine, shape,
+                                                                    lambda detail: None)
+        finally:
+            self._warming_more = False
 
     async def restart(self) -> None:
         await self.start()
 
     async def stop(self) -> None:
-        warming = self.state != "ready"
+        warming = self.state != "ready" or self._warming_more
         self.state, self.detail = "stopped", "stopped"
         if warming:
             # A warm-up (minutes of compiling on a GPU) cannot be interrupted in a thread: leave it, and the
