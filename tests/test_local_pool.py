@@ -206,7 +206,7 @@ async def test_a_size_no_ready_worker_has_warmed_is_not_offered():
     assert time.monotonic() - started < 5  # a shutdown abandons a background warm-up (a compile takes minutes)
 
 
-async def test_a_thread_worker_stops_at_once_while_it_compiles_a_further_shape_in_the_background():
+async def test_a_pool_of_thread_workers_shuts_down_at_once_while_they_compile_further_shapes_in_the_background():
     import threading
 
     gate = threading.Event()
@@ -222,15 +222,18 @@ async def test_a_thread_worker_stops_at_once_while_it_compiles_a_further_shape_i
                 gate.wait(60)
 
     shapes = [WarmShape(64, 64, 2), WarmShape(96, 96, 2)]
-    worker = ThreadWorker(EngineSpec(preset="tiny"), warm=shapes, engine=CompilesSlowly())
-    await worker.start()
-    warming = asyncio.create_task(worker.warm_next())
-    await asyncio.sleep(0.1)
+    workers = [ThreadWorker(EngineSpec(preset="tiny"), f"w{i}", warm=shapes, engine=CompilesSlowly())
+               for i in range(2)]
+    pool = LocalPool(EngineSpec(preset="tiny"), workers, PoolConfig())
+    await pool.start()
+    await pool.wait_ready(timeout=5)
+    deadline = time.monotonic() + 5
+    while not all(w.busy for w in workers) and time.monotonic() < deadline:  # both compiling 96x96
+        await asyncio.sleep(0.01)
     started = time.monotonic()
-    await worker.stop()
-    assert time.monotonic() - started < 1 and worker.state == "stopped"
-    gate.set()  # the abandoned compile ends on its own; its thread is not waited for
-    await asyncio.wait({warming}, timeout=5)
+    await pool.aclose()
+    assert time.monotonic() - started < 2 and all(w.state == "stopped" for w in workers)
+    gate.set()  # the abandoned compiles end on their own; their threads are not waited for
 
 
 async def test_a_crashed_worker_process_is_restarted_and_its_jobs_rerun():

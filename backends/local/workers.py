@@ -127,6 +127,8 @@ class _WorkerBase:
         self.assigned_slots = 0  # images in the batch it is running (for least-loaded choice)
         self.warm_timings: dict = {}
         self.restarts = 0
+        # A further shape compiling in the background (minutes on a GPU): a stop does not wait for it.
+        self._warming_more = False
 
     @property
     def ready(self) -> bool:
@@ -145,7 +147,14 @@ class _WorkerBase:
         if not self.pending_warm:
             return None
         shape = self.pending_warm[0]
-        timings = await self._warm_remote(shape)
+        self._warming_more = True
+        try:
+            timings = await self._warm_remote(shape)
+        except Exception:
+            self._warming_more = False
+            raise
+        # (cancelled, the compile goes on in its thread or child: the flag stays, so a stop does not wait for it)
+        self._warming_more = False
         self.pending_warm.remove(shape)
         self.warm_timings |= timings
         self.warmed.append(shape)
@@ -163,7 +172,6 @@ class ThreadWorker(_WorkerBase):
         super().__init__(spec, name, warm or [])
         self.engine = engine or DiffusionEngine(spec)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
-        self._warming_more = False  # a further shape compiling in the background
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -179,12 +187,8 @@ class ThreadWorker(_WorkerBase):
         return await asyncio.get_running_loop().run_in_executor(self._executor, _run_batch, self.engine, req)
 
     async def _warm_remote(self, shape: WarmShape) -> dict:
-        self._warming_more = True
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, _warm_one, self.engine, shape,
-                                                                    lambda detail: None)
-        finally:
-            self._warming_more = False
+        return await asyncio.get_running_loop().run_in_executor(self._executor, _warm_one, self.engine, shape,
+                                                                lambda detail: None)
 
     async def restart(self) -> None:
         await self.start()
@@ -302,10 +306,11 @@ class ProcessWorker(_WorkerBase):
             self._conn.close()
 
     async def stop(self) -> None:
-        ready = self.state == "ready"
+        ready = self.state == "ready" and not self._warming_more
         self.state, self.detail = "stopped", "stopped"
         if ready and self._conn is not None and self._process is not None and self._process.is_alive():
             try:  # a ready child finishes its batch and exits; a warming one is not listening: killed at once
+                # (a background warm-up included: a shutdown cancels it before it stops the workers)
                 self._conn.send(None)
                 await asyncio.to_thread(self._process.join, 10)
             except OSError:
