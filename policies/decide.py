@@ -195,9 +195,12 @@ def decide(request: RouteRequest, policy: Policy, snapshot: Snapshot) -> Decisio
     pool_demand = _pool_demand(pool_seen, request, api_floor_usd)
     if policy.reserve_pool and candidates:
         candidates = _keep_reserved_room(candidates, pooled, snapshot, sla_ms, rejected, pool_demand)
-    at_risk = not candidates and not probes and bool(late) and tier.on_no_candidate == "best_effort"
+    # A best-effort request nothing is predicted to serve in time is served all the same, a pool's try at a shape
+    # it never measured included: bounded by the SLA, that try could not even start (a 1 s SLA against a 1 s guess).
+    at_risk = not candidates and bool(late or probes) and tier.on_no_candidate == "best_effort"
     if at_risk:  # the one predicted to finish first, then the rest by the same prediction
-        candidates = sorted(late, key=lambda c: (c.predicted_latency_ms, c.predicted_cost_usd, c.backend))
+        candidates = sorted([*late, *probes], key=lambda c: (c.predicted_latency_ms, c.predicted_cost_usd, c.backend))
+        probes = []
         if policy.reserve_pool:  # a late job on a pressed pool would take the room of requests still on time
             candidates.sort(key=lambda c: _pressed_pool(snapshot, c))
     else:

@@ -338,6 +338,20 @@ def test_a_best_effort_tier_serves_on_the_backend_predicted_to_finish_first_when
     assert not met.at_risk and met.serve_within_ms == met.sla_ms
 
 
+def test_a_best_effort_request_no_backend_meets_is_served_by_a_pools_try_at_an_unmeasured_shape_past_its_sla():
+    policy = POLICY.model_copy(update={"tiers": {**POLICY.tiers, "draft": POLICY.tiers["draft"].model_copy(
+        update={"on_no_candidate": "best_effort"})}})
+    req = RouteRequest(width=768, height=1344, tier="draft", sla_ms=1_000)  # the pool's guess is ~19.5 s
+    alone = decide(req, policy, Snapshot((unmeasured_local(),)))
+    assert alone.at_risk and names(alone) == ["local"] and alone.chosen.probe
+    # bounded by the SLA, the try could not even start; at risk it has the time its guess says it needs
+    assert alone.serve_within_ms == pytest.approx(1.5 * alone.chosen.predicted_latency_ms)
+    late_api = decide(req, policy, Snapshot((unmeasured_local(), api("reve", 5_000))))
+    assert late_api.at_risk and names(late_api) == ["reve", "local"]  # predicted to finish first goes first
+    strict = decide(dataclasses.replace(req, tier="standard"), policy, Snapshot((unmeasured_local(),)))
+    assert not strict.at_risk and strict.chosen.probe  # a reject tier still tries it within its SLA
+
+
 def test_a_request_other_backends_can_serve_stays_off_a_pool_whose_room_is_reserved():
     reserved = dataclasses.replace(local(queue_ms=6_000), pool=dataclasses.replace(
         local(queue_ms=6_000).pool, reserved_share=0.8))  # drafts only the pool can serve took 80% of it
