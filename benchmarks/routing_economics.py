@@ -33,7 +33,7 @@ import yaml  # noqa: E402
 from policies.profile import ThroughputProfile  # noqa: E402
 from policies.schema import Policy  # noqa: E402
 from policies.simulate import ApiModel, PoolSpec, Strategy, World, simulate, with_rule  # noqa: E402
-from policies.traces import KINDS, TraceRequest, parse_jsonl, synthetic  # noqa: E402
+from policies.traces import KINDS, TraceRequest, parse_jsonl, synthetic, unknown_tiers  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lp_bounds  # noqa: E402
@@ -154,8 +154,7 @@ def trace_files(paths: list[str], policy: Policy) -> list[tuple[str, list[TraceR
             raise SystemExit(f"{path}: {exc}") from exc
         if not trace:
             raise SystemExit(f"{path}: no requests")
-        unknown = sorted({r.tier for r in trace if r.tier is not None and r.tier not in policy.tiers})
-        if unknown:
+        if unknown := unknown_tiers(trace, policy.tiers):
             raise SystemExit(f"{path}: tiers {unknown} are not in the policy's tiers {sorted(policy.tiers)}")
         traces.append((Path(path).name, trace))
     return traces

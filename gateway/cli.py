@@ -468,7 +468,7 @@ def cmd_policy_simulate(args) -> int:
     else:
         spec = {"synthetic": args.synthetic, "duration_s": args.duration, "rate_per_s": args.rate, "seed": args.seed}
     try:
-        trace = load_trace(spec, settings, records)
+        trace = load_trace(spec, settings, records, policy=candidate)
     except ValueError as exc:
         raise CliError(str(exc)) from exc
     if not trace:
@@ -511,7 +511,7 @@ def cmd_plan(args) -> int:
         except ValueError as exc:
             raise CliError(f"--gpu-price {item!r}: NAME=USD_PER_HOUR, e.g. h100=2.0") from exc
     try:
-        trace = load_trace(spec, settings, records)
+        trace = load_trace(spec, settings, records, policy=policy)
         if not trace:
             raise CliError("the trace is empty")
         profile = None

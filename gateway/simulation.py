@@ -17,7 +17,7 @@ from pathlib import Path
 from policies.profile import ThroughputProfile
 from policies.schema import Policy
 from policies.simulate import ApiModel, PoolSpec, SimResult, World, simulate
-from policies.traces import TraceRequest, parse_jsonl, synthetic
+from policies.traces import TraceRequest, parse_jsonl, synthetic, unknown_tiers
 
 from .audit import audit_query, open_reader
 from .settings import Settings
@@ -65,7 +65,9 @@ def build_world(settings: Settings, policy: Policy, gpus: int | None = None,
 
 
 def trace_from_audit(records: list[dict]) -> list[TraceRequest]:
-    rows = [r for r in records if r.get("request")]
+    """The requests the audit records, as a trace; those refused at the door (a 4xx before any routing decision:
+    invalid input, an unknown tier, a budget) are left out, since they never reached a backend."""
+    rows = [r for r in records if r.get("request") and not _refused_at_the_door(r)]
     if not rows:
         return []
     t0 = min(r["ts"] for r in rows)
@@ -76,6 +78,10 @@ def trace_from_audit(records: list[dict]) -> list[TraceRequest]:
         out.append(TraceRequest(t=r["ts"] - t0, tenant=r.get("tenant") or "default", tier=q.get("tier"),
                                 sla_ms=q.get("sla_ms"), width=w, height=h, steps=q.get("steps"), n=q.get("n", 1)))
     return sorted(out, key=lambda x: x.t)
+
+
+def _refused_at_the_door(record: dict) -> bool:
+    return 400 <= (record.get("status") or 0) < 500 and not record.get("decision")
 
 
 def audit_records(settings: Settings, since: float | None, until: float | None, limit: int = 200_000) -> list[dict]:
@@ -111,16 +117,41 @@ def _trace_file(path: Path) -> list[TraceRequest]:
             from exc
 
 
-def load_trace(spec: dict, settings: Settings, records: list[dict] | None = None) -> list[TraceRequest]:
+def load_trace(spec: dict, settings: Settings, records: list[dict] | None = None, *, policy: Policy | None = None,
+               files_under: Path | None = None) -> list[TraceRequest]:
     """A trace from {"file": path}, {"synthetic": kind, "duration_s", "rate_per_s", "seed"},
-    {"audit": {"since", "until"}} or {"requests": [...]}."""
+    {"audit": {"since", "until"}} or {"requests": [...]}. With `policy`, a tier it lacks is an error; with
+    `files_under` (the admin API: the data folder), a file elsewhere is not read."""
+    trace = _load_trace(spec, settings, records, files_under)
+    if policy is not None and (unknown := unknown_tiers(trace, policy.tiers)):
+        raise ValueError(f"trace: tiers {unknown} are not in the policy's tiers {sorted(policy.tiers)}")
+    return trace
+
+
+def _load_trace(spec, settings: Settings, records: list[dict] | None, files_under: Path | None) -> list[TraceRequest]:
+    if not isinstance(spec, dict):
+        raise ValueError("trace: an object with one of file, synthetic, audit, requests")
     if "file" in spec:
-        return _trace_file(Path(spec["file"]))
+        path = Path(spec["file"])
+        if files_under is not None and not path.resolve().is_relative_to(Path(files_under).resolve()):
+            raise ValueError("trace.file: only a file in the gateway's data folder is read through the API "
+                             "(`imagegw plan --trace FILE` reads any)")
+        return _trace_file(path)
     if "synthetic" in spec:
         return synthetic(spec["synthetic"], float(spec.get("duration_s", 3600)), float(spec.get("rate_per_s", 0.5)),
                          int(spec.get("seed", 0)))
     if "requests" in spec:
-        return sorted((TraceRequest(**r) for r in spec["requests"]), key=lambda r: r.t)
+        if not isinstance(spec["requests"], list):
+            raise ValueError("trace.requests: a list of requests")
+        out = []
+        for i, r in enumerate(spec["requests"]):
+            if not isinstance(r, dict):
+                raise ValueError(f"trace.requests[{i}]: an object, not {type(r).__name__}")
+            try:
+                out.append(TraceRequest(**r))
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"trace.requests[{i}]: {exc}") from exc
+        return sorted(out, key=lambda r: r.t)
     if "audit" in spec:
         return trace_from_audit(records if records is not None else audit_records(
             settings, spec["audit"].get("since"), spec["audit"].get("until")))

@@ -13,7 +13,7 @@ import random
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
-__all__ = ["KINDS", "SHAPES", "TraceRequest", "dump_jsonl", "parse_jsonl", "synthetic"]
+__all__ = ["KINDS", "SHAPES", "TraceRequest", "dump_jsonl", "parse_jsonl", "synthetic", "unknown_tiers"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,15 +28,53 @@ class TraceRequest:
     n: int = 1
     job: bool = False  # an async job (POST /v1/images/jobs): may be held for idle pool capacity
 
+    def __post_init__(self):
+        """Held to what a request to the gateway may say (a trace is read from files and the admin API): a bad
+        field is a ValueError naming it, never a nonsense replay or a type error deep in the simulator."""
+        if not _number(self.t) or not 0 <= self.t < 10**9:
+            raise ValueError(f"t: seconds from the trace's start, a number from 0, not {self.t!r}")
+        if not isinstance(self.tenant, str) or not 0 < len(self.tenant) <= 128:
+            raise ValueError(f"tenant: a name of 1 to 128 characters, not {self.tenant!r}")
+        if self.tier is not None and (not isinstance(self.tier, str) or not self.tier):
+            raise ValueError(f"tier: a tier's name, not {self.tier!r}")
+        for name, low, high, optional in _BOUNDS:
+            value = getattr(self, name)
+            if value is None and optional:
+                continue
+            if not _integer(value) or not low <= value <= high:
+                raise ValueError(f"{name}: a whole number from {low} to {high}, not {value!r}")
+        if not isinstance(self.job, bool):
+            raise ValueError(f"job: true or false, not {self.job!r}")
+
+
+# (field, least, most, may be null): the gateway's own request limits
+_BOUNDS = (("sla_ms", 1, 86_400_000, True), ("width", 64, 99_999, False), ("height", 64, 99_999, False),
+           ("steps", 1, 500, True), ("n", 1, 10, False))
+
+
+def _number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def unknown_tiers(trace: Iterable[TraceRequest], tiers) -> list[str]:
+    """The tiers a trace names that `tiers` (a policy's) lacks: replaying those could only guess SLA and quality."""
+    return sorted({r.tier for r in trace if r.tier is not None and r.tier not in tiers})
+
 
 def parse_jsonl(lines: Iterable[str]) -> list[TraceRequest]:
     out = []
     for i, line in enumerate(lines):
         if line.strip():
             data = json.loads(line)
+            if not isinstance(data, dict):
+                raise ValueError(f"trace line {i + 1}: a JSON object, not {type(data).__name__}")
             try:
                 out.append(TraceRequest(**data))
-            except TypeError as exc:
+            except (TypeError, ValueError) as exc:
                 raise ValueError(f"trace line {i + 1}: {exc}") from exc
     return sorted(out, key=lambda r: r.t)
 

@@ -24,6 +24,29 @@ def test_synthetic_traces_are_deterministic_and_round_trip_as_json_lines(kind):
     assert parse_jsonl(dump_jsonl(a).splitlines()) == a
 
 
+def test_a_trace_request_is_held_to_what_a_request_may_say_and_a_bad_one_names_its_field_and_line():
+    for bad, named in (({"t": "x"}, "t:"), ({"t": float("nan")}, "t:"), ({"t": 0, "width": -5}, "width:"),
+                       ({"t": 0, "n": 11}, "n:"), ({"t": 0, "sla_ms": True}, "sla_ms:"),
+                       ({"t": 0, "steps": 0}, "steps:"), ({"t": 0, "job": "yes"}, "job:"),
+                       ({"t": 0, "tenant": ""}, "tenant:")):
+        with pytest.raises(ValueError, match=named):
+            TraceRequest(**bad)
+    with pytest.raises(ValueError, match="trace line 2: width"):
+        parse_jsonl(['{"t": 0}', '{"t": 1, "width": 10}'])
+    with pytest.raises(ValueError, match="trace line 1: a JSON object"):
+        parse_jsonl(["[1, 2]"])
+
+
+def test_a_replay_of_the_audit_leaves_out_requests_refused_at_the_door():
+    from gateway.simulation import trace_from_audit
+
+    served = {"ts": 10.0, "status": 200, "decision": {"tier": "standard"}, "request": {"size": "1024x1024", "n": 1}}
+    invalid = {"ts": 11.0, "status": 400, "decision": None, "request": {"size": "16x16", "n": 1, "tier": "nope"}}
+    refused = {"ts": 12.0, "status": 503, "decision": {"tier": "standard"}, "request": {"size": "512x512", "n": 2}}
+    trace = trace_from_audit([served, invalid, refused])
+    assert [(r.t, r.width, r.n) for r in trace] == [(0.0, 1024, 1), (2.0, 512, 2)]  # a routed refusal stays
+
+
 def test_every_arrival_shape_comes_with_every_mix_of_tiers_and_sizes():
     from policies.traces import MIXED_SHAPES
 

@@ -113,6 +113,14 @@ async def policy_route(request: Request, policy: PolicyRegistry, backends: Mappi
     return {**entry.summary(), "warnings": policy_warnings(candidate, set(backends))}
 
 
+def _trace_spec(body) -> dict:
+    """The body's "trace" (a missing or null one: ten minutes of the diurnal synthetic trace)."""
+    if not isinstance(body, dict):
+        raise ValueError("the body must be a JSON object")
+    spec = body.get("trace")
+    return {"synthetic": "diurnal", "duration_s": 600} if spec is None else spec
+
+
 @post("/policy/simulate", status_code=200)
 async def simulate_policy(request: Request, policy: PolicyRegistry, settings: Settings) -> dict:
     """Body: {"policy": candidate (object or YAML text; default: current), "trace": {...}, "gpus", "seed"}."""
@@ -121,8 +129,8 @@ async def simulate_policy(request: Request, policy: PolicyRegistry, settings: Se
     try:
         body = msgspec.json.decode(await request.body())
         candidate = policy.current if body.get("policy") is None else parse_policy(body["policy"], "policy")
-        trace = await asyncio.to_thread(load_trace, body.get("trace") or {"synthetic": "diurnal", "duration_s": 600},
-                                        settings)
+        trace = await asyncio.to_thread(load_trace, _trace_spec(body), settings, policy=candidate,
+                                        files_under=settings.data_dir)
     except ConfigError as exc:
         raise PolicyRejected("the candidate policy is invalid", extra={"errors": exc.errors}) from exc
     except (msgspec.DecodeError, ValueError, TypeError, KeyError, AttributeError) as exc:
@@ -145,8 +153,8 @@ async def plan_pool(request: Request, policy: PolicyRegistry, settings: Settings
         body = msgspec.json.decode(await request.body())
         if not isinstance(body, dict):
             raise ValueError("the body must be a JSON object")
-        trace = await asyncio.to_thread(load_trace, body.get("trace") or {"synthetic": "diurnal", "duration_s": 600},
-                                        settings)
+        trace = await asyncio.to_thread(load_trace, _trace_spec(body), settings, policy=policy.current,
+                                        files_under=settings.data_dir)
     except (msgspec.DecodeError, ValueError, TypeError, KeyError, AttributeError) as exc:
         raise InvalidRequest(f"bad plan request: {exc}", param="trace") from exc
     if not trace:
