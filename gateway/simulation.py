@@ -17,7 +17,7 @@ from pathlib import Path
 from policies.profile import ThroughputProfile
 from policies.schema import Policy
 from policies.simulate import ApiModel, PoolSpec, SimResult, World, simulate
-from policies.traces import TraceRequest, parse_jsonl, synthetic, unknown_tiers
+from policies.traces import TraceRequest, from_records, parse_jsonl, synthetic, unknown_tiers
 
 from .audit import audit_query, open_reader
 from .settings import Settings
@@ -143,15 +143,7 @@ def _load_trace(spec, settings: Settings, records: list[dict] | None, files_unde
     if "requests" in spec:
         if not isinstance(spec["requests"], list):
             raise ValueError("trace.requests: a list of requests")
-        out = []
-        for i, r in enumerate(spec["requests"]):
-            if not isinstance(r, dict):
-                raise ValueError(f"trace.requests[{i}]: an object, not {type(r).__name__}")
-            try:
-                out.append(TraceRequest(**r))
-            except (TypeError, ValueError) as exc:
-                raise ValueError(f"trace.requests[{i}]: {exc}") from exc
-        return sorted(out, key=lambda r: r.t)
+        return from_records((f"trace.requests[{i}]", r) for i, r in enumerate(spec["requests"]))
     if "audit" in spec:
         return trace_from_audit(records if records is not None else audit_records(
             settings, spec["audit"].get("since"), spec["audit"].get("until")))

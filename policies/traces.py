@@ -13,7 +13,8 @@ import random
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
-__all__ = ["KINDS", "SHAPES", "TraceRequest", "dump_jsonl", "parse_jsonl", "synthetic", "unknown_tiers"]
+__all__ = ["KINDS", "SHAPES", "TraceRequest", "dump_jsonl", "from_records", "parse_jsonl", "synthetic",
+           "unknown_tiers"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,16 +67,19 @@ def unknown_tiers(trace: Iterable[TraceRequest], tiers) -> list[str]:
 
 
 def parse_jsonl(lines: Iterable[str]) -> list[TraceRequest]:
+    return from_records((f"trace line {i + 1}", json.loads(line)) for i, line in enumerate(lines) if line.strip())
+
+
+def from_records(records: Iterable[tuple[str, object]]) -> list[TraceRequest]:
+    """A trace in time order from (where, fields) pairs: a bad one is a ValueError that says where and why."""
     out = []
-    for i, line in enumerate(lines):
-        if line.strip():
-            data = json.loads(line)
-            if not isinstance(data, dict):
-                raise ValueError(f"trace line {i + 1}: a JSON object, not {type(data).__name__}")
-            try:
-                out.append(TraceRequest(**data))
-            except (TypeError, ValueError) as exc:
-                raise ValueError(f"trace line {i + 1}: {exc}") from exc
+    for where, data in records:
+        if not isinstance(data, dict):
+            raise ValueError(f"{where}: a JSON object, not {type(data).__name__}")
+        try:
+            out.append(TraceRequest(**data))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: {exc}") from exc
     return sorted(out, key=lambda r: r.t)
 
 

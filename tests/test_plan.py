@@ -94,7 +94,7 @@ def test_admin_plan_answers_the_plans_and_names_a_bad_field(settings, shipped_po
     # A trace's requests are held to what a request may say: a bad one is a 400 naming it, never a 500 or a plan
     # of nonsense (a string `t` was a 500; a negative width, an unknown tier, n = 10^6 were planned).
     for request, named in (({"t": "x"}, "t:"), ({"t": 0, "width": -5}, "width:"), ({"t": 0, "n": 10**6}, "n:"),
-                           ({"t": 0, "tier": "gold"}, "'gold'"), (5, "an object")):
+                           ({"t": 0, "tier": "gold"}, "'gold'"), (5, "a JSON object")):
         r = httpx.post(server.base_url + "/admin/plan", json={**body, "trace": {"requests": [request]}},
                        headers=auth, timeout=60)
         assert r.status_code == 400 and named in r.json()["error"]["message"], (request, r.text)

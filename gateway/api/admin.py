@@ -151,8 +151,6 @@ async def plan_pool(request: Request, policy: PolicyRegistry, settings: Settings
 
     try:
         body = msgspec.json.decode(await request.body())
-        if not isinstance(body, dict):
-            raise ValueError("the body must be a JSON object")
         trace = await asyncio.to_thread(load_trace, _trace_spec(body), settings, policy=policy.current,
                                         files_under=settings.data_dir)
     except (msgspec.DecodeError, ValueError, TypeError, KeyError, AttributeError) as exc:
