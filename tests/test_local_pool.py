@@ -236,6 +236,23 @@ async def test_a_pool_of_thread_workers_shuts_down_at_once_while_they_compile_fu
     gate.set()  # the abandoned compiles end on their own; their threads are not waited for
 
 
+async def test_a_worker_process_compiling_a_further_shape_in_the_background_is_killed_at_once_on_shutdown():
+    # The child is not listening while it warms: asked to exit, it would be waited on for the whole warm-up.
+    slow = WarmShape(512, 512, 400, batch=4)  # seconds of work for the tiny model on a CPU
+    worker = ProcessWorker(TINY, "proc-0", warm=[WarmShape(64, 64, 2), slow])
+    pool = LocalPool(TINY, [worker], PoolConfig(max_wait_s=0.0))
+    await pool.start()
+    await pool.wait_ready(timeout=120)
+    deadline = time.monotonic() + 30
+    while not worker._warming_more and time.monotonic() < deadline:  # the pool found it idle: warming 512x512
+        await asyncio.sleep(0.01)
+    assert worker._warming_more and worker.pending_warm == [slow]
+    process = worker._process
+    started = time.monotonic()
+    await pool.aclose()
+    assert time.monotonic() - started < 3 and not process.is_alive() and worker.state == "stopped"
+
+
 async def test_a_crashed_worker_process_is_restarted_and_its_jobs_rerun():
     worker = ProcessWorker(TINY, "proc-0", warm=[WarmShape(64, 64, 2)])
     pool = LocalPool(TINY, [worker], PoolConfig(max_wait_s=0.0))
