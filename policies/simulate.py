@@ -434,6 +434,14 @@ class _Sim:
                 self.running_until[id(job)] = self.now + seconds
             self.push(self.now + seconds, "batch_done", (batch, seconds))
 
+    def batch_done(self, batch, seconds: float) -> None:
+        for job in batch.jobs:
+            self.running_until.pop(id(job), None)
+            outcome, _, candidate = job.payload
+            share = self.world.pool.gpu_hour_usd / 3600 * seconds * job.slots / batch.slots
+            self.finish(outcome, "local", share, candidate)
+        self.pump()
+
     def run(self, progress: Callable[[float], None] | None) -> SimResult:
         for req in self.trace:
             self.push(req.t, "arrive", req)
@@ -457,13 +465,7 @@ class _Sim:
             elif kind == "hedge":
                 self.start_partner(data)
             elif kind == "batch_done":
-                batch, seconds = data
-                for job in batch.jobs:
-                    self.running_until.pop(id(job), None)
-                    outcome, _, candidate = job.payload
-                    share = self.world.pool.gpu_hour_usd / 3600 * seconds * job.slots / batch.slots
-                    self.finish(outcome, "local", share, candidate)
-                self.pump()
+                self.batch_done(*data)
             elif kind == "wake":
                 self.pump()
         horizon = max([self.trace[-1].t if self.trace else 0.0] + [o.done_at or 0 for o in self.outcomes])
