@@ -62,8 +62,26 @@ def _http_error(request: Request, exc: HTTPException) -> Response:
         message = f"{param}: {problems[0].get('message') or 'invalid value'}"
     elif exc.status_code == 413:
         message = f"request body over the {request.app.request_max_body_size} byte limit (server.max_body_bytes)"
+    elif exc.status_code == 404 and exc.detail == "Not Found":  # no route (not a missing file under one)
+        message = _not_served(request.method, request.url.path)
+    elif exc.status_code == 405:
+        allowed = next((v for k, v in (exc.headers or {}).items() if k.lower() == "allow"), None)
+        message = f"{request.method} is not allowed on {request.url.path}"
+        message += f"; allowed: {allowed}" if allowed else ""
     return Response(error_body(message, type_, param, f"http_{exc.status_code}"),
                     status_code=exc.status_code, media_type=MediaType.JSON, headers=exc.headers)
+
+
+# OpenAI's image endpoints this gateway does not serve: a client of OpenAI's SDK calling one learns why.
+_OPENAI_ONLY = {"/v1/images/edits": "image edits", "/v1/images/variations": "image variations"}
+
+
+def _not_served(method: str, path: str) -> str:
+    what = _OPENAI_ONLY.get(path.rstrip("/"))
+    if what is not None:
+        return (f"{method} {path}: {what} are not served by this gateway; it generates images from a prompt "
+                "(POST /v1/images/generations, or POST /v1/images/jobs for async jobs)")
+    return f"{method} {path}: no such path; the API is described at GET /openapi.json"
 
 
 def _unexpected(_: Request, exc: Exception) -> Response:

@@ -72,7 +72,13 @@ def test_oversized_body_gets_413_in_openai_shape(client):
 def test_unknown_route_is_404_in_openai_shape(client):
     r = client.get("/v1/nothing")
     assert r.status_code == 404
-    assert "error" in r.json()
+    assert r.json()["error"]["message"] == "GET /v1/nothing: no such path; the API is described at GET /openapi.json"
+
+
+def test_a_method_a_route_does_not_take_is_405_naming_those_it_does(client):
+    r = client.get("/v1/images/generations")
+    assert r.status_code == 405
+    assert r.json()["error"]["message"] == "GET is not allowed on /v1/images/generations; allowed: POST, OPTIONS"
 
 
 def test_every_openai_images_field_is_accepted(client):

@@ -70,6 +70,17 @@ def test_sdk_raises_typed_errors(client):
     assert none.value.status_code == 503
 
 
+def test_an_openai_images_endpoint_the_gateway_does_not_serve_says_so_and_what_it_serves(client):
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(png, format="PNG")
+    with pytest.raises(openai.NotFoundError) as edit:
+        client.images.edit(image=("in.png", png.getvalue(), "image/png"), prompt="add a hat")
+    assert "image edits are not served" in edit.value.message and "/v1/images/generations" in edit.value.message
+    with pytest.raises(openai.NotFoundError) as variation:
+        client.images.create_variation(image=("in.png", png.getvalue(), "image/png"))
+    assert "image variations are not served" in variation.value.message
+
+
 def test_same_seed_same_image_and_another_seed_another(client):
     a = client.images.generate(prompt="seeded", size="256x256", extra_body={"seed": 42, "steps": 2})
     b = client.images.generate(prompt="seeded", size="256x256", extra_body={"seed": 42, "steps": 2})
