@@ -61,6 +61,9 @@ class GenerationJob:
     # A backend that queues gives the job back unstarted (BackendReleased) if, by this monotonic time, it
     # predicts a late finish: the dispatcher's next candidate can still make the deadline. None: keep it.
     start_by: float | None = None
+    # Only this backend can serve it in time: a pool that pre-empts runs it ahead of flexible work, pausing a
+    # running batch of such work after its current step (policies' Candidate.preempts).
+    preempts: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -102,7 +102,7 @@ def _decision_record(d: Decision) -> dict:
             {"backend": c.backend, "model": c.model, "predicted_latency_ms": round(c.predicted_latency_ms, 1),
              "predicted_cost_usd": c.predicted_cost_usd, "quality": c.quality, "steps": c.steps,
              **({"start_within_ms": round(c.start_within_ms, 1)} if c.start_within_ms is not None else {}),
-             **({"probe": True} if c.probe else {})}
+             **({"probe": True} if c.probe else {}), **({"preempts": True} if c.preempts else {})}
             for c in d.candidates
         ],
         "rejected": [{"backend": r.backend, "reason": r.reason.value, "detail": r.detail}

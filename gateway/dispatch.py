@@ -206,7 +206,8 @@ class Dispatcher:
                     began: float) -> GenerationResult:
         backend = self._backends[candidate.backend]
         start_by = None if candidate.start_within_ms is None else began + candidate.start_within_ms / 1000
-        job = dataclasses.replace(job, model=candidate.model, steps=candidate.steps, start_by=start_by)
+        job = dataclasses.replace(job, model=candidate.model, steps=candidate.steps, start_by=start_by,
+                                  preempts=candidate.preempts)
         try:
             # Backends keep their own deadline and say what ran out (a job still queued in the pool is a busy
             # backend, not a broken one): this timer, a little later, only stops one that does not.

@@ -125,6 +125,8 @@ def decide(request: RouteRequest, policy: Policy, snapshot: Snapshot) -> Decisio
     in_policy = 0
     api_floor_usd = math.inf  # the cheapest API that may serve it, in time or not: what the pool saves it
     pool_seen: tuple[str, PoolModel, int] | None = None
+    alone_ms: dict[str, float] = {}  # a pool that pre-empts: its prediction against its pool-only work alone
+    flexible_ms: dict[str, float] = {}  # ... and behind all its work, as flexible work waits
     for view in snapshot.backends:
         name = view.name
         bp = backends.get(name)
@@ -142,6 +144,13 @@ def decide(request: RouteRequest, policy: Policy, snapshot: Snapshot) -> Decisio
                                       f"quality {quality} at {steps} steps < tier minimum {tier.min_quality}"))
             continue
         latency = view.latency.predict(request, steps, policy.latency_quantile, pool, sla_ms) + view.wait_ms
+        preempts = False
+        if pool is not None and pool.preemptive:
+            alone_ms[name] = view.latency.predict(request, steps, policy.latency_quantile, pool.pool_only(),
+                                                  sla_ms) + view.wait_ms
+            flexible_ms[name] = latency
+            if latency > sla_ms:  # late as flexible work: predicted as work that pre-empts it (kept if pool-only)
+                latency, preempts = alone_ms[name], True
         cost = predicted_cost_usd(view, bp, request, steps, policy.cost_accounting)
         if pool is None:
             api_floor_usd = min(api_floor_usd, cost)
@@ -161,20 +170,20 @@ def decide(request: RouteRequest, policy: Policy, snapshot: Snapshot) -> Decisio
                                       f"predicted {policy.latency_quantile} {latency:.0f} ms > SLA {sla_ms} ms"))
             if max_cost is None or cost <= max_cost:  # the best effort, should nothing meet the SLA
                 late.append(Candidate(name, request.model or view.models[0], latency, cost, quality, steps,
-                                      expected_ms=latency))
+                                      expected_ms=latency, preempts=preempts))
             continue
         if max_cost is not None and cost > max_cost:
             rejected.append(Rejection(name, RejectReason.COST_CEILING,
                                       f"predicted ${cost:.6f} > ceiling ${max_cost:.6f}"))
             continue
-        candidate = Candidate(name, request.model or view.models[0], latency, cost, quality, steps)
+        candidate = Candidate(name, request.model or view.models[0], latency, cost, quality, steps, preempts=preempts)
         if pool is None:
             candidate.p99_ms = view.latency.p99_ms + view.wait_ms
             candidate.expected_ms = view.latency.p50_ms * (1 + view.inflight) + view.wait_ms
         else:
             candidate.expected_ms = latency
             pooled.add(name)
-            if pool.delays_committed(request, steps, sla_ms / 1000):
+            if (pool.pool_only() if preempts else pool).delays_committed(request, steps, sla_ms / 1000):
                 reserve_bound.append((pool, candidate))
                 continue
         candidates.append(candidate)
@@ -192,6 +201,8 @@ def decide(request: RouteRequest, policy: Policy, snapshot: Snapshot) -> Decisio
             rejected.append(Rejection(candidate.backend, RejectReason.SLA_MISS,
                                       "would eat into the slack reserve of committed pool jobs"))
 
+    if alone_ms and candidates:
+        candidates = _pool_only_pre_empts(candidates, pooled, alone_ms, flexible_ms, sla_ms, rejected)
     pool_demand = _pool_demand(pool_seen, request, api_floor_usd)
     if policy.reserve_pool and candidates:
         candidates = _keep_reserved_room(candidates, pooled, snapshot, sla_ms, rejected, pool_demand)
@@ -239,6 +250,28 @@ def _pool_demand(pool_seen: tuple[str, PoolModel, int] | None, request: RouteReq
     name, pool, steps = pool_seen
     alone_s = pool.profile.seconds(pool.model, request.width, request.height, steps, request.n)
     return name, alone_s, api_floor_usd / alone_s if alone_s > 0 else math.inf
+
+
+def _pool_only_pre_empts(candidates: list[Candidate], pooled: set[str], alone_ms: dict[str, float],
+                         flexible_ms: dict[str, float], sla_ms: float, rejected: list[Rejection]) -> list[Candidate]:
+    """On a pool that pre-empts, a request only the pool can serve in time goes ahead of the flexible work
+    (predicted against the pool-only work alone); one another backend can serve in time is flexible work, and a
+    place on the pool that only pre-emption would make in time is not its to take."""
+    if any(c.backend not in pooled for c in candidates):
+        kept = []
+        for c in candidates:
+            if c.preempts:
+                rejected.append(Rejection(c.backend, RejectReason.SLA_MISS,
+                                          f"predicted {flexible_ms[c.backend]:.0f} ms behind the pool's work > SLA "
+                                          f"{sla_ms} ms; another backend can serve it in time"))
+            else:
+                kept.append(c)
+        return kept
+    for c in candidates:
+        if c.backend in alone_ms:
+            c.preempts = True
+            c.predicted_latency_ms = c.expected_ms = alone_ms[c.backend]
+    return candidates
 
 
 def _pressed_pool(snapshot: Snapshot, candidate: Candidate) -> bool:

@@ -75,6 +75,9 @@ class PoolSpec:
     default_steps: int = 30
     fixed_p50_ms: float = 50
     fixed_p95_ms: float = 250
+    # A batch of pool-only work (Candidate.preempts) pauses a running flexible batch after its current step
+    # (its seconds / steps); the paused batch ends later by the pre-empting batch's run (PoolModel.preemptive).
+    preemptive: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +151,7 @@ class SimResult:
     released: int = 0  # pool jobs given back to their next candidate (late binding)
     hedges: int = 0  # second calls started by hedging
     jobs_held: int = 0  # times an async job waited for idle pool capacity
+    preempted: int = 0  # flexible batches paused for a pool-only one (PoolSpec.preemptive)
 
     @property
     def images(self) -> int:
@@ -173,6 +177,7 @@ class SimResult:
             "latency_s": {q: _pct(latencies, p) for q, p in (("p50", .5), ("p95", .95), ("p99", .99))},
             "gpu_utilisation": self.gpu_busy_s / max(1e-9, self.gpus * self.horizon_s),
             "pool_released": self.released, "hedges_started": self.hedges, "jobs_held": self.jobs_held,
+            "pool_preempted": self.preempted,
         }
 
 
@@ -198,6 +203,15 @@ class _Sim:
                                   clock=lambda: self.now, arrivals=ArrivalRate(),
                                   max_batch_s=lambda: self.inflexible.max_batch_s(self.now)) if pool else None
         self.gpu_free_at = [0.0] * (pool.gpus if pool else 0)
+        # A pool that pre-empts (PoolSpec.preemptive): pool-only work queues apart and goes first, and per GPU the
+        # flexible batch it may pause, (batch, its end, one step's seconds), and when its pool-only batch ends.
+        self.pool_only = SLABatcher(lambda: pool.profile, max_batch=pool.max_batch, max_wait_s=pool.max_wait_s,
+                                    clock=lambda: self.now, arrivals=ArrivalRate()) \
+            if pool and pool.preemptive else None
+        self.flexible: list[tuple | None] = [None] * len(self.gpu_free_at)
+        self.pool_only_until = [0.0] * len(self.gpu_free_at)
+        self.ends: dict[int, float] = {}  # id(batch) -> when it ends now (a pre-emption pushes a flexible one back)
+        self.preempted = 0
         self.running_until: dict[int, float] = {}  # id(job) -> when its running batch ends
         self.occupancy = 1.0
         self.busy_s = 0.0
@@ -245,13 +259,28 @@ class _Sim:
                               reserved_share=self.inflexible.share(self.now, pool.gpus),
                               sustained_share=self.inflexible.sustained_share(self.now, pool.gpus),
                               batch_cap_s=self.inflexible.max_batch_s(self.now),
-                              demand=self.demand.table(self.now, pool.gpus))
+                              demand=self.demand.table(self.now, pool.gpus), **self._pre_emption())
             views.append(BackendView(name="local", kind=BackendKind.LOCAL, health=Health.OK, models=(pool.model,),
                                      sizes=SizeSupport(max_side=2048, multiple_of=8), max_n=10,
                                      default_steps=pool.default_steps,
                                      latency=self._latency("local", pool.fixed_p50_ms, pool.fixed_p95_ms),
                                      pool=None if self.strategy.recent_latency and "local" in self.recent else model))
         return Snapshot(tuple(views))
+
+    def _pre_emption(self) -> dict:
+        """PoolModel's pre-emption fields: what runs ahead of a pool-only job on each GPU (its pool-only batch,
+        else a step of the flexible batch it would pause) and the pool-only queue."""
+        if self.pool_only is None:
+            return {}
+        ahead = 0.0
+        for gpu, until in enumerate(self.pool_only_until):
+            flexible = self.flexible[gpu]
+            if until > self.now:
+                ahead += until - self.now
+            elif flexible is not None and flexible[1] > self.now:
+                ahead += flexible[2]
+        return {"preemptive": True, "pool_only_running_s": ahead,
+                "pool_only_queue": self.pool_only.points(self.now, ahead, len(self.gpu_free_at))}
 
     # --- events -------------------------------------------------------------------------
 
@@ -360,8 +389,10 @@ class _Sim:
                 if loser is winner:
                     continue
                 if loser.backend == "local":
-                    if race.local_job is not None:
-                        self.batcher.remove(race.local_job)  # queued: withdrawn; running: the GPU time is spent
+                    if race.local_job is not None:  # queued: withdrawn; running: the GPU time is spent
+                        for queue in (self.batcher, self.pool_only):
+                            if queue is not None:
+                                queue.remove(race.local_job)
                 else:
                     self.api_spend += loser.predicted_cost_usd  # cancelled mid-flight, may still be billed
                     outcome.cost_usd += loser.predicted_cost_usd
@@ -376,14 +407,15 @@ class _Sim:
         if candidate.backend == "local":
             pool = self.world.pool
             key = (pool.model, outcome.request.width, outcome.request.height, candidate.steps, 5.0)
+            queue = self.pool_only if candidate.preempts and self.pool_only is not None else self.batcher
             start_by = None
-            if candidate.start_within_ms is not None and self.binds_late:
+            if candidate.start_within_ms is not None and self.binds_late and queue is self.batcher:
                 start_by = outcome.request.t + candidate.start_within_ms / 1000
             job = QueuedJob(key, outcome.request.n, outcome.give_up_at, self.now,
                             (outcome, rest, candidate), start_by=start_by)
             if outcome.race is not None:
                 outcome.race.local_job = job
-            self.batcher.put(job)
+            queue.put(job)
             self.pump()
             return
         api = self.apis[candidate.backend]
@@ -412,29 +444,66 @@ class _Sim:
         for job in self.batcher.settle(self.now, self.running_s(), pool.gpus):
             self.released += 1
             self.fallback(*job.payload)  # given back: its next candidate, while that can still make it
+        wakes = [] if self.pool_only is None else self._launch_pool_only()
         while True:
             free = [i for i, t in enumerate(self.gpu_free_at) if t <= self.now]
             free_since = min(self.gpu_free_at[i] for i in free) if free else None
             batch, wake = self.batcher.next_batch(free_since) if free else (None, None)
             if batch is None:
-                settle = self.batcher.next_settle()
-                wake = settle if wake is None else (wake if settle is None else min(wake, settle))
-                if wake is not None and (self.wake_at is None or wake < self.wake_at or self.wake_at <= self.now):
-                    self.wake_at = wake
-                    self.push(max(wake, self.now), "wake", None)
-                return
-            seconds = pool.profile.seconds(*batch.key[:4], batch.slots)
-            gpu = free[0]
-            self.gpu_free_at[gpu] = self.now + seconds
-            self.busy_s += seconds
-            minute = int(self.now // 60)
-            self.busy_by_minute[minute] = self.busy_by_minute.get(minute, 0.0) + seconds
-            self.occupancy = 0.8 * self.occupancy + 0.2 * batch.slots
-            for job in batch.jobs:
-                self.running_until[id(job)] = self.now + seconds
-            self.push(self.now + seconds, "batch_done", (batch, seconds))
+                break
+            self._launch(batch, free[0])
+        wakes += [t for t in (wake, self.batcher.next_settle()) if t is not None]
+        if wakes and (self.wake_at is None or min(wakes) < self.wake_at or self.wake_at <= self.now):
+            self.wake_at = min(wakes)
+            self.push(max(self.wake_at, self.now), "wake", None)
+
+    def _launch_pool_only(self) -> list[float]:
+        """Pool-only batches on every GPU not running one: an idle GPU first, else the one whose flexible batch has
+        the most left, which they pause after its current step. Returns when to ask again, if anything waits."""
+        while True:
+            gpus = [i for i, until in enumerate(self.pool_only_until) if until <= self.now]
+            if not gpus:
+                return []
+            gpu = min(gpus, key=lambda i: (self.gpu_free_at[i] > self.now, -self.gpu_free_at[i]))
+            batch, wake = self.pool_only.next_batch(min(self.gpu_free_at[gpu], self.now))
+            if batch is None:
+                return [wake] if wake is not None else []
+            self._launch(batch, gpu, pool_only=True)
+
+    def _launch(self, batch, gpu: int, pool_only: bool = False) -> None:
+        seconds = self.world.pool.profile.seconds(*batch.key[:4], batch.slots)
+        start = self.now
+        if pool_only:
+            flexible = self.flexible[gpu]
+            if flexible is not None and flexible[1] > self.now:  # paused after its current step
+                paused, end, step_s = flexible
+                start += step_s
+                self.flexible[gpu] = (paused, end + seconds, step_s)
+                self._ends_at(paused, end + seconds, (paused, self.world.pool.profile.seconds(
+                    *paused.key[:4], paused.slots)))
+                self.preempted += 1
+            self.pool_only_until[gpu] = start + seconds
+        elif self.pool_only is not None:
+            self.flexible[gpu] = (batch, start + seconds, seconds / batch.key[3])
+        flexible = self.flexible[gpu]
+        self.gpu_free_at[gpu] = max(start + seconds, self.pool_only_until[gpu], flexible[1] if flexible else 0.0)
+        self.busy_s += seconds
+        minute = int(self.now // 60)
+        self.busy_by_minute[minute] = self.busy_by_minute.get(minute, 0.0) + seconds
+        self.occupancy = 0.8 * self.occupancy + 0.2 * batch.slots
+        self._ends_at(batch, start + seconds, (batch, seconds))
+
+    def _ends_at(self, batch, end: float, event: tuple) -> None:
+        self.ends[id(batch)] = end
+        for job in batch.jobs:
+            self.running_until[id(job)] = end
+        self.push(end, "batch_done", event)
 
     def batch_done(self, batch, seconds: float) -> None:
+        if self.ends.get(id(batch)) != self.now:
+            return  # paused by a pre-emption: its event at its new end counts
+        del self.ends[id(batch)]
+        self.flexible = [None if f is not None and f[0] is batch else f for f in self.flexible]
         for job in batch.jobs:
             self.running_until.pop(id(job), None)
             outcome, _, candidate = job.payload
@@ -473,7 +542,7 @@ class _Sim:
         gpu_cost = pool.gpus * horizon / 3600 * pool.gpu_hour_usd if pool else 0.0
         result = SimResult(self.strategy.name, self.outcomes, horizon, self.api_spend, gpu_cost, self.busy_s,
                            pool.gpus if pool else 0, released=self.released, hedges=self.hedges,
-                           jobs_held=self.held)
+                           jobs_held=self.held, preempted=self.preempted)
         result.timeline = _timeline(self.outcomes, horizon)
         for row in result.timeline:
             busy = self.busy_by_minute.get(int(row["t"] // 60), 0.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -128,7 +129,7 @@ class LatencyModel:
             factor = self.pool_p95_factor if quantile == "p95" else 1.0
             budget_s = (sla_ms - fixed) / 1000 / factor if sla_ms else None  # what the pool's part may take
             due_s = sla_ms / 1000 if sla_ms else None
-            return fixed + pool.completion_s(request, steps, budget_s, due_s) * 1000 * factor
+            return fixed + pool.stay_s(request, steps, budget_s, due_s) * 1000 * factor
         return fixed
 
 
@@ -174,11 +175,33 @@ class PoolModel:
     # Recent demand for the pool by what it was worth per GPU-second (policies.reservation.PoolDemand.table):
     # (value, SLA s, share of each worker's time over the last minute, the same over the last 10 s).
     demand: tuple[tuple[float, float, float, float], ...] = ()
+    # Pre-emption: the pool's workers pause a running batch of flexible work after its current denoising step to
+    # run a batch of pool-only work (Candidate.preempts). Such work is predicted against the pool-only work alone
+    # (`pool_only`), and flexible work with its whole stay, run included, stretched by 1 / (1 - reserved_share).
+    preemptive: bool = False
+    pool_only_queue: tuple[QueuePoint, ...] = ()  # the pool-only queue, in deadline order
+    pool_only_running_s: float = 0.0  # pool-only batches still running, plus a step of each batch they would pause
 
     @property
     def saturated(self) -> bool:
-        """Work only the pool can serve took SATURATED_SHARE of it over the last minute: flexible work keeps off."""
-        return self.sustained_share >= SATURATED_SHARE
+        """Work only the pool can serve took SATURATED_SHARE of it over the last minute: flexible work keeps off
+        (a pool that pre-empts runs flexible work between such work's batches instead)."""
+        return not self.preemptive and self.sustained_share >= SATURATED_SHARE
+
+    def pool_only(self) -> PoolModel:
+        """The pool as a request that pre-empts sees it: only the pool-only work goes ahead of it."""
+        queue, running = self.pool_only_queue, self.pool_only_running_s
+        return dataclasses.replace(self, queue=queue, running_s=running,
+                                   work_ahead_s=queue[-1].work_s if queue else running, reserved_share=0.0,
+                                   preemptive=False, demand=())
+
+    def stay_s(self, request: RouteRequest, steps: int, sla_s: float | None = None,
+               due_s: float | None = None) -> float:
+        """`completion_s`, stretched on a pool that pre-empts by the pool-only work that pauses it meanwhile."""
+        seconds = self.completion_s(request, steps, sla_s, due_s)
+        if self.preemptive and self.reserved_share > 0:
+            seconds /= 1 - min(self.reserved_share, MAX_SHARE)
+        return seconds
 
     def fits_between(self, own_s: float) -> bool:
         """A job with other candidates (its own run alone `own_s`) that may still take a saturated pool: a worker
@@ -240,8 +263,9 @@ class PoolModel:
 
     def reserved_delay_s(self, sla_s: float | None) -> float:
         """How much later than `completion_s` a job with other candidates is predicted to finish: the pool-only
-        work arriving meanwhile goes ahead of it (deadline first), stretching its wait by 1 / (1 - share)."""
-        if self.reserved_share <= 0:
+        work arriving meanwhile goes ahead of it (deadline first), stretching its wait by 1 / (1 - share). On a pool
+        that pre-empts, `stay_s` has stretched its whole stay already."""
+        if self.reserved_share <= 0 or self.preemptive:
             return 0.0
         wait = self.ahead_s(sla_s) / max(self.workers, 1)
         return wait * self.reserved_share / (1 - self.reserved_share)
@@ -322,6 +346,9 @@ class Candidate:
     # idle, and the SLA less the next candidate's prediction bounds the try, so the pool learns instead of being
     # refused forever on a guess.
     probe: bool = False
+    # Only the pool can serve it in time: it goes ahead of flexible work, pausing a running batch of it after that
+    # batch's current step on a pool that pre-empts (PoolModel.preemptive), and is predicted so.
+    preempts: bool = False
 
 
 @dataclass(slots=True)

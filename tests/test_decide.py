@@ -504,3 +504,40 @@ def test_where_worthier_requests_overtake_it_a_request_is_predicted_behind_them_
     assert "worth more per GPU-second" in next(r.detail for r in d.rejected if r.backend == "local")
     name, gpu_s, worth = d.pool_demand  # recorded for the next ones: its pool time alone and what it saves there
     assert name == "local" and gpu_s == pytest.approx(1.0) and worth == pytest.approx(0.024 / 1.0)
+
+
+def preemptive_local(queue_ms=20_000.0, pool_only_running_s=0.0, reserved_share=0.0) -> BackendView:
+    """A pool with `queue_ms` of flexible work ahead whose pool-only work pauses it (PoolModel.preemptive)."""
+    view = local(queue_ms=queue_ms, has_headroom=False)
+    return dataclasses.replace(view, pool=dataclasses.replace(
+        view.pool, preemptive=True, pool_only_running_s=pool_only_running_s, reserved_share=reserved_share))
+
+
+def test_on_a_pool_that_pre_empts_a_request_only_it_can_serve_in_time_goes_ahead_of_its_flexible_work():
+    draft = RouteRequest(width=1024, height=1024, tier="draft", sla_ms=5_000)
+    behind = decide(draft, POLICY, Snapshot((local(queue_ms=20_000), api("reve", 15_000))))
+    assert not behind.candidates  # 20 s of flexible work ahead: refused
+    ahead = decide(draft, POLICY, Snapshot((preemptive_local(pool_only_running_s=0.1), api("reve", 15_000))))
+    assert names(ahead) == ["local"] and ahead.chosen.preempts
+    # its own run (1.0 s) after a step of the batch it pauses, not after the 20 s of flexible work
+    assert ahead.chosen.predicted_latency_ms == pytest.approx(100 + 1.1 * 1000 * P95, rel=0.01)
+
+
+def test_a_request_another_backend_serves_in_time_waits_its_turn_on_a_pool_that_pre_empts():
+    standard = RouteRequest(width=1024, height=1024, sla_ms=18_000)
+    d = decide(standard, POLICY, Snapshot((preemptive_local(), api("reve", 15_000))))
+    assert names(d) == ["reve"]
+    detail = next(r.detail for r in d.rejected if r.backend == "local")
+    assert "behind the pool's work" in detail and "another backend can serve it in time" in detail
+    roomy = decide(dataclasses.replace(standard, sla_ms=60_000), POLICY,
+                   Snapshot((preemptive_local(), api("reve", 15_000))))
+    assert names(roomy) == ["local", "reve"] and not roomy.chosen.preempts  # flexible: queued behind the rest
+
+
+def test_flexible_work_on_a_pool_that_pre_empts_is_predicted_paused_by_the_pool_only_share_for_its_whole_stay():
+    req = RouteRequest(width=1024, height=1024, sla_ms=60_000)
+    plain = decide(req, POLICY, Snapshot((preemptive_local(queue_ms=0.0), api("reve", 15_000))))
+    shared = decide(req, POLICY, Snapshot((preemptive_local(queue_ms=0.0, reserved_share=0.5), api("reve", 15_000))))
+    assert names(shared) == ["local", "reve"] and not shared.chosen.preempts
+    own_ms = plain.chosen.predicted_latency_ms - 100  # the pool's part, past its fixed p95
+    assert shared.chosen.predicted_latency_ms - 100 == pytest.approx(2 * own_ms)  # its run too, not its wait alone

@@ -59,25 +59,6 @@ def test_the_lps_plan_meets_in_full_what_a_pool_that_cannot_pre_empt_misses():
     assert replayed["sla_by_tier"] == {"standard": 1.0, "draft": 0.0}  # the draft waits out the running batch
 
 
-def test_a_pool_that_pre_empts_at_a_step_meets_both_and_the_paused_batch_ends_later_by_the_drafts_run():
-    """benchmarks/preemption_study.py: the same pair on one GPU, the draft pausing the batch after its step."""
-    import preemption_study
-
-    from policies.simulate import Strategy
-
-    world = economics.world(1)
-    trace = [TraceRequest(t=0.0, tier="standard", sla_ms=20_000, n=8), TraceRequest(t=0.5, tier="draft", sla_ms=5_000)]
-    sim = preemption_study.PSim(trace, Strategy("p", POLICY), world, 1)
-    result = sim.run(None)
-    standard, draft = result.outcomes
-    assert sim.preempted == 1 and standard.backend == draft.backend == "local" and standard.sla_met and draft.sla_met
-    profile = world.pool.profile
-    batch_s, draft_s = profile.seconds("sdxl", 1024, 1024, 30, 8), profile.seconds("sdxl", 1024, 1024, 20, 1)
-    step_s = batch_s / 30
-    assert draft.done_at == pytest.approx(0.5 + step_s + draft_s, abs=0.01)  # after the running batch's step
-    assert standard.done_at == pytest.approx(batch_s + draft_s, abs=0.11)  # (its own start waits <= 0.1 s)
-
-
 def test_the_plan_names_for_each_request_the_backends_its_lp_chose_and_gives_up_no_more_than_it_may():
     world = economics.world(2)
     trace = synthetic("tight_drafts", 600, 1.0, seed=3)

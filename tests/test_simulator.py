@@ -391,3 +391,26 @@ def test_a_planned_pool_job_that_falls_behind_is_given_back_only_when_the_replay
                        seed=1).summary()
     assert rescued["pool_released"] >= 2 and rescued["backend_mix"]["local"] <= 4
     assert rescued["sla_attainment"] > pinned["sla_attainment"]
+
+
+def test_a_pool_that_pre_empts_at_a_step_meets_both_and_the_paused_batch_ends_later_by_the_drafts_run():
+    """The same pair on one GPU whose pool-only work pauses flexible work (PoolSpec.preemptive): the draft runs
+    after the running batch's current step, and the batch ends later by the draft's run."""
+    import dataclasses
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import routing_economics as economics  # the benchmarks' world: SDXL on an H100, the four APIs
+
+    world = economics.world(1)
+    preemptive = World(world.apis, dataclasses.replace(world.pool, preemptive=True))
+    trace = [TraceRequest(t=0.0, tier="standard", sla_ms=20_000, n=8), TraceRequest(t=0.5, tier="draft", sla_ms=5_000)]
+    result = simulate(trace, POLICY, preemptive, seed=1)
+    standard, draft = result.outcomes
+    assert result.preempted == 1 and standard.backend == draft.backend == "local"
+    assert standard.sla_met and draft.sla_met
+    profile = world.pool.profile
+    batch_s, draft_s = profile.seconds("sdxl", 1024, 1024, 30, 8), profile.seconds("sdxl", 1024, 1024, 20, 1)
+    assert draft.done_at == pytest.approx(0.5 + batch_s / 30 + draft_s, abs=0.01)  # after the batch's step
+    assert standard.done_at == pytest.approx(batch_s + draft_s, abs=0.11)  # (its own start waits <= 0.1 s)
+    assert simulate(trace, POLICY, world, seed=1).summary()["sla_by_tier"]["draft"] == 0.0  # without: too late
