@@ -253,6 +253,28 @@ async def test_a_worker_process_compiling_a_further_shape_in_the_background_is_k
     assert time.monotonic() - started < 3 and not process.is_alive() and worker.state == "stopped"
 
 
+@pytest.mark.parametrize("kind", [ThreadWorker, ProcessWorker])
+async def test_a_pausable_batch_runs_a_batch_handed_to_it_between_its_steps_and_both_match_their_plain_runs(kind):
+    from backends.local.workers import BatchRequest
+
+    worker = kind(TINY, "w0", warm=[WarmShape(64, 64, 2)])
+    await worker.start()
+    long = BatchRequest(prompts=["a lighthouse", "a fox"], seeds=[1, 2], width=64, height=64, steps=150)
+    short = BatchRequest(prompts=["a cat"], seeds=[5], width=96, height=64, steps=4)
+    plain_long, plain_short = await worker.run(long), await worker.run(short)
+    running = asyncio.create_task(worker.run(long, pausable=True))
+    while not worker._pausable:  # the long batch is in its denoising loop
+        await asyncio.sleep(0.005)
+    paused = await worker.run_paused(short)
+    assert not running.done()  # done between two of the long batch's steps, not after it
+    resumed = await running
+    assert np.array_equal(paused.pixels, plain_short.pixels) and np.array_equal(resumed.pixels, plain_long.pixels)
+    assert resumed.timings["paused_s"] > 0  # left out of the long batch's own time, which the profile learns
+    late = await worker.run_paused(short)  # nothing to pause: it runs on its own
+    assert np.array_equal(late.pixels, plain_short.pixels)
+    await worker.stop()
+
+
 async def test_a_crashed_worker_process_is_restarted_and_its_jobs_rerun():
     worker = ProcessWorker(TINY, "proc-0", warm=[WarmShape(64, 64, 2)])
     pool = LocalPool(TINY, [worker], PoolConfig(max_wait_s=0.0))

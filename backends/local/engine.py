@@ -5,6 +5,7 @@ Callers run it off the event loop (see `backends.local.backend`).
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass
@@ -182,13 +183,26 @@ class DiffusionEngine:
         negative_prompts: list[str] | None = None,
         guidance_scale: float | None = None,
         output_type: str = "pil",
+        between_steps=None,
+        nested: bool = False,
     ) -> list:
         """One pipeline call for len(prompts) images; one seed per image. output_type="latent" stops
-        before the VAE (benchmarks use it to split denoising from decoding)."""
+        before the VAE (benchmarks use it to split denoising from decoding). `between_steps()` is called after
+        each denoising step: it may run other batches there (`nested`), which pauses this one."""
         import torch
 
         if self.pipe is None:
             raise RuntimeError("engine not loaded")
+        # A batch run while another is paused mid-loop gets a pipeline of its own over the same modules (compiled
+        # graphs and weights shared): the paused call's scheduler and loop state live on the pipeline object.
+        pipe = self._sibling() if nested else self.pipe
+        extra = {}
+        if between_steps is not None:
+            def callback(_pipe, _step, _timestep, tensors):
+                between_steps()
+                return tensors
+
+            extra["callback_on_step_end"] = callback
         wanted = len(prompts)
         pad = self._padding(wanted)
         if pad:  # a compiled engine runs only its static batch shapes; the padding images are thrown away
@@ -196,7 +210,7 @@ class DiffusionEngine:
             negative_prompts = negative_prompts + negative_prompts[-1:] * pad if negative_prompts else None
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         with torch.inference_mode():
-            out = self.pipe(
+            out = pipe(
                 prompt=prompts,
                 negative_prompt=negative_prompts,
                 width=width,
@@ -205,11 +219,19 @@ class DiffusionEngine:
                 guidance_scale=self.spec.guidance_scale if guidance_scale is None else guidance_scale,
                 generator=generators,
                 output_type="pt" if output_type in ("pil", "uint8") else output_type,
+                **extra,
             )
         if output_type == "uint8":  # (B, 3, H, W) uint8 on the device, for `encode.encode_batch`
             return _quantise(out.images[:wanted])
         images = _to_pil(out.images) if output_type == "pil" else list(out.images)
         return images[:wanted]
+
+    def _sibling(self):
+        """The pipeline over the same modules with a scheduler of its own (built per call: a few ms, and never
+        stale when the modules are swapped, as an AOT fallback does)."""
+        pipe = type(self.pipe)(**{**self.pipe.components, "scheduler": copy.deepcopy(self.pipe.scheduler)})
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
 
     def _padding(self, batch: int) -> int:
         if not self.compiled or self.spec.compile_backend == "aot":  # AOT packages take any batch size

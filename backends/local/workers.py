@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import logging
 import multiprocessing as mp
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -59,17 +61,38 @@ class WorkerCrashed(RuntimeError):
     """The worker's process died; its batch never finished."""
 
 
-def _run_batch(engine: DiffusionEngine, req: BatchRequest, encode: bool = False) -> BatchOutput:
+def _run_batch(engine: DiffusionEngine, req: BatchRequest, encode: bool = False, *, pauses=None,
+               nested: bool = False) -> BatchOutput:
     """Generate a batch. Its images come back as host pixels for the caller to encode while this worker runs its
-    next batch (GPU JPEG, a few ms, is done here), or encoded when `encode` is set."""
+    next batch (GPU JPEG, a few ms, is done here), or encoded when `encode` is set. With `pauses` (a callable
+    that runs waiting batches and returns the seconds they took), it is called between denoising steps and the
+    time it took is left out of this batch's `seconds` (timings["paused_s"])."""
     started = time.perf_counter()
+    paused = [0.0]
+
+    def between_steps() -> None:
+        paused[0] += pauses()
+
     images = engine.generate(req.prompts, width=req.width, height=req.height, steps=req.steps, seeds=req.seeds,
                              negative_prompts=req.negative_prompts, guidance_scale=req.guidance_scale,
-                             output_type="uint8")
+                             output_type="uint8", between_steps=between_steps if pauses else None, nested=nested)
+    timings = {"paused_s": round(paused[0], 4)} if paused[0] else {}
     if encode or encodes_on_device(images, req.output_format):
-        return BatchOutput(encode_batch(images, req.output_format), time.perf_counter() - started)
+        return BatchOutput(encode_batch(images, req.output_format), time.perf_counter() - started - paused[0],
+                           timings=timings)
     pixels = images.permute(0, 2, 3, 1).cpu().numpy()
-    return BatchOutput([], time.perf_counter() - started, pixels=pixels, output_format=req.output_format)
+    return BatchOutput([], time.perf_counter() - started - paused[0], timings=timings, pixels=pixels,
+                       output_format=req.output_format)
+
+
+def _settle(future: asyncio.Future, result=None, error: BaseException | None = None) -> None:
+    """Resolve a future from the event loop's thread (a caller that gave up has cancelled it)."""
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 def encoded(output: BatchOutput) -> BatchOutput:
@@ -167,11 +190,16 @@ class _WorkerBase:
 class ThreadWorker(_WorkerBase):
     """The engine in this process, run on one dedicated thread (CPU, or a single GPU)."""
 
+    pauses = True  # runs a batch between the denoising steps of a running one (run_paused)
+
     def __init__(self, spec: EngineSpec, name: str = "worker-0", warm: list[WarmShape] | None = None,
                  engine: DiffusionEngine | None = None):
         super().__init__(spec, name, warm or [])
         self.engine = engine or DiffusionEngine(spec)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._lock = threading.Lock()
+        self._pausable = False  # a pausable batch is running and will take `_waiting` between its steps
+        self._waiting: list[tuple[BatchRequest, asyncio.Future, asyncio.AbstractEventLoop]] = []
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -183,8 +211,47 @@ class ThreadWorker(_WorkerBase):
         self._first_warmed(timings)
         self.state, self.detail = "ready", "ready"
 
-    async def run(self, req: BatchRequest) -> BatchOutput:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, _run_batch, self.engine, req)
+    async def run(self, req: BatchRequest, *, pausable: bool = False) -> BatchOutput:
+        """Run a batch; a `pausable` one runs the batches `run_paused` hands it between its denoising steps."""
+        loop = asyncio.get_running_loop()
+        if not pausable:
+            return await loop.run_in_executor(self._executor, _run_batch, self.engine, req)
+        return await loop.run_in_executor(self._executor, self._run_pausable, req)
+
+    async def run_paused(self, req: BatchRequest) -> BatchOutput:
+        """Run a batch inside the pausable one running now, after its current step; with none running (it has
+        just ended), next on this worker."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._lock:
+            taken = self._pausable
+            if taken:
+                self._waiting.append((req, future, loop))
+        return await (future if taken else self.run(req))
+
+    def _run_pausable(self, req: BatchRequest) -> BatchOutput:
+        with self._lock:
+            self._pausable = True
+        try:
+            return _run_batch(self.engine, req, pauses=self._run_waiting)
+        finally:
+            with self._lock:
+                self._pausable = False
+            self._run_waiting()  # handed over after its last step: run before it is handed back
+
+    def _run_waiting(self) -> float:
+        started = time.perf_counter()
+        while True:
+            with self._lock:
+                if not self._waiting:
+                    return time.perf_counter() - started
+                req, future, loop = self._waiting.pop(0)
+            try:
+                output = _run_batch(self.engine, req, nested=True)
+            except Exception as exc:
+                loop.call_soon_threadsafe(_settle, future, None, exc)
+            else:
+                loop.call_soon_threadsafe(_settle, future, output)
 
     async def _warm_remote(self, shape: WarmShape) -> dict:
         return await asyncio.get_running_loop().run_in_executor(self._executor, _warm_one, self.engine, shape,
@@ -221,17 +288,40 @@ def _child_main(spec: EngineSpec, warm: list[WarmShape], conn) -> None:
             return
         if message is None:
             return
+        if isinstance(message, tuple) and message[0] == "nested":  # came after the batch it was for had ended
+            _run_nested(engine, conn, message)
+            continue
         try:
             if isinstance(message, WarmShape):
                 conn.send(("ok", _warm_one(engine, message, lambda detail: None)))
+            elif isinstance(message, tuple) and message[0] == "pausable":
+                conn.send(("ok", _run_batch(engine, message[1], pauses=lambda: _run_nested_waiting(engine, conn))))
             else:
                 conn.send(("ok", _run_batch(engine, message)))
         except Exception as exc:
             conn.send(("error", f"{type(exc).__name__}: {exc}"))
 
 
+def _run_nested_waiting(engine: DiffusionEngine, conn) -> float:
+    """Between two steps of a pausable batch: run the batches the parent has sent meanwhile."""
+    started = time.perf_counter()
+    while conn.poll():
+        _run_nested(engine, conn, conn.recv())
+    return time.perf_counter() - started
+
+
+def _run_nested(engine: DiffusionEngine, conn, message) -> None:
+    _, ident, req = message
+    try:
+        conn.send(("nested", ident, "ok", _run_batch(engine, req, nested=True)))
+    except Exception as exc:
+        conn.send(("nested", ident, "error", f"{type(exc).__name__}: {exc}"))
+
+
 class ProcessWorker(_WorkerBase):
     """The engine in a child process (one per GPU); a crash is detected and reported, never hangs the pool."""
+
+    pauses = True  # runs a batch between the denoising steps of a running one (run_paused)
 
     def __init__(self, spec: EngineSpec, name: str, warm: list[WarmShape] | None = None):
         super().__init__(spec, name, warm or [])
@@ -239,6 +329,10 @@ class ProcessWorker(_WorkerBase):
         self._process = None
         self._conn = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._lock = threading.Lock()
+        self._pausable = False  # the child runs a pausable batch: a batch sent now runs between its steps
+        self._nested: dict[int, tuple[asyncio.Future, asyncio.AbstractEventLoop]] = {}  # sent, not answered
+        self._ids = itertools.count()
 
     @property
     def pid(self) -> int | None:
@@ -272,22 +366,65 @@ class ProcessWorker(_WorkerBase):
         await asyncio.get_running_loop().run_in_executor(self._executor, self._spawn_and_wait)
         self.state, self.detail = "ready", "ready"
 
-    def _roundtrip(self, req):
+    def _roundtrip(self, req, pausable: bool = False):
         try:
-            self._conn.send(req)
+            self._conn.send(("pausable", req) if pausable else req)
         except (OSError, BrokenPipeError) as exc:
             raise WorkerCrashed(f"worker {self.name} is gone") from exc
-        kind, payload = self._recv()
+        if pausable:
+            with self._lock:
+                self._pausable = True  # only now: a batch sent meanwhile would interleave with ours on the pipe
+        try:
+            result = None
+            while result is None or self._nested:  # a batch sent after our last step is answered after ours
+                message = self._recv()
+                if message[0] == "nested":
+                    self._answer_nested(*message[1:])
+                    continue
+                with self._lock:
+                    self._pausable = False
+                result = message
+        finally:
+            with self._lock:
+                self._pausable = False
+                lost, self._nested = self._nested, {}
+            for future, loop in lost.values():  # the child died: those batches never finish here
+                loop.call_soon_threadsafe(_settle, future, None, WorkerCrashed(f"worker {self.name} died"))
+        kind, payload = result
         if kind == "ok":
             return payload
         raise RuntimeError(payload)
 
-    async def run(self, req: BatchRequest) -> BatchOutput:
+    def _answer_nested(self, ident: int, kind: str, payload) -> None:
+        with self._lock:
+            future, loop = self._nested.pop(ident)
+        error = None if kind == "ok" else RuntimeError(payload)
+        loop.call_soon_threadsafe(_settle, future, payload if error is None else None, error)
+
+    async def run(self, req: BatchRequest, *, pausable: bool = False) -> BatchOutput:
+        """Run a batch; a `pausable` one runs the batches `run_paused` sends it between its denoising steps."""
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, self._roundtrip, req)
+            return await asyncio.get_running_loop().run_in_executor(self._executor, self._roundtrip, req, pausable)
         except WorkerCrashed:
             self.state, self.detail = "crashed", "crashed; restarting"
             raise
+
+    async def run_paused(self, req: BatchRequest) -> BatchOutput:
+        """Run a batch inside the pausable one running now, after its current step; with none running (it has
+        just ended), next on this worker."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._lock:
+            taken = self._pausable
+            if taken:
+                ident = next(self._ids)
+                self._nested[ident] = (future, loop)
+                try:  # sent from the event loop's thread only, never beside the batch's own send
+                    self._conn.send(("nested", ident, req))
+                except (OSError, BrokenPipeError) as exc:
+                    del self._nested[ident]
+                    raise WorkerCrashed(f"worker {self.name} is gone") from exc
+        return await (future if taken else self.run(req))
 
     async def _warm_remote(self, shape: WarmShape) -> dict:
         return await self.run(shape)
