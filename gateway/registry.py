@@ -145,7 +145,8 @@ def build_local_pool(settings: Settings) -> Backend:
     config = PoolConfig(name="local", max_n=local.max_n, max_batch=local.max_batch,
                         max_wait_s=local.max_wait_ms / 1000, gpu_hour_usd=local.gpu_hour_usd,
                         profile_path=settings.resolve(local.profile_file), run_sizes=run_sizes[:1],
-                        only_sizes=only_sizes, compiled=(local.compile_backend if compiled else ""))
+                        only_sizes=only_sizes, compiled=(local.compile_backend if compiled else ""),
+                        preempt=local.preempt)
     return LocalPool(workers[0].spec, workers, config)
 
 

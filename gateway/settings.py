@@ -176,6 +176,11 @@ class LocalPoolSettings(_Section):
     max_n: int = Field(10, ge=1)
     max_batch: int = Field(8, ge=1, description="Most images in one batch.")
     max_wait_ms: float = Field(100, ge=0, description="Longest a job waits for company before its batch launches.")
+    preempt: bool = Field(
+        False, description="A request only the pool can serve in time runs first, pausing a running batch of "
+        "flexible work after its current denoising step (policies: PoolModel.preemptive). Off by default: measured "
+        "in the simulator only (benchmarks/preemption_study.py); what a pause costs on a GPU with compiled graphs "
+        "is not measured yet.")
     profile_file: str = Field("pool_profile.json", description="Throughput profile under data_dir.")
     compile_cache: str = Field("compile_cache", description="Inductor cache under data_dir.")
     compile_backend: Literal["jit", "aot"] = Field(

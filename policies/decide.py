@@ -367,4 +367,5 @@ def _explain(objective: Objective, candidates: list[Candidate], rule: Rule | Non
         f"{best.backend} ranks first by {objective.value}{via}: "
         f"predicted {best.predicted_latency_ms:.0f} ms, ${best.predicted_cost_usd:.6f}"
         f" among {len(candidates)} candidate(s)"
+        + ("; only it serves this in time: it goes ahead of the pool's flexible work" if best.preempts else "")
     )

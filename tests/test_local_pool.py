@@ -275,6 +275,39 @@ async def test_a_pausable_batch_runs_a_batch_handed_to_it_between_its_steps_and_
     await worker.stop()
 
 
+async def test_a_pool_that_pre_empts_runs_a_pool_only_job_inside_a_running_batch_and_says_so_to_the_policy():
+    worker = ThreadWorker(TINY, "w0", warm=[WarmShape(64, 64, 2)])
+    pool = LocalPool(TINY, [worker], PoolConfig(max_wait_s=0.0, preempt=True))
+    await pool.start()
+    await pool.wait_ready(timeout=60)
+    assert pool.load().pool.preemptive
+    flexible = asyncio.create_task(pool.generate(job(0, steps=150), time.monotonic() + 120))
+    while not pool._pausable:  # the flexible batch runs, pausable
+        await asyncio.sleep(0.005)
+    urgent = asyncio.create_task(pool.generate(job(1, steps=2, preempts=True), time.monotonic() + 60))
+    while not pool._pausing and not urgent.done():
+        await asyncio.sleep(0.001)
+    model = pool.load().pool
+    assert model.pool_only_running_s > 0 and model.running_s > 0  # the pausing batch, and the paused one
+    done = await urgent
+    assert len(done.images) == 1 and not flexible.done()  # served between two of the flexible batch's steps
+    assert len((await flexible).images) == 1
+    assert pool.profile.seconds(pool.model, 64, 64, 150, 1) > 0 and pool.batches_run == 2
+    await pool.aclose()
+
+
+async def test_a_pool_only_job_waits_for_a_worker_that_cannot_pause_and_the_policy_is_told_it_cannot():
+    worker = FakeWorker(seconds=lambda b: 0.3)  # a remote worker's proxy pauses nothing
+    pool = await start(LocalPool(TINY, [worker], PoolConfig(max_wait_s=0.0, preempt=True)))
+    assert not pool.load().pool.preemptive
+    flexible = asyncio.create_task(pool.generate(job(0), time.monotonic() + 5))
+    while not worker.busy:
+        await asyncio.sleep(0.005)
+    urgent = await pool.generate(job(1, preempts=True), time.monotonic() + 5)
+    assert flexible.done() and len(urgent.images) == 1  # after the running batch, ahead of nothing else
+    await pool.aclose()
+
+
 async def test_a_crashed_worker_process_is_restarted_and_its_jobs_rerun():
     worker = ProcessWorker(TINY, "proc-0", warm=[WarmShape(64, 64, 2)])
     pool = LocalPool(TINY, [worker], PoolConfig(max_wait_s=0.0))

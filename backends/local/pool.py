@@ -53,6 +53,10 @@ class PoolConfig:
     # Compiled engines serve only what every ready worker has warmed: "aot" (a size's packages take every batch
     # size), "jit" (one graph per warmed size and batch size); "" serves any shape (eager).
     compiled: str = ""
+    # Pre-emption: a request only the pool can serve in time (GenerationJob.preempts) queues apart and runs first,
+    # on an idle worker or pausing a worker's batch of flexible work after its current denoising step; the policy
+    # predicts both kinds of work so (PoolModel.preemptive). Workers that cannot pause (remote ones) are not paused.
+    preempt: bool = False
 
 
 def load_profile(path: Path | None, max_batch: int) -> ThroughputProfile:
@@ -106,6 +110,10 @@ class LocalPool:
         self.external_batches = lambda: 0
         self.inflexible = InflexibleArrivals()  # jobs only the pool could serve: the room kept for them
         self.demand = PoolDemand()  # every request it could serve, by what it saves them per GPU-second
+        self.pool_only = SLABatcher(lambda: self.profile, max_batch=max_batch, max_wait_s=config.max_wait_s,
+                                    arrivals=ArrivalRate()) if config.preempt else None
+        self._pausable: dict[int, float] = {}  # worker index -> a step's seconds of the pausable batch it runs
+        self._pausing: dict[int, float] = {}  # worker index -> predicted end of the pool-only batch pausing it
 
     @property
     def offer(self) -> Offer:
@@ -155,16 +163,18 @@ class LocalPool:
         running_s = self._work_running_s(now)
         idle = any(w.ready and not w.busy for w in self.workers)
         queue = self.batcher.points(now, running_s, workers)
+        pre_emption = self._pre_emption(now, workers, ready)
         # A lone job is predicted to wait for company only when the arrivals say some is coming.
         wait = self.config.max_wait_s if self.batcher.arrivals.expects_any(self.config.max_wait_s) else 0.0
         pool = PoolModel(
             profile=self.profile, model=self.model, gpu_hour_usd=self.config.gpu_hour_usd, workers=workers,
             work_ahead_s=queue[-1].work_s if queue else running_s, typical_batch=self._occupancy,
-            has_headroom=idle and not queue, max_wait_s=wait, running_s=running_s, queue=queue,
+            has_headroom=idle and not queue and not pre_emption.get("pool_only_queue"), max_wait_s=wait,
+            running_s=running_s, queue=queue,
             busy_workers=sum(1 for w in ready if w.busy) + len(returning),
             reserved_share=self.inflexible.share(now, workers),
             sustained_share=self.inflexible.sustained_share(now, workers),
-            batch_cap_s=self.inflexible.max_batch_s(now), demand=self.demand.table(now, workers),
+            batch_cap_s=self.inflexible.max_batch_s(now), demand=self.demand.table(now, workers), **pre_emption,
         )
         restarting = [f"{self.workers[i].name} restarting, back in ~{max(0.0, back - now):.0f} s"
                       for i, (back, _) in self._back_by.items()]
@@ -174,6 +184,16 @@ class LocalPool:
             (f"; warming: {', '.join(warming)}" if warming else "") + \
             (f"; {growing} shape(s) left to warm in the background" if growing else "")
         return LoadReport(Health.OK, detail, pool)
+
+    def _pre_emption(self, now: float, workers: int, ready: list) -> dict:
+        """PoolModel's pre-emption fields, where this pool pre-empts and a ready worker can pause: what runs ahead
+        of a pool-only job (pool-only batches, else a step of each pausable batch it would pause) and its queue."""
+        if self.pool_only is None or not any(getattr(w, "pauses", False) for w in ready):
+            return {}
+        ahead = sum(max(0.0, end - now) for end in self._pausing.values()) + \
+            sum(step for index, step in self._pausable.items() if index not in self._pausing)
+        return {"preemptive": True, "pool_only_running_s": ahead,
+                "pool_only_queue": self.pool_only.points(now, ahead, workers)}
 
     def _work_running_s(self, now: float) -> float:
         """What the batches running here and on remote workers still need, summed over workers; a restarting
@@ -237,13 +257,14 @@ class LocalPool:
     async def aclose(self) -> None:
         """Drain: queued and running jobs finish (or meet their deadlines), then workers stop."""
         self._closing = True
-        while len(self.batcher) or self._running:
+        while self._queued() or self._running:
             self._wakeup.set()
             await asyncio.sleep(0.02)
             if not any(w.ready for w in self.workers):
                 break
-        for item in self.batcher.drain():
-            _fail(item.payload, BackendUnavailable("local pool shut down"))
+        for queue in self._queues():
+            for item in queue.drain():
+                _fail(item.payload, BackendUnavailable("local pool shut down"))
         if self._scheduler is not None:
             self._scheduler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -271,20 +292,22 @@ class LocalPool:
         guidance = job.guidance_scale if job.guidance_scale is not None else self.spec.guidance_scale
         future = asyncio.get_running_loop().create_future()
         pending = _Pending(job, steps, future)
+        queue = self.pool_only if job.preempts and self.pool_only is not None else self.batcher
         item = QueuedJob(key=(self.model, job.width, job.height, steps, guidance), slots=job.n, deadline=deadline,
-                         enqueued=time.monotonic(), payload=pending, start_by=job.start_by)
-        self.batcher.put(item)
+                         enqueued=time.monotonic(), payload=pending,
+                         start_by=job.start_by if queue is self.batcher else None)  # pool-only: nowhere else to go
+        queue.put(item)
         self._jobs[job.id] = item
         self._wakeup.set()
         try:
             async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                 return await asyncio.shield(future)
         except TimeoutError as exc:
-            if self.batcher.remove(item) or pending.running_until is None:  # never started: busy, not broken
+            if queue.remove(item) or pending.running_until is None:  # never started: busy, not broken
                 raise BackendQueueTimeout("local pool did not start the job before the deadline") from exc
             raise BackendTimeout("local pool did not finish before the deadline") from exc
         except asyncio.CancelledError:
-            self.batcher.remove(item)  # the caller went away (client gone, a hedge won): it never runs
+            queue.remove(item)  # the caller went away (client gone, a hedge won): it never runs
             raise
         finally:
             if self._jobs.get(job.id) is item:
@@ -317,14 +340,15 @@ class LocalPool:
 
     async def _schedule(self) -> None:
         while True:
-            wake_at = None
             self._release_late()
+            self._drop_expired()
+            wake_at = self._launch_pool_only() if self.pool_only is not None else None
             while (worker := self._idle_worker()) is not None:
-                self._drop_expired()
-                batch, wake_at = self.batcher.next_batch(self._free_since.get(self.workers.index(worker)))
+                batch, wake = self.batcher.next_batch(self._free_since.get(self.workers.index(worker)))
                 if batch is None:
-                    if wake_at is None and not len(self.batcher):  # nothing queued: a good moment to grow
+                    if wake is None and not self._queued():  # nothing queued: a good moment to grow
                         self._warm_idle()
+                    wake_at = wake if wake_at is None else min(wake_at, wake or wake_at)
                     break
                 self._launch(worker, batch)
             self._wakeup.clear()
@@ -385,27 +409,92 @@ class LocalPool:
         idle = [w for w in self.workers if w.ready and not w.busy]
         return min(idle, key=lambda w: w.assigned_slots) if idle else None
 
+    def _queues(self) -> list[SLABatcher]:
+        return [self.batcher] if self.pool_only is None else [self.pool_only, self.batcher]
+
+    def _queued(self) -> int:
+        return sum(len(queue) for queue in self._queues())
+
     def _drop_expired(self) -> None:
         now = time.monotonic()
-        for item in self.batcher.drain():
-            if item.payload.future.done():
-                continue
-            if item.deadline <= now:
-                _fail(item.payload, BackendQueueTimeout("deadline passed while queued"))
-            else:
-                self.batcher.put(item)
+        for queue in self._queues():
+            for item in queue.drain():
+                if item.payload.future.done():
+                    continue
+                if item.deadline <= now:
+                    _fail(item.payload, BackendQueueTimeout("deadline passed while queued"))
+                else:
+                    queue.put(item)
 
-    def _launch(self, worker, batch: Batch) -> None:
+    def _launch_pool_only(self) -> float | None:
+        """Pool-only batches first: on an idle worker, else pausing the pausable batch with the most left after
+        its current step. Returns when to ask again while such work waits for company."""
+        while len(self.pool_only):
+            worker = self._idle_worker()
+            if worker is None:
+                pausable = [i for i in self._pausable if i not in self._pausing]
+                if not pausable:
+                    return None
+                index = max(pausable, key=lambda i: self._running_until.get(i, 0.0))
+                worker, free_since = self.workers[index], time.monotonic()
+            else:
+                index = self.workers.index(worker)
+                free_since = self._free_since.get(index)
+            batch, wake = self.pool_only.next_batch(free_since)
+            if batch is None:
+                return wake
+            if worker.busy:
+                self._launch_paused(worker, index, batch)
+            else:
+                self._launch(worker, batch, pausable=False, queue=self.pool_only)  # never paused itself
+        return None
+
+    def _launch(self, worker, batch: Batch, pausable: bool | None = None, queue: SLABatcher | None = None) -> None:
         worker.busy, worker.assigned_slots = True, batch.slots
         index = self.workers.index(worker)
         self._running_until[index] = ends = time.monotonic() + batch.predicted_s
         for item in batch.jobs:
             item.payload.running_until = ends
-        task = asyncio.create_task(self._run(worker, index, batch))
+        if pausable is None:  # flexible work on a pool that pre-empts, on a worker that can pause
+            pausable = self.pool_only is not None and getattr(worker, "pauses", False)
+        if pausable:
+            self._pausable[index] = batch.predicted_s / max(1, batch.key[3])
+        self._start(self._run(worker, index, batch, pausable, queue or self.batcher))
+
+    def _launch_paused(self, worker, index: int, batch: Batch) -> None:
+        """A pool-only batch run inside worker `index`'s pausable batch, which ends later by as much."""
+        now = time.monotonic()
+        self._pausing[index] = ends = now + self._pausable.get(index, 0.0) + batch.predicted_s
+        self._running_until[index] = self._running_until.get(index, now) + batch.predicted_s
+        for item in batch.jobs:
+            item.payload.running_until = ends
+        self._start(self._run_paused(worker, index, batch))
+
+    def _start(self, run) -> None:
+        task = asyncio.create_task(run)
         self._running.add(task)
         task.add_done_callback(self._running.discard)
 
-    async def _run(self, worker, index: int, batch: Batch) -> None:
+    async def _run_paused(self, worker, index: int, batch: Batch) -> None:
+        jobs = [item.payload for item in batch.jobs]
+        try:
+            output = await worker.run_paused(self._request(batch))
+        except WorkerCrashed:  # the paused batch's run restarts the worker
+            for item in batch.jobs:
+                item.payload.running_until = None
+                self.pool_only.put(item)
+            return
+        except Exception as exc:
+            log.exception("pool-only batch failed on %s", worker.name)
+            for p in jobs:
+                _fail(p, BackendTransientError(f"local batch failed: {type(exc).__name__}: {exc}"))
+            return
+        finally:
+            self._pausing.pop(index, None)
+            self._wakeup.set()
+        await self._hand_back(batch, jobs, output, output.seconds)
+
+    def _request(self, batch: Batch) -> BatchRequest:
         jobs = [item.payload for item in batch.jobs]
         model, width, height, steps, guidance = batch.key
         prompts, seeds, negatives = [], [], []
@@ -414,17 +503,21 @@ class LocalPool:
             prompts += [p.job.prompt] * p.job.n
             seeds += [base_seed + i for i in range(p.job.n)]
             negatives += [p.job.negative_prompt or ""] * p.job.n
-        request = BatchRequest(prompts=prompts, seeds=seeds, width=width, height=height, steps=steps,
-                               negative_prompts=negatives if any(negatives) else None, guidance_scale=guidance,
-                               output_format=jobs[0].job.output_format)
+        return BatchRequest(prompts=prompts, seeds=seeds, width=width, height=height, steps=steps,
+                            negative_prompts=negatives if any(negatives) else None, guidance_scale=guidance,
+                            output_format=jobs[0].job.output_format)
+
+    async def _run(self, worker, index: int, batch: Batch, pausable: bool, queue: SLABatcher) -> None:
+        jobs = [item.payload for item in batch.jobs]
+        request = self._request(batch)
         launched = time.monotonic()
         try:
-            output = await worker.run(request)
+            output = await (worker.run(request, pausable=True) if pausable else worker.run(request))
         except WorkerCrashed:
             log.error("%s crashed running a batch of %d; re-queueing its jobs", worker.name, batch.slots)
             for item in batch.jobs:
                 item.payload.running_until = None
-                self.batcher.put(item)
+                queue.put(item)
             self._restart_soon(worker)
             return
         except Exception as exc:
@@ -437,7 +530,10 @@ class LocalPool:
         # The worker's whole cycle, not just its device time: the hand-back holds it too, and what the queue
         # predicts from is how soon the next batch can start (on an H200, SD1.5 batches ran ~25% slower end to
         # end than their device time when the worker also encoded, and the predictions were that optimistic).
-        cycle = time.monotonic() - launched
+        # Pool-only batches run inside it are not its time.
+        await self._hand_back(batch, jobs, output, time.monotonic() - launched - output.timings.get("paused_s", 0.0))
+
+    async def _hand_back(self, batch: Batch, jobs: list[_Pending], output, cycle: float) -> None:
         self._record(batch, cycle)
         try:  # the worker is already on its next batch: encoding is off the GPU's cycle
             output = await asyncio.to_thread(encoded, output)
@@ -453,6 +549,7 @@ class LocalPool:
         company counts from now (see `SLABatcher.next_batch`)."""
         worker.busy, worker.assigned_slots = False, 0
         self._running_until.pop(index, None)
+        self._pausable.pop(index, None)
         self._free_since[index] = time.monotonic()
         self._wakeup.set()
 

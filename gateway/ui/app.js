@@ -261,7 +261,7 @@ async function decision(page, id) {
     : `This request (tenant ${r.tenant}) failed with ${r.status}: ${(r.error && r.error.message) || r.outcome}.` +
       (d.reason ? ` The routing said: ${d.reason}.` : "");
   const cands = (d.candidates || []).map((c, i) => [h("strong", {}, c.backend), c.backend === d.chosen ? h("span", { class: "ok" }, "chosen") : (i === 0 ? "first choice" : "fallback #" + i),
-    fmt.ms(c.predicted_latency_ms), fmt.usd(c.predicted_cost_usd), c.quality, c.probe ? "a probe: its shape had never been measured" : ""]);
+    fmt.ms(c.predicted_latency_ms), fmt.usd(c.predicted_cost_usd), c.quality, c.probe ? "a probe: its shape had never been measured" : c.preempts ? "goes ahead of the pool's flexible work" : ""]);
   const rejected = (d.rejected || []).map((x) => [h("strong", {}, x.backend), "not considered: it " + (REASONS[x.reason] || x.reason), x.detail || ""]);
   const attempts = (r.attempts || []).map((a, i) => [String(i + 1), a.backend + (a.hedge ? " (hedge)" : ""), a.outcome, [a.error_class || "", a.error ? h("br") : null, a.error || ""], fmt.ms(a.latency_ms)]);
   put(page, h("p", {}, h("a", { href: "#/decisions" }, "← Decisions")), h("h2", {}, "Decision " + r.id),
