@@ -308,6 +308,25 @@ async def test_a_pool_only_job_waits_for_a_worker_that_cannot_pause_and_the_poli
     await pool.aclose()
 
 
+async def test_a_worker_process_killed_while_a_pool_only_batch_pauses_its_batch_reruns_both_after_its_restart():
+    worker = ProcessWorker(TINY, "proc-0", warm=[WarmShape(64, 64, 2)])
+    pool = LocalPool(TINY, [worker], PoolConfig(max_wait_s=0.0, preempt=True))
+    await pool.start()
+    await pool.wait_ready(timeout=120)
+    pid = worker.pid
+    flexible = asyncio.create_task(pool.generate(job(0, steps=300), time.monotonic() + 120))
+    while not pool._pausable:
+        await asyncio.sleep(0.005)
+    urgent = asyncio.create_task(pool.generate(job(1, size=256, steps=60, preempts=True), time.monotonic() + 120))
+    while not pool._pausing:  # the pool-only batch is in the child, inside the flexible one
+        await asyncio.sleep(0.005)
+    await asyncio.sleep(0.2)
+    os.kill(pid, signal.SIGKILL)
+    assert len((await urgent).images) == 1 and len((await flexible).images) == 1
+    assert worker.restarts == 1 and worker.pid != pid
+    await pool.aclose()
+
+
 async def test_a_crashed_worker_process_is_restarted_and_its_jobs_rerun():
     worker = ProcessWorker(TINY, "proc-0", warm=[WarmShape(64, 64, 2)])
     pool = LocalPool(TINY, [worker], PoolConfig(max_wait_s=0.0))
