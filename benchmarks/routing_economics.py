@@ -21,6 +21,7 @@ replayed as it is, whatever --rate, --duration and --sweep say.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -39,8 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lp_bounds  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-# Measured on an H100 (docs/benchmarks.md): SDXL 1024x1024, 30 steps, our compiled bf16 engine.
-SDXL_H100 = ThroughputProfile({("sdxl", 1024, 1024, 30): {1: 1.027, 8: 7.159}}, max_batch=8)
+# Measured on an H100 (docs/benchmarks.md; benchmarks/shape_profile_gpu.py): SDXL, our compiled bf16 engine, at
+# every size and step count the traces use (20 and 30 steps; batches 1, 4, 8, interpolated between).
+SDXL_H100 = ThroughputProfile.from_json(json.loads((Path(__file__).resolve().parent / "profiles" /
+                                                    "sdxl_h100.json").read_text()))
 APIS = (ApiModel("seedream", 8000, 20000, 0.02), ApiModel("gemini", 12000, 30000, 0.01),
         ApiModel("reve", 6000, 15000, 0.02), ApiModel("bria", 10000, 25000, 0.03))
 NO_SLA = 10**9

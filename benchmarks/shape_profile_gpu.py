@@ -13,13 +13,15 @@ so larger images may take more than their share. This measures each (size, steps
 (`engine.generate` to uint8 on the device, CFG, bf16), after one warm-up, the median of `--repeats`, and
 writes a JSON line per measurement as it goes (a run cut off keeps what it measured).
 
-`--combine` makes profile entries: a size measured compiled keeps its compiled times; any other size gets the
-compiled 1024x1024 time at the same steps and batch times its eager ratio to 1024x1024 (compiling every size
-costs ~2.5 min each). It prints the measured ratios against the linear scaling they replace.
+`--combine` makes profile entries: a size measured compiled keeps its compiled times; a size whose transpose was
+measured compiled takes those (the same pixels and tokens: 1024x1536 and 1536x1024 ran within 0.1% of each other
+eager at batch 8); any other size gets the compiled 1024x1024 time at the same steps and batch times its eager
+ratio to 1024x1024 (compiling every size costs ~2.5 min each). It prints the measured ratios against the linear
+scaling they replace.
 
-Status (2026-12-08): smoke-tested on the CPU with the tiny preset only. No GPU machine could be started in the
-session that wrote it, so the SDXL figures do not exist yet and `benchmarks/profiles/sdxl_h100.json` still holds
-the two measured 1024x1024 entries, scaled linearly for every other size.
+Measured on an H100 (2026-12-08, issue 18 session 14; benchmarks/results/h100_2026-12-08/): every size eager,
+and 1024x1024, 1536x1024 and 896x1152 compiled; `benchmarks/profiles/sdxl_h100.json` holds the combined entries.
+Eager batch-1 times are launch-bound and noisy (up to +40% run to run); the compiled ones are not.
 """
 
 from __future__ import annotations
@@ -103,6 +105,8 @@ def combine(args) -> None:
         ratio = seconds / base_eager if base_eager else None
         if (width, height) in compiled_sizes:
             value, source = table.get(("compiled", width, height, steps, batch)), "compiled"
+        elif (height, width) in compiled_sizes:  # the same pixels and tokens, turned: eager agrees within 1%
+            value, source = table.get(("compiled", height, width, steps, batch)), f"compiled {height}x{width}"
         elif base_compiled and ratio:
             value, source = base_compiled * ratio, f"compiled {args.base} x eager ratio"
         else:

@@ -303,9 +303,10 @@ def test_reserving_the_pool_for_tight_drafts_meets_more_of_them_for_little_more_
     assert reserved["sla_by_tier"]["draft"] > plain["sla_by_tier"]["draft"] + 0.05
     assert reserved["sla_attainment"] >= 0.99 > plain["sla_attainment"]
     # Short batches, not a backlog limit: little standard work leaves the pool, so each image in time costs
-    # little more (the standard work a burst sends to an API, and the late drafts kept off a pressed pool; +13%
-    # here since late drafts the pool could serve count toward its room, +9% before).
-    assert reserved["cost_per_sla_met_image_usd"] < 1.15 * plain["cost_per_sla_met_image_usd"]
+    # little more (the standard work a burst sends to an API, and the late drafts kept off a pressed pool; +20%
+    # with the per-size profile measured on 2026-12-08, whose 20-step drafts take 9% more than 30 steps scaled
+    # down; +13% on the linear profile before it, +9% before late drafts counted toward the pool's room).
+    assert reserved["cost_per_sla_met_image_usd"] < 1.25 * plain["cost_per_sla_met_image_usd"]
 
 
 def test_drafts_capped_at_fewer_steps_take_less_pool_time_and_meet_more_slas():
