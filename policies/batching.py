@@ -126,6 +126,19 @@ class SLABatcher:
             return True
         return False
 
+    def take(self, which: Callable[[QueuedJob], bool]) -> list[QueuedJob]:
+        """Withdraw every queued job `which` says (expired, abandoned); the rest stay as they were, their arrivals
+        not counted again."""
+        taken = []
+        for key, queue in list(self._queues.items()):
+            keep = [j for j in queue if not which(j)]
+            taken += [j for j in queue if which(j)]
+            if keep:
+                self._queues[key] = keep
+            else:
+                del self._queues[key]
+        return taken
+
     def drain(self) -> list[QueuedJob]:
         items = [j for q in self._queues.values() for j in q]
         self._queues.clear()

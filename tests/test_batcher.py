@@ -247,3 +247,18 @@ def test_while_room_is_kept_no_batch_runs_longer_than_the_cap_and_a_lone_big_job
     clock.now += 0.2  # past its wait for company
     batch, _ = batcher.next_batch()
     assert batch.slots == 2  # its own run is longer than the cap: it runs alone rather than never
+
+
+def test_withdrawing_expired_jobs_leaves_the_rest_queued_and_counts_no_new_arrivals(clock):
+    from policies.batching import ArrivalRate
+
+    arrivals = ArrivalRate()
+    batcher = SLABatcher(lambda: PROFILE, max_batch=8, max_wait_s=0.1, clock=clock, arrivals=arrivals)
+    expired, due_later = job(clock, 1.0), job(clock, 30.0, key=OTHER)
+    batcher.put(expired)
+    clock.now += 10.0  # a lone arrival every 10 s: nobody is coming within the 0.1 s wait
+    batcher.put(due_later)
+    gaps = {key: list(g) for key, g in arrivals._gaps.items()}
+    assert batcher.take(lambda j: j.deadline <= clock.now) == [expired]
+    assert len(batcher) == 1 and {key: list(g) for key, g in arrivals._gaps.items()} == gaps
+    assert not arrivals.expects_company(OTHER, 0.1)  # a put-back would have counted a zero gap

@@ -416,15 +416,11 @@ class LocalPool:
         return sum(len(queue) for queue in self._queues())
 
     def _drop_expired(self) -> None:
+        """Withdraw the queued jobs whose caller is gone or whose deadline has passed (the latter told so)."""
         now = time.monotonic()
         for queue in self._queues():
-            for item in queue.drain():
-                if item.payload.future.done():
-                    continue
-                if item.deadline <= now:
-                    _fail(item.payload, BackendQueueTimeout("deadline passed while queued"))
-                else:
-                    queue.put(item)
+            for item in queue.take(lambda j: j.payload.future.done() or j.deadline <= now):
+                _fail(item.payload, BackendQueueTimeout("deadline passed while queued"))
 
     def _launch_pool_only(self) -> float | None:
         """Pool-only batches first: on an idle worker, else pausing the pausable batch with the most left after
