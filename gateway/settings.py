@@ -180,8 +180,8 @@ class LocalPoolSettings(_Section):
         False, description="A request only the pool can serve in time runs first, pausing a running batch of "
         "flexible work after its current denoising step (policies: PoolModel.preemptive). On an H100 with SDXL "
         "compiled a pause costs 1.4 ms and the images are unchanged (benchmarks/preempt_gpu.py); in the simulator "
-        "it is 8-15% cheaper on steady tight and mixed traffic, and moves SLA attainment up to 2 points either way "
-        "(benchmarks/preemption_study.py), so it is off by default.")
+        "it is 8-15% cheaper on steady tight and mixed traffic at about equal SLA (benchmarks/preemption_study.py). "
+        "Off by default: a live CPU soak met fewer SLAs with it, and it has not run under live traffic on a GPU.")
     profile_file: str = Field("pool_profile.json", description="Throughput profile under data_dir.")
     compile_cache: str = Field("compile_cache", description="Inductor cache under data_dir.")
     compile_backend: Literal["jit", "aot"] = Field(

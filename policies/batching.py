@@ -126,6 +126,11 @@ class SLABatcher:
             return True
         return False
 
+    def restore(self, jobs: list[QueuedJob]) -> None:
+        """Put back jobs a batch took that did not launch after all (their arrivals already counted)."""
+        for job in jobs:
+            self._queues.setdefault(job.key, []).append(job)
+
     def take(self, which: Callable[[QueuedJob], bool]) -> list[QueuedJob]:
         """Withdraw every queued job `which` says (expired, abandoned); the rest stay as they were, their arrivals
         not counted again."""

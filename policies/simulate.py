@@ -458,16 +458,27 @@ class _Sim:
             self.push(max(self.wake_at, self.now), "wake", None)
 
     def _launch_pool_only(self) -> list[float]:
-        """Pool-only batches on every GPU not running one: an idle GPU first, else the one whose flexible batch has
-        the most left, which they pause after its current step. Returns when to ask again, if anything waits."""
+        """Pool-only batches on every GPU not running one: an idle GPU first, else the flexible batch with the most
+        slack, which they pause after its current step if it stays on time (as LocalPool._worker_to_pause).
+        Returns when to ask again, if anything waits for company."""
         while True:
             gpus = [i for i, until in enumerate(self.pool_only_until) if until <= self.now]
             if not gpus:
                 return []
-            gpu = min(gpus, key=lambda i: (self.gpu_free_at[i] > self.now, -self.gpu_free_at[i]))
-            batch, wake = self.pool_only.next_batch(min(self.gpu_free_at[gpu], self.now))
+            idle = [i for i in gpus if self.gpu_free_at[i] <= self.now]
+            batch, wake = self.pool_only.next_batch(min(self.gpu_free_at[idle[0]], self.now) if idle else self.now)
             if batch is None:
                 return [wake] if wake is not None else []
+            if idle:
+                self._launch(batch, idle[0], pool_only=True)
+                continue
+            seconds = self.world.pool.profile.seconds(*batch.key[:4], batch.slots)
+            slack = {i: min(j.deadline for j in self.flexible[i][0].jobs) - self.flexible[i][1] - seconds
+                     for i in gpus if self.flexible[i] is not None}
+            gpu = max(slack, key=slack.get, default=None)
+            if gpu is None or slack[gpu] < 0:  # every running batch would then miss a deadline: wait instead
+                self.pool_only.restore(batch.jobs)
+                return []
             self._launch(batch, gpu, pool_only=True)
 
     def _launch(self, batch, gpu: int, pool_only: bool = False) -> None:

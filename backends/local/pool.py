@@ -113,6 +113,7 @@ class LocalPool:
         self.pool_only = SLABatcher(lambda: self.profile, max_batch=max_batch, max_wait_s=config.max_wait_s,
                                     arrivals=ArrivalRate()) if config.preempt else None
         self._pausable: dict[int, float] = {}  # worker index -> a step's seconds of the pausable batch it runs
+        self._paused_jobs: dict[int, list[QueuedJob]] = {}  # worker index -> the jobs of that batch
         self._pausing: dict[int, float] = {}  # worker index -> predicted end of the pool-only batch pausing it
 
     @property
@@ -187,11 +188,18 @@ class LocalPool:
 
     def _pre_emption(self, now: float, workers: int, ready: list) -> dict:
         """PoolModel's pre-emption fields, where this pool pre-empts and a ready worker can pause: what runs ahead
-        of a pool-only job (pool-only batches, else a step of each pausable batch it would pause) and its queue."""
+        of a pool-only job, and its queue. Per worker: a pausable batch holds it for one step (or for the pool-only
+        batch pausing it); anything else it runs (a pool-only batch, a warm-up) and a restart hold it to the end."""
         if self.pool_only is None or not any(getattr(w, "pauses", False) for w in ready):
             return {}
-        ahead = sum(max(0.0, end - now) for end in self._pausing.values()) + \
-            sum(step for index, step in self._pausable.items() if index not in self._pausing)
+        ahead = sum(self._returning(now))
+        for index, end in self._running_until.items():
+            if index in self._pausing:
+                ahead += max(0.0, self._pausing[index] - now)
+            elif index in self._pausable:
+                ahead += self._pausable[index]
+            else:
+                ahead += max(0.0, end - now)
         return {"preemptive": True, "pool_only_running_s": ahead,
                 "pool_only_queue": self.pool_only.points(now, ahead, workers)}
 
@@ -427,23 +435,28 @@ class LocalPool:
         its current step. Returns when to ask again while such work waits for company."""
         while len(self.pool_only):
             worker = self._idle_worker()
-            if worker is None:
-                pausable = [i for i in self._pausable if i not in self._pausing]
-                if not pausable:
-                    return None
-                index = max(pausable, key=lambda i: self._running_until.get(i, 0.0))
-                worker, free_since = self.workers[index], time.monotonic()
-            else:
-                index = self.workers.index(worker)
-                free_since = self._free_since.get(index)
-            batch, wake = self.pool_only.next_batch(free_since)
+            if worker is None and not any(i not in self._pausing for i in self._pausable):
+                return None
+            index = self.workers.index(worker) if worker is not None else None
+            batch, wake = self.pool_only.next_batch(self._free_since.get(index) if worker else time.monotonic())
             if batch is None:
                 return wake
-            if worker.busy:
-                self._launch_paused(worker, index, batch)
-            else:
+            if worker is not None:
                 self._launch(worker, batch, pausable=False, queue=self.pool_only)  # never paused itself
+                continue
+            index = self._worker_to_pause(batch.predicted_s)
+            if index is None:  # every running batch would then miss a deadline: wait for a worker instead
+                self.pool_only.restore(batch.jobs)
+                return None
+            self._launch_paused(self.workers[index], index, batch)
         return None
+
+    def _worker_to_pause(self, seconds: float) -> int | None:
+        """The pausable batch with the most slack, if it stays on time `seconds` later; None if none would."""
+        slack = {i: min(j.deadline for j in self._paused_jobs[i]) - self._running_until.get(i, 0.0) - seconds
+                 for i in self._pausable if i not in self._pausing and self._paused_jobs.get(i)}
+        best = max(slack, key=slack.get, default=None)
+        return best if best is not None and slack[best] >= 0 else None
 
     def _launch(self, worker, batch: Batch, pausable: bool | None = None, queue: SLABatcher | None = None) -> None:
         worker.busy, worker.assigned_slots = True, batch.slots
@@ -455,13 +468,16 @@ class LocalPool:
             pausable = self.pool_only is not None and getattr(worker, "pauses", False)
         if pausable:
             self._pausable[index] = batch.predicted_s / max(1, batch.key[3])
+            self._paused_jobs[index] = batch.jobs
         self._start(self._run(worker, index, batch, pausable, queue or self.batcher))
 
     def _launch_paused(self, worker, index: int, batch: Batch) -> None:
         """A pool-only batch run inside worker `index`'s pausable batch, which ends later by as much."""
         now = time.monotonic()
         self._pausing[index] = ends = now + self._pausable.get(index, 0.0) + batch.predicted_s
-        self._running_until[index] = self._running_until.get(index, now) + batch.predicted_s
+        self._running_until[index] = later = self._running_until.get(index, now) + batch.predicted_s
+        for item in self._paused_jobs.get(index, []):
+            item.payload.running_until = later  # a hedge asks when it now ends
         for item in batch.jobs:
             item.payload.running_until = ends
         self._start(self._run_paused(worker, index, batch))
@@ -546,6 +562,7 @@ class LocalPool:
         worker.busy, worker.assigned_slots = False, 0
         self._running_until.pop(index, None)
         self._pausable.pop(index, None)
+        self._paused_jobs.pop(index, None)
         self._free_since[index] = time.monotonic()
         self._wakeup.set()
 
