@@ -296,6 +296,38 @@ async def test_a_pool_that_pre_empts_runs_a_pool_only_job_inside_a_running_batch
     await pool.aclose()
 
 
+class PausingWorker(FakeWorker):
+    """Runs a batch handed to it while it runs a pausable one (as ThreadWorker.run_paused), and says so."""
+
+    pauses = True
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.paused_runs: list = []
+
+    async def run(self, req, pausable=False):
+        return await super().run(req)
+
+    async def run_paused(self, req):
+        self.paused_runs.append(req)
+        return await super().run(req)
+
+
+@pytest.mark.parametrize(("flexible_due_s", "pauses"), [(5.0, True), (1.3, False)])
+async def test_a_pool_only_job_pauses_a_running_batch_only_if_that_batch_stays_on_time(flexible_due_s, pauses):
+    worker = PausingWorker(seconds=lambda b: 1.0)
+    profile = ThroughputProfile({("tiny", 64, 64, 2): {1: 1.0}})
+    pool = await start(LocalPool(TINY, [worker], PoolConfig(max_wait_s=0.0, preempt=True), profile=profile))
+    flexible = asyncio.create_task(pool.generate(job(0), time.monotonic() + flexible_due_s))
+    while not worker.busy:
+        await asyncio.sleep(0.005)
+    urgent = asyncio.create_task(pool.generate(job(1, preempts=True), time.monotonic() + 5))
+    assert len((await urgent).images) == len((await flexible).images) == 1
+    # run inside the flexible batch, or after it (it had 0.3 s of slack, the pool-only batch takes 1 s)
+    assert len(worker.paused_runs) == (1 if pauses else 0) and len(worker.batches) == 2
+    await pool.aclose()
+
+
 async def test_a_pool_only_job_waits_for_a_worker_that_cannot_pause_and_the_policy_is_told_it_cannot():
     worker = FakeWorker(seconds=lambda b: 0.3)  # a remote worker's proxy pauses nothing
     pool = await start(LocalPool(TINY, [worker], PoolConfig(max_wait_s=0.0, preempt=True)))
