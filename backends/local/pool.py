@@ -492,19 +492,28 @@ class LocalPool:
         try:
             output = await worker.run_paused(self._request(batch))
         except WorkerCrashed:  # the paused batch's run restarts the worker
-            for item in batch.jobs:
-                item.payload.running_until = None
-                self.pool_only.put(item)
+            self._requeue(batch, self.pool_only)
             return
         except Exception as exc:
-            log.exception("pool-only batch failed on %s", worker.name)
-            for p in jobs:
-                _fail(p, BackendTransientError(f"local batch failed: {type(exc).__name__}: {exc}"))
+            self._failed(jobs, worker, exc)
             return
         finally:
             self._pausing.pop(index, None)
             self._wakeup.set()
         await self._hand_back(batch, jobs, output, output.seconds)
+
+    @staticmethod
+    def _requeue(batch: Batch, queue: SLABatcher) -> None:
+        """A batch its worker died running goes back to its queue (not counted as new arrivals)."""
+        for item in batch.jobs:
+            item.payload.running_until = None
+        queue.restore(batch.jobs)
+
+    @staticmethod
+    def _failed(jobs: list[_Pending], worker, exc: Exception) -> None:
+        log.exception("batch failed on %s", worker.name)
+        for p in jobs:
+            _fail(p, BackendTransientError(f"local batch failed: {type(exc).__name__}: {exc}"))
 
     def _request(self, batch: Batch) -> BatchRequest:
         jobs = [item.payload for item in batch.jobs]
@@ -527,15 +536,11 @@ class LocalPool:
             output = await (worker.run(request, pausable=True) if pausable else worker.run(request))
         except WorkerCrashed:
             log.error("%s crashed running a batch of %d; re-queueing its jobs", worker.name, batch.slots)
-            for item in batch.jobs:
-                item.payload.running_until = None
-                queue.put(item)
+            self._requeue(batch, queue)
             self._restart_soon(worker)
             return
         except Exception as exc:
-            log.exception("batch failed on %s", worker.name)
-            for p in jobs:
-                _fail(p, BackendTransientError(f"local batch failed: {type(exc).__name__}: {exc}"))
+            self._failed(jobs, worker, exc)
             return
         finally:
             self._freed(worker, index)
