@@ -431,8 +431,9 @@ class LocalPool:
                 _fail(item.payload, BackendQueueTimeout("deadline passed while queued"))
 
     def _launch_pool_only(self) -> float | None:
-        """Pool-only batches first: on an idle worker, else pausing the pausable batch with the most left after
-        its current step. Returns when to ask again while such work waits for company."""
+        """Pool-only batches first: on an idle worker, else inside the pausable batch with the most slack if it stays
+        on time after it (else they wait for a free worker). Returns when to ask again while such work waits for
+        company."""
         while len(self.pool_only):
             worker = self._idle_worker()
             if worker is None and not any(i not in self._pausing for i in self._pausable):
