@@ -112,8 +112,8 @@ class LocalPool:
         self.demand = PoolDemand()  # every request it could serve, by what it saves them per GPU-second
         self.pool_only = SLABatcher(lambda: self.profile, max_batch=max_batch, max_wait_s=config.max_wait_s,
                                     arrivals=ArrivalRate()) if config.preempt else None
-        self._pausable: dict[int, float] = {}  # worker index -> a step's seconds of the pausable batch it runs
-        self._paused_jobs: dict[int, list[QueuedJob]] = {}  # worker index -> the jobs of that batch
+        # worker index -> the pausable batch it runs: a step's seconds, and its jobs
+        self._pausable: dict[int, tuple[float, list[QueuedJob]]] = {}
         self._pausing: dict[int, float] = {}  # worker index -> predicted end of the pool-only batch pausing it
 
     @property
@@ -197,7 +197,7 @@ class LocalPool:
             if index in self._pausing:
                 ahead += max(0.0, self._pausing[index] - now)
             elif index in self._pausable:
-                ahead += self._pausable[index]
+                ahead += self._pausable[index][0]
             else:
                 ahead += max(0.0, end - now)
         return {"preemptive": True, "pool_only_running_s": ahead,
@@ -454,8 +454,8 @@ class LocalPool:
 
     def _worker_to_pause(self, seconds: float) -> int | None:
         """The pausable batch with the most slack, if it stays on time `seconds` later; None if none would."""
-        slack = {i: min(j.deadline for j in self._paused_jobs[i]) - self._running_until.get(i, 0.0) - seconds
-                 for i in self._pausable if i not in self._pausing and self._paused_jobs.get(i)}
+        slack = {i: min(j.deadline for j in jobs) - self._running_until.get(i, 0.0) - seconds
+                 for i, (_, jobs) in self._pausable.items() if i not in self._pausing}
         best = max(slack, key=slack.get, default=None)
         return best if best is not None and slack[best] >= 0 else None
 
@@ -468,16 +468,16 @@ class LocalPool:
         if pausable is None:  # flexible work on a pool that pre-empts, on a worker that can pause
             pausable = self.pool_only is not None and getattr(worker, "pauses", False)
         if pausable:
-            self._pausable[index] = batch.predicted_s / max(1, batch.key[3])
-            self._paused_jobs[index] = batch.jobs
+            self._pausable[index] = (batch.predicted_s / max(1, batch.key[3]), batch.jobs)
         self._start(self._run(worker, index, batch, pausable, queue or self.batcher))
 
     def _launch_paused(self, worker, index: int, batch: Batch) -> None:
         """A pool-only batch run inside worker `index`'s pausable batch, which ends later by as much."""
         now = time.monotonic()
-        self._pausing[index] = ends = now + self._pausable.get(index, 0.0) + batch.predicted_s
+        step_s, paused = self._pausable.get(index, (0.0, []))
+        self._pausing[index] = ends = now + step_s + batch.predicted_s
         self._running_until[index] = later = self._running_until.get(index, now) + batch.predicted_s
-        for item in self._paused_jobs.get(index, []):
+        for item in paused:
             item.payload.running_until = later  # a hedge asks when it now ends
         for item in batch.jobs:
             item.payload.running_until = ends
@@ -568,7 +568,6 @@ class LocalPool:
         worker.busy, worker.assigned_slots = False, 0
         self._running_until.pop(index, None)
         self._pausable.pop(index, None)
-        self._paused_jobs.pop(index, None)
         self._free_since[index] = time.monotonic()
         self._wakeup.set()
 

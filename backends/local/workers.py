@@ -186,6 +186,19 @@ class _WorkerBase:
     async def _warm_remote(self, shape: WarmShape) -> dict:  # pragma: no cover - each worker kind has one
         raise NotImplementedError
 
+    async def run_paused(self, req: BatchRequest) -> BatchOutput:
+        """Run a batch inside the pausable one running now, after its current step (`_hand_over`, under the
+        worker's lock while `_pausable`); with none running (it has just ended), next on this worker."""
+        future = asyncio.get_running_loop().create_future()
+        with self._lock:
+            taken = self._pausable
+            if taken:
+                self._hand_over(req, future)
+        return await (future if taken else self.run(req))
+
+    def _hand_over(self, req: BatchRequest, future: asyncio.Future) -> None:  # pragma: no cover - per kind
+        raise NotImplementedError
+
 
 class ThreadWorker(_WorkerBase):
     """The engine in this process, run on one dedicated thread (CPU, or a single GPU)."""
@@ -218,16 +231,8 @@ class ThreadWorker(_WorkerBase):
             return await loop.run_in_executor(self._executor, _run_batch, self.engine, req)
         return await loop.run_in_executor(self._executor, self._run_pausable, req)
 
-    async def run_paused(self, req: BatchRequest) -> BatchOutput:
-        """Run a batch inside the pausable one running now, after its current step; with none running (it has
-        just ended), next on this worker."""
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        with self._lock:
-            taken = self._pausable
-            if taken:
-                self._waiting.append((req, future, loop))
-        return await (future if taken else self.run(req))
+    def _hand_over(self, req: BatchRequest, future: asyncio.Future) -> None:
+        self._waiting.append((req, future, future.get_loop()))
 
     def _run_pausable(self, req: BatchRequest) -> BatchOutput:
         with self._lock:
@@ -409,22 +414,14 @@ class ProcessWorker(_WorkerBase):
             self.state, self.detail = "crashed", "crashed; restarting"
             raise
 
-    async def run_paused(self, req: BatchRequest) -> BatchOutput:
-        """Run a batch inside the pausable one running now, after its current step; with none running (it has
-        just ended), next on this worker."""
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        with self._lock:
-            taken = self._pausable
-            if taken:
-                ident = next(self._ids)
-                self._nested[ident] = (future, loop)
-                try:  # sent from the event loop's thread only, never beside the batch's own send
-                    self._conn.send(("nested", ident, req))
-                except (OSError, BrokenPipeError) as exc:
-                    del self._nested[ident]
-                    raise WorkerCrashed(f"worker {self.name} is gone") from exc
-        return await (future if taken else self.run(req))
+    def _hand_over(self, req: BatchRequest, future: asyncio.Future) -> None:
+        ident = next(self._ids)
+        self._nested[ident] = (future, future.get_loop())
+        try:  # sent from the event loop's thread only, never beside the batch's own send
+            self._conn.send(("nested", ident, req))
+        except (OSError, BrokenPipeError) as exc:
+            del self._nested[ident]
+            raise WorkerCrashed(f"worker {self.name} is gone") from exc
 
     async def _warm_remote(self, shape: WarmShape) -> dict:
         return await self.run(shape)
